@@ -1,0 +1,305 @@
+//! The AdmissionReview envelope (`admission.k8s.io/v1`): the only module that knows its shape.
+//!
+//! The server parses a body with [`parse_review`], asks [`required_app`] which KasprApp it needs,
+//! looks that app up (cache, API server or files), and hands the result to [`decide`]. The
+//! answer is serialized with [`Decision::to_review`]. Everything here is synchronous.
+
+use std::sync::Arc;
+
+use serde_json::{Value, json};
+
+use crate::config::RenderConfig;
+use crate::mutation::{self, MutationOutcome};
+use crate::validation;
+
+/// Which webhook path a request arrived on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    Mutate,
+    Validate,
+}
+
+/// The parts of an AdmissionRequest this product uses.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdmissionRequest {
+    pub uid: String,
+    pub group: String,
+    pub version: String,
+    pub kind: String,
+    pub namespace: String,
+    pub name: String,
+    pub operation: String,
+    pub dry_run: bool,
+    pub object: Option<Value>,
+}
+
+/// An unreadable AdmissionReview: answered with HTTP 400.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ReviewError {
+    #[error("request body is not JSON: {0}")]
+    NotJson(String),
+    #[error("request body is not an AdmissionReview: {0}")]
+    NotAReview(String),
+}
+
+/// A KasprApp reference: the app a request needs.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AppRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+/// The result of looking a KasprApp up.
+#[derive(Debug, Clone)]
+pub enum AppLookup {
+    Found(Arc<Value>),
+    NotFound,
+    /// The app could not be read (for example the API server is unreachable).
+    Unavailable(String),
+}
+
+/// What kind of answer a request got, for logs and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// A non-empty patch was returned.
+    Patched,
+    /// Allowed without a patch.
+    Unchanged,
+    /// Not one of ours (no owning KasprApp, wrong kind, app not found).
+    Ignored,
+    /// Denied by a rule (invalid spec, name collision).
+    Denied,
+    /// Denied because the KasprApp could not be read.
+    Unavailable,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Patched => "patched",
+            Outcome::Unchanged => "unchanged",
+            Outcome::Ignored => "ignored",
+            Outcome::Denied => "denied",
+            Outcome::Unavailable => "unavailable",
+        }
+    }
+}
+
+/// The answer to one AdmissionRequest.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decision {
+    pub uid: String,
+    pub allowed: bool,
+    pub message: Option<String>,
+    pub warnings: Vec<String>,
+    /// The RFC 6902 patch, serialized, when it is not empty.
+    pub patch: Option<Vec<u8>>,
+    pub outcome: Outcome,
+}
+
+impl Decision {
+    fn allow(uid: &str, outcome: Outcome) -> Self {
+        Decision {
+            uid: uid.to_owned(),
+            allowed: true,
+            message: None,
+            warnings: Vec::new(),
+            patch: None,
+            outcome,
+        }
+    }
+
+    fn deny(uid: &str, outcome: Outcome, message: String, warnings: Vec<String>) -> Self {
+        Decision {
+            uid: uid.to_owned(),
+            allowed: false,
+            message: Some(message),
+            warnings,
+            patch: None,
+            outcome,
+        }
+    }
+
+    /// The AdmissionReview answer, as JSON.
+    pub fn to_review(&self) -> Value {
+        let mut response = json!({ "uid": self.uid, "allowed": self.allowed });
+        if let Some(message) = &self.message {
+            // 403 tells kubectl this is a rule failure, not a webhook fault.
+            response["status"] = json!({ "code": 403, "reason": "Forbidden", "message": message });
+        }
+        if !self.warnings.is_empty() {
+            response["warnings"] = json!(self.warnings);
+        }
+        if let Some(patch) = &self.patch {
+            use base64::Engine as _;
+            response["patchType"] = json!("JSONPatch");
+            response["patch"] = json!(base64::engine::general_purpose::STANDARD.encode(patch));
+        }
+        json!({
+            "apiVersion": "admission.k8s.io/v1",
+            "kind": "AdmissionReview",
+            "response": response,
+        })
+    }
+
+    /// Size of the patch in bytes (0 when there is none).
+    pub fn patch_len(&self) -> usize {
+        self.patch.as_ref().map_or(0, Vec::len)
+    }
+}
+
+fn str_at<'a>(value: &'a Value, pointer: &str) -> &'a str {
+    value.pointer(pointer).and_then(Value::as_str).unwrap_or("")
+}
+
+/// Parses an AdmissionReview body. Any JSON object with a `request.uid` is accepted; the
+/// remaining fields are read leniently and checked by [`decide`].
+pub fn parse_review(body: &[u8]) -> Result<AdmissionRequest, ReviewError> {
+    let review: Value =
+        serde_json::from_slice(body).map_err(|e| ReviewError::NotJson(e.to_string()))?;
+    if review.get("kind").and_then(Value::as_str) != Some("AdmissionReview") {
+        return Err(ReviewError::NotAReview("kind is not AdmissionReview".into()));
+    }
+    let request = review
+        .get("request")
+        .filter(|r| r.is_object())
+        .ok_or_else(|| ReviewError::NotAReview("missing request".into()))?;
+    let uid = request
+        .get("uid")
+        .and_then(Value::as_str)
+        .filter(|u| !u.is_empty())
+        .ok_or_else(|| ReviewError::NotAReview("missing request.uid".into()))?;
+    let object = request.get("object").filter(|o| o.is_object()).cloned();
+    let name = match str_at(request, "/name") {
+        "" => object
+            .as_ref()
+            .map(|o| {
+                let name = str_at(o, "/metadata/name");
+                if name.is_empty() { str_at(o, "/metadata/generateName") } else { name }
+            })
+            .unwrap_or("")
+            .to_owned(),
+        name => name.to_owned(),
+    };
+    Ok(AdmissionRequest {
+        uid: uid.to_owned(),
+        group: str_at(request, "/kind/group").to_owned(),
+        version: str_at(request, "/kind/version").to_owned(),
+        kind: str_at(request, "/kind/kind").to_owned(),
+        namespace: str_at(request, "/namespace").to_owned(),
+        name,
+        operation: str_at(request, "/operation").to_owned(),
+        dry_run: request.get("dryRun").and_then(Value::as_bool).unwrap_or(false),
+        object,
+    })
+}
+
+/// What a request is, as far as this product is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Target {
+    StatefulSet,
+    Pod,
+    KasprApp,
+    Other,
+}
+
+fn target(endpoint: Endpoint, request: &AdmissionRequest) -> Target {
+    let op = request.operation.as_str();
+    match (endpoint, request.group.as_str(), request.kind.as_str()) {
+        (Endpoint::Mutate, "apps", "StatefulSet") if op == "CREATE" || op == "UPDATE" => {
+            Target::StatefulSet
+        }
+        (Endpoint::Mutate, "", "Pod") if op == "CREATE" => Target::Pod,
+        (Endpoint::Validate, "kaspr.io", "KasprApp") if op == "CREATE" || op == "UPDATE" => {
+            Target::KasprApp
+        }
+        _ => Target::Other,
+    }
+}
+
+/// The KasprApp a request needs, if any.
+pub fn required_app(endpoint: Endpoint, request: &AdmissionRequest) -> Option<AppRef> {
+    let object = request.object.as_ref()?;
+    let name = match target(endpoint, request) {
+        Target::StatefulSet => mutation::owning_app(object)?,
+        Target::Pod => mutation::pod_app(object)?,
+        Target::KasprApp | Target::Other => return None,
+    };
+    let namespace = match str_at(object, "/metadata/namespace") {
+        "" => request.namespace.clone(),
+        ns => ns.to_owned(),
+    };
+    Some(AppRef { namespace, name })
+}
+
+/// Decides a request. `app` is the lookup result for [`required_app`] (ignored when no app is
+/// needed).
+pub fn decide(
+    endpoint: Endpoint,
+    request: &AdmissionRequest,
+    app: Option<&AppLookup>,
+    config: &RenderConfig,
+) -> Decision {
+    let uid = request.uid.as_str();
+    let Some(object) = request.object.as_ref() else {
+        return Decision::allow(uid, Outcome::Ignored);
+    };
+    match target(endpoint, request) {
+        Target::Other => Decision::allow(uid, Outcome::Ignored),
+        Target::KasprApp => {
+            let report = validation::validate_kasprapp(object);
+            if report.errors.is_empty() {
+                let mut decision = Decision::allow(uid, Outcome::Unchanged);
+                decision.warnings = report.warning_lines();
+                decision
+            } else {
+                Decision::deny(
+                    uid,
+                    Outcome::Denied,
+                    report.error_message(&format!("KasprApp {}", request.name)),
+                    report.warning_lines(),
+                )
+            }
+        }
+        Target::StatefulSet | Target::Pod => {
+            let app_name = required_app(endpoint, request).map(|a| a.name).unwrap_or_default();
+            match app {
+                None | Some(AppLookup::NotFound) => Decision::allow(uid, Outcome::Ignored),
+                Some(AppLookup::Unavailable(reason)) => Decision::deny(
+                    uid,
+                    Outcome::Unavailable,
+                    format!(
+                        "kaspr-packages-webhook could not read KasprApp {}/{app_name} ({reason}); \
+                         refusing to start its pods without their Python packages",
+                        request.namespace
+                    ),
+                    Vec::new(),
+                ),
+                Some(AppLookup::Found(kasprapp)) => {
+                    let is_pod = target(endpoint, request) == Target::Pod;
+                    mutate(uid, object, kasprapp, is_pod, config)
+                }
+            }
+        }
+    }
+}
+
+fn mutate(uid: &str, object: &Value, kasprapp: &Value, is_pod: bool, config: &RenderConfig) -> Decision {
+    let result = if is_pod {
+        mutation::mutate_pod(object, kasprapp, config)
+    } else {
+        mutation::mutate_statefulset(object, kasprapp, config)
+    };
+    match result {
+        Ok(MutationOutcome { patch, warnings }) => {
+            let mut decision = Decision::allow(uid, Outcome::Unchanged);
+            decision.warnings = warnings;
+            if !patch.0.is_empty() {
+                decision.patch = serde_json::to_vec(&patch).ok();
+                decision.outcome = Outcome::Patched;
+            }
+            decision
+        }
+        Err(denial) => Decision::deny(uid, Outcome::Denied, denial.message, denial.warnings),
+    }
+}

@@ -1,0 +1,17 @@
+//! kaspr-packages-webhook: a mutating admission webhook that installs the Python packages a
+//! `KasprApp` lists in `spec.pythonPackages` into the app's pods.
+//!
+//! The pure core (`spec`, `validation`, `mutation`, `patch`, `admission`) is synchronous and
+//! free of I/O so that `preview`, the webhook and the tests share one code path.
+
+pub mod admission;
+pub mod cli;
+pub mod config;
+pub mod installer;
+pub mod mutation;
+pub mod patch;
+pub mod preview;
+pub mod quantity;
+pub mod requirement;
+pub mod spec;
+pub mod validation;

@@ -1,0 +1,228 @@
+//! The typed model of a KasprApp's `spec.pythonPackages` (and
+//! `spec.template.pythonPackagesInitContainer`), with every default applied.
+//!
+//! KasprApps are read as unstructured JSON because this product does not own the CRD; the
+//! conversion (with all checks) lives in `validation`, which produces these types.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{EnvVar, ResourceRequirements, VolumeMount};
+use serde::Serialize;
+
+/// Default size of the shared PVC cache.
+pub const DEFAULT_CACHE_SIZE: &str = "256Mi";
+/// Default GCS object prefix.
+pub const DEFAULT_GCS_PREFIX: &str = "kaspr-packages/";
+/// Default largest archive uploaded to GCS.
+pub const DEFAULT_MAX_ARCHIVE_SIZE: &str = "1Gi";
+/// Default key of the GCS service-account JSON in its Secret.
+pub const DEFAULT_GCS_KEY: &str = "sa.json";
+pub const DEFAULT_USERNAME_KEY: &str = "username";
+pub const DEFAULT_PASSWORD_KEY: &str = "password";
+pub const DEFAULT_RETRIES: u32 = 3;
+pub const DEFAULT_TIMEOUT_SECONDS: u32 = 600;
+
+/// A KasprApp's package configuration with defaults applied.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PythonPackages {
+    /// Requirements as written (trimmed).
+    pub packages: Vec<String>,
+    pub index_url: Option<String>,
+    pub extra_index_urls: Vec<String>,
+    pub trusted_hosts: Vec<String>,
+    pub credentials: Option<Credentials>,
+    pub cache: Cache,
+    pub install_policy: InstallPolicy,
+    pub resources: Option<ResourceRequirements>,
+    /// Extra env and mounts for the init container only.
+    pub init_container: InitContainerExtras,
+}
+
+/// Where index credentials come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub secret_name: String,
+    pub username_key: String,
+    pub password_key: String,
+}
+
+/// The cache mode and its settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cache {
+    /// Per-pod install on every start.
+    EmptyDir,
+    /// A shared ReadWriteMany PVC `<app>-python-packages`.
+    Pvc(PvcCache),
+    /// Archives in a GCS bucket.
+    Gcs(GcsCache),
+}
+
+impl Cache {
+    /// The mode name used in logs, the installer config and docs.
+    pub fn mode(&self) -> &'static str {
+        match self {
+            Cache::EmptyDir => "emptyDir",
+            Cache::Pvc(_) => "pvc",
+            Cache::Gcs(_) => "gcs",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PvcCache {
+    pub storage_class: Option<String>,
+    /// A valid Kubernetes quantity.
+    pub size: String,
+    pub delete_claim: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GcsCache {
+    pub bucket: String,
+    /// Always ends with `/`.
+    pub prefix: String,
+    /// In bytes.
+    pub max_archive_size: u64,
+    /// `None` means the pod's Workload Identity.
+    pub key_secret: Option<GcsKeySecret>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GcsKeySecret {
+    pub name: String,
+    pub key: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum OnFailure {
+    Block,
+    Allow,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InstallPolicy {
+    pub retries: u32,
+    pub timeout_seconds: u32,
+    pub on_failure: OnFailure,
+}
+
+impl Default for InstallPolicy {
+    fn default() -> Self {
+        InstallPolicy {
+            retries: DEFAULT_RETRIES,
+            timeout_seconds: DEFAULT_TIMEOUT_SECONDS,
+            on_failure: OnFailure::Block,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct InitContainerExtras {
+    pub env: Vec<EnvVar>,
+    pub volume_mounts: Vec<VolumeMount>,
+}
+
+/// The PVC name of an app in PVC mode.
+pub fn pvc_name(app: &str) -> String {
+    format!("{app}-python-packages")
+}
+
+/// Canonical content of the install key: only what decides the installed packages.
+#[derive(Serialize)]
+struct InstallKeyInput<'a> {
+    #[serde(rename = "extraIndexUrls")]
+    extra_index_urls: Vec<&'a str>,
+    #[serde(rename = "indexUrl")]
+    index_url: Option<&'a str>,
+    packages: Vec<&'a str>,
+    #[serde(rename = "trustedHosts")]
+    trusted_hosts: Vec<&'a str>,
+}
+
+impl PythonPackages {
+    /// 16 hex characters of SHA-256 over the canonical JSON of the package list (trimmed,
+    /// sorted), `indexUrl`, `extraIndexUrls` (sorted) and `trustedHosts` (sorted).
+    ///
+    /// Stable across releases: changing it invalidates every cache.
+    pub fn install_key(&self) -> String {
+        fn sorted(items: &[String]) -> Vec<&str> {
+            let mut v: Vec<&str> = items.iter().map(|s| s.trim()).collect();
+            v.sort_unstable();
+            v
+        }
+        let input = InstallKeyInput {
+            extra_index_urls: sorted(&self.extra_index_urls),
+            index_url: self.index_url.as_deref().map(str::trim),
+            packages: sorted(&self.packages),
+            trusted_hosts: sorted(&self.trusted_hosts),
+        };
+        // Field order is alphabetical by declaration, so the JSON is canonical.
+        let canonical = serde_json::to_vec(&input).unwrap_or_default();
+        short_sha256(&canonical)
+    }
+}
+
+/// First 16 hex characters of SHA-256.
+pub fn short_sha256(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(bytes);
+    hex::encode(&digest[..8])
+}
+
+/// A map of resource quantities as read from the spec.
+pub type QuantityMap = BTreeMap<String, String>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(packages: &[&str]) -> PythonPackages {
+        PythonPackages {
+            packages: packages.iter().map(|s| s.to_string()).collect(),
+            index_url: None,
+            extra_index_urls: vec![],
+            trusted_hosts: vec![],
+            credentials: None,
+            cache: Cache::EmptyDir,
+            install_policy: InstallPolicy::default(),
+            resources: None,
+            init_container: InitContainerExtras::default(),
+        }
+    }
+
+    #[test]
+    fn install_key_is_pinned_for_a_known_spec() {
+        // The algorithm is part of the product's contract: this value must never change.
+        let canonical = br#"{"extraIndexUrls":[],"indexUrl":null,"packages":["pandas>=2.0.0","requests"],"trustedHosts":[]}"#;
+        assert_eq!(spec(&["requests", "pandas>=2.0.0"]).install_key(), short_sha256(canonical));
+        assert_eq!(spec(&["requests", "pandas>=2.0.0"]).install_key().len(), 16);
+    }
+
+    #[test]
+    fn install_key_ignores_order_and_surrounding_whitespace() {
+        assert_eq!(
+            spec(&["a==1", "b==2"]).install_key(),
+            spec(&[" b==2", "a==1 "]).install_key()
+        );
+    }
+
+    #[test]
+    fn install_key_ignores_policy_and_cache() {
+        let mut other = spec(&["a==1"]);
+        other.install_policy.retries = 9;
+        other.cache = Cache::Pvc(PvcCache {
+            storage_class: None,
+            size: "1Gi".into(),
+            delete_claim: true,
+        });
+        assert_eq!(spec(&["a==1"]).install_key(), other.install_key());
+    }
+
+    #[test]
+    fn install_key_changes_with_index() {
+        let mut other = spec(&["a==1"]);
+        other.index_url = Some("https://example.com/simple".into());
+        assert_ne!(spec(&["a==1"]).install_key(), other.install_key());
+    }
+}
