@@ -1,1 +1,555 @@
-//! placeholder
+//! Checks one package string of `spec.pythonPackages.packages`.
+//!
+//! Accepted: a PEP 508 requirement (name, extras, version specifiers including `===`, `==1.*`
+//! and local versions, environment markers) or a direct reference (`git+https`, `git+ssh`,
+//! `hg+https`, `svn+https`, `bzr+https`, `https`, `ssh`, or `git@host:path`), with or without
+//! `name @ ` in front. Everything else is rejected: pip options, local paths, `file:` URLs,
+//! whitespace or control characters outside a marker, shell metacharacters in a URL, strings
+//! over 1000 characters. The installer passes requirements to pip as arguments, never through a
+//! shell; these rules keep a requirement from ever being read as an option or a file.
+
+use std::sync::LazyLock;
+
+use regex::Regex;
+
+/// Longest accepted requirement.
+pub const MAX_LEN: usize = 1000;
+
+/// Schemes a direct reference may use.
+const URL_SCHEMES: &[&str] = &[
+    "git+https://",
+    "git+ssh://",
+    "hg+https://",
+    "svn+https://",
+    "bzr+https://",
+    "https://",
+    "ssh://",
+];
+
+/// Characters that mean something to a shell and have no business in a package URL.
+const URL_FORBIDDEN: &[&str] = &["`", "$(", ";", "|", "&", "<", ">", "\\", "\"", "'"];
+
+static NAME: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?$").expect("valid regex")
+});
+
+/// PEP 440 public version with an optional local part; `.*` handled separately.
+static VERSION: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(
+        r"(?ix)^v?
+        (?:[0-9]+!)?
+        [0-9]+(?:\.[0-9]+)*
+        (?:[-_.]?(?:a|b|c|rc|alpha|beta|pre|preview)[-_.]?[0-9]*)?
+        (?:-[0-9]+|[-_.]?(?:post|rev|r)[-_.]?[0-9]*)?
+        (?:[-_.]?dev[-_.]?[0-9]*)?
+        (?:\+[a-z0-9]+(?:[-_.][a-z0-9]+)*)?$",
+    )
+    .expect("valid regex")
+});
+
+static SCP_LIKE: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(r"^[A-Za-z0-9._-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}:[A-Za-z0-9._~/-]+(?:@[A-Za-z0-9._/+-]+)?(?:#[A-Za-z0-9._=-]+)?$")
+        .expect("valid regex")
+});
+
+const MARKER_VARIABLES: &[&str] = &[
+    "python_version",
+    "python_full_version",
+    "os_name",
+    "sys_platform",
+    "platform_release",
+    "platform_system",
+    "platform_version",
+    "platform_machine",
+    "platform_python_implementation",
+    "implementation_name",
+    "implementation_version",
+    "extra",
+];
+
+/// What a valid requirement turned out to be.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Requirement {
+    /// The distribution name, when one is given.
+    pub name: Option<String>,
+    pub kind: RequirementKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RequirementKind {
+    /// A name with version specifiers `(operator, version)`; empty when unpinned.
+    Versioned(Vec<(String, String)>),
+    /// A URL or VCS reference.
+    Direct,
+}
+
+impl Requirement {
+    /// True when installs of this requirement can change over time: no specifier at all, or
+    /// only lower bounds.
+    pub fn is_unpinned(&self) -> bool {
+        match &self.kind {
+            RequirementKind::Direct => false,
+            RequirementKind::Versioned(specs) => specs
+                .iter()
+                .all(|(op, _)| op == ">=" || op == ">" || op == "!="),
+        }
+    }
+}
+
+/// Parses and checks one package string. The error says why it is not accepted.
+pub fn parse(input: &str) -> Result<Requirement, String> {
+    if input.chars().count() > MAX_LEN {
+        return Err(format!("longer than {MAX_LEN} characters"));
+    }
+    if input.is_empty() {
+        return Err("empty".into());
+    }
+    if input.chars().any(|c| c.is_control()) {
+        return Err("contains a control character".into());
+    }
+    if input.starts_with('-') {
+        return Err("pip options are not allowed".into());
+    }
+    if !input.is_ascii() {
+        return Err("contains a non-ASCII character".into());
+    }
+    let lower = input.to_ascii_lowercase();
+    if lower.starts_with("file:") {
+        return Err("file: URLs are not allowed".into());
+    }
+    if input.starts_with(['.', '/', '~']) {
+        return Err("local paths are not allowed".into());
+    }
+
+    // Split off the marker: it starts at the first `;` (after whitespace for URLs).
+    let (head, marker) = match input.find(';') {
+        Some(i) => (&input[..i], Some(&input[i + 1..])),
+        None => (input, None),
+    };
+
+    // A bare direct reference.
+    if is_url_start(head) || SCP_LIKE.is_match(head.trim_end()) {
+        let url = check_marker_separation(head, marker)?;
+        check_url(url)?;
+        if let Some(m) = marker {
+            check_marker(m)?;
+        }
+        return Ok(Requirement {
+            name: None,
+            kind: RequirementKind::Direct,
+        });
+    }
+
+    // `name[extras] @ url`
+    if let Some(at) = head.find('@') {
+        let (name_part, url_part) = (&head[..at], &head[at + 1..]);
+        let url_part = url_part.trim_start_matches(' ');
+        if is_url_start(url_part) {
+            let name = check_name_and_extras(name_part.trim_end_matches(' '))?;
+            let url = check_marker_separation(url_part, marker)?;
+            check_url(url)?;
+            if let Some(m) = marker {
+                check_marker(m)?;
+            }
+            return Ok(Requirement {
+                name: Some(name),
+                kind: RequirementKind::Direct,
+            });
+        }
+        if url_part.to_ascii_lowercase().starts_with("file:") {
+            return Err("file: URLs are not allowed".into());
+        }
+        if head.contains("://") {
+            return Err(format!(
+                "URL scheme not allowed (use one of {})",
+                URL_SCHEMES.join(" ")
+            ));
+        }
+    }
+
+    // A PEP 508 name requirement; whitespace is only allowed right before the marker's `;`.
+    let head_trimmed = if marker.is_some() {
+        head.trim_end_matches(' ')
+    } else {
+        head
+    };
+    if head_trimmed.contains(char::is_whitespace) {
+        return Err("whitespace is only allowed in an environment marker after ';'".into());
+    }
+    if head_trimmed.contains("://") {
+        return Err(format!(
+            "URL scheme not allowed (use one of {})",
+            URL_SCHEMES.join(" ")
+        ));
+    }
+    let (name_and_extras, specs) = split_specifiers(head_trimmed);
+    if name_and_extras.contains('/') || name_and_extras.contains('\\') {
+        return Err("local paths are not allowed".into());
+    }
+    let name = check_name_and_extras(name_and_extras)?;
+    let specs = check_specifiers(specs)?;
+    if let Some(m) = marker {
+        check_marker(m)?;
+    }
+    Ok(Requirement {
+        name: Some(name),
+        kind: RequirementKind::Versioned(specs),
+    })
+}
+
+fn is_url_start(s: &str) -> bool {
+    let lower = s.to_ascii_lowercase();
+    URL_SCHEMES.iter().any(|scheme| lower.starts_with(scheme))
+}
+
+/// For URLs a marker must be separated by whitespace (PEP 508); returns the URL itself.
+fn check_marker_separation<'a>(head: &'a str, marker: Option<&str>) -> Result<&'a str, String> {
+    let url = head.trim_end_matches(' ');
+    if marker.is_some() && url.len() == head.len() {
+        return Err("';' is not allowed in a URL (a marker after a URL needs a space before ';')".into());
+    }
+    Ok(url)
+}
+
+fn check_url(url: &str) -> Result<(), String> {
+    if url.contains(char::is_whitespace) {
+        return Err("whitespace in a URL".into());
+    }
+    if let Some(bad) = URL_FORBIDDEN.iter().find(|bad| url.contains(*bad)) {
+        return Err(format!("shell metacharacter {bad:?} in a URL"));
+    }
+    if SCP_LIKE.is_match(url) {
+        return Ok(());
+    }
+    let (_, rest) = url
+        .split_once("://")
+        .ok_or_else(|| "not a URL".to_string())?;
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let host = authority.rsplit('@').next().unwrap_or("");
+    let host = host.split(':').next().unwrap_or("");
+    if host.is_empty() {
+        return Err("URL has no host".into());
+    }
+    Ok(())
+}
+
+fn check_name_and_extras(s: &str) -> Result<String, String> {
+    let (name, extras) = match s.find('[') {
+        Some(i) => {
+            let extras = s[i..]
+                .strip_prefix('[')
+                .and_then(|e| e.strip_suffix(']'))
+                .ok_or_else(|| "unbalanced '[' in extras".to_string())?;
+            (&s[..i], Some(extras))
+        }
+        None => (s, None),
+    };
+    if !NAME.is_match(name) {
+        return Err(format!("{name:?} is not a valid distribution name"));
+    }
+    if let Some(extras) = extras {
+        for extra in extras.split(',') {
+            if !NAME.is_match(extra) {
+                return Err(format!("{extra:?} is not a valid extra"));
+            }
+        }
+    }
+    Ok(name.to_owned())
+}
+
+/// Splits `name[extras]` from the version specifiers that follow.
+fn split_specifiers(s: &str) -> (&str, &str) {
+    let after_extras = s.find(']').map_or(0, |i| i + 1);
+    match s[after_extras..].find(['<', '>', '=', '!', '~', '(']) {
+        Some(i) => s.split_at(after_extras + i),
+        None => (s, ""),
+    }
+}
+
+fn check_specifiers(specs: &str) -> Result<Vec<(String, String)>, String> {
+    let specs = match specs.strip_prefix('(') {
+        Some(inner) => inner
+            .strip_suffix(')')
+            .ok_or_else(|| "unbalanced '(' in version specifiers".to_string())?,
+        None => specs,
+    };
+    if specs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut out = Vec::new();
+    for spec in specs.split(',') {
+        let op = ["===", "~=", "==", "!=", "<=", ">=", "<", ">"]
+            .into_iter()
+            .find(|op| spec.starts_with(op))
+            .ok_or_else(|| format!("{spec:?} is not a version specifier"))?;
+        let version = &spec[op.len()..];
+        if version.is_empty() {
+            return Err(format!("{spec:?} has no version"));
+        }
+        let valid = match op {
+            // Arbitrary equality takes any string without separators.
+            "===" => version.chars().all(|c| c.is_ascii_graphic() && !"(),;".contains(c)),
+            "==" | "!=" => {
+                let base = version.strip_suffix(".*").unwrap_or(version);
+                VERSION.is_match(base) && !(version.ends_with(".*") && base.contains('+'))
+            }
+            _ => VERSION.is_match(version) && !version.contains('+'),
+        };
+        if !valid {
+            return Err(format!("{spec:?} is not a valid version specifier"));
+        }
+        if op == "~=" && !version.contains('.') {
+            return Err(format!("{spec:?}: '~=' needs a version with at least two parts"));
+        }
+        out.push((op.to_owned(), version.to_owned()));
+    }
+    Ok(out)
+}
+
+/// Tokens of an environment marker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Token {
+    Variable,
+    Str,
+    Op,
+    And,
+    Or,
+    Open,
+    Close,
+}
+
+fn tokenize_marker(marker: &str) -> Result<Vec<Token>, String> {
+    let bytes = marker.as_bytes();
+    let mut tokens = Vec::new();
+    let mut i = 0;
+    while i < bytes.len() {
+        let c = bytes[i] as char;
+        if c == ' ' || c == '\t' {
+            i += 1;
+            continue;
+        }
+        if c == '(' || c == ')' {
+            tokens.push(if c == '(' { Token::Open } else { Token::Close });
+            i += 1;
+            continue;
+        }
+        if c == '"' || c == '\'' {
+            let end = marker[i + 1..]
+                .find(c)
+                .ok_or_else(|| "unterminated string in marker".to_string())?;
+            if marker[i + 1..i + 1 + end].contains('\\') {
+                return Err("backslash in a marker string".into());
+            }
+            tokens.push(Token::Str);
+            i += end + 2;
+            continue;
+        }
+        if "<>=!~".contains(c) {
+            let op = ["===", "~=", "==", "!=", "<=", ">=", "<", ">"]
+                .into_iter()
+                .find(|op| marker[i..].starts_with(op))
+                .ok_or_else(|| format!("unknown operator at {:?}", &marker[i..]))?;
+            tokens.push(Token::Op);
+            i += op.len();
+            continue;
+        }
+        if c.is_ascii_alphabetic() || c == '_' {
+            let end = marker[i..]
+                .find(|ch: char| !(ch.is_ascii_alphanumeric() || ch == '_'))
+                .map_or(marker.len(), |e| i + e);
+            let word = &marker[i..end];
+            i = end;
+            match word {
+                "and" => tokens.push(Token::And),
+                "or" => tokens.push(Token::Or),
+                "in" => tokens.push(Token::Op),
+                "not" => {
+                    // `not in`
+                    let rest = marker[i..].trim_start();
+                    if rest.starts_with("in") && !rest[2..].starts_with(|ch: char| ch.is_ascii_alphanumeric() || ch == '_') {
+                        i = marker.len() - rest.len() + 2;
+                        tokens.push(Token::Op);
+                    } else {
+                        return Err("'not' must be followed by 'in' in a marker".into());
+                    }
+                }
+                w if MARKER_VARIABLES.contains(&w) => tokens.push(Token::Variable),
+                w => return Err(format!("unknown marker variable {w:?}")),
+            }
+            continue;
+        }
+        return Err(format!("unexpected {c:?} in marker"));
+    }
+    Ok(tokens)
+}
+
+/// Checks marker grammar: `expr ((and|or) expr)*`, `expr = value op value | '(' marker ')'`.
+fn check_marker(marker: &str) -> Result<(), String> {
+    let tokens = tokenize_marker(marker)?;
+    let mut pos = 0;
+    parse_marker_or(&tokens, &mut pos)?;
+    if pos != tokens.len() {
+        return Err("unexpected text at the end of the marker".into());
+    }
+    Ok(())
+}
+
+fn parse_marker_or(tokens: &[Token], pos: &mut usize) -> Result<(), String> {
+    parse_marker_expr(tokens, pos)?;
+    while matches!(tokens.get(*pos), Some(Token::And | Token::Or)) {
+        *pos += 1;
+        parse_marker_expr(tokens, pos)?;
+    }
+    Ok(())
+}
+
+fn parse_marker_expr(tokens: &[Token], pos: &mut usize) -> Result<(), String> {
+    match tokens.get(*pos) {
+        Some(Token::Open) => {
+            *pos += 1;
+            parse_marker_or(tokens, pos)?;
+            if tokens.get(*pos) != Some(&Token::Close) {
+                return Err("unbalanced '(' in marker".into());
+            }
+            *pos += 1;
+            Ok(())
+        }
+        Some(Token::Variable | Token::Str) => {
+            let ok = matches!(tokens.get(*pos + 1), Some(Token::Op))
+                && matches!(tokens.get(*pos + 2), Some(Token::Variable | Token::Str));
+            if !ok {
+                return Err("a marker compares a variable with a quoted string".into());
+            }
+            *pos += 3;
+            Ok(())
+        }
+        None => Err("empty marker".into()),
+        Some(_) => Err("a marker compares a variable with a quoted string".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rstest::rstest;
+
+    use super::*;
+
+    #[rstest]
+    #[case::bare_name("requests")]
+    #[case::dotted_name("zope.interface")]
+    #[case::underscore_name("typing_extensions")]
+    #[case::pinned("requests==2.31.0")]
+    #[case::lower_bound("pandas>=2.0.0")]
+    #[case::range("pandas>=2.0,<3")]
+    #[case::compatible("numpy~=1.26.0")]
+    #[case::not_equal("urllib3!=2.0.0")]
+    #[case::arbitrary_equality("foo===1.0-custom")]
+    #[case::wildcard("django==4.2.*")]
+    #[case::wildcard_major("django==1.*")]
+    #[case::local_version("torch==2.1.0+cpu")]
+    #[case::prerelease("black==24.1.0b1")]
+    #[case::post_and_dev("thing==1.0.post1.dev3")]
+    #[case::epoch("thing==1!2.0")]
+    #[case::parenthesised("requests(>=2.0,<3)")]
+    #[case::extras("requests[socks]==2.31.0")]
+    #[case::two_extras("uvicorn[standard,http2]>=0.20")]
+    #[case::marker("requests; python_version >= \"3.8\"")]
+    #[case::marker_space_before("requests==2.31.0 ; python_version < '3.13'")]
+    #[case::marker_and_or(
+        "pywin32>=300; sys_platform == 'win32' and (platform_machine == 'AMD64' or platform_machine == 'x86')"
+    )]
+    #[case::marker_in("foo; 'linux' in sys_platform")]
+    #[case::marker_not_in("foo; platform_machine not in 'arm64 aarch64'")]
+    #[case::marker_extra("foo; extra == 'test'")]
+    #[case::git_https("git+https://github.com/org/repo.git@v1.2.0")]
+    #[case::git_https_egg("git+https://github.com/org/repo.git@main#egg=repo")]
+    #[case::git_ssh("git+ssh://git@github.com/org/private.git@abc123")]
+    #[case::hg("hg+https://hg.example.com/repo@tip")]
+    #[case::svn("svn+https://svn.example.com/repo/trunk")]
+    #[case::bzr("bzr+https://bzr.example.com/repo")]
+    #[case::https_wheel("https://files.example.com/pkg-1.0-py3-none-any.whl")]
+    #[case::ssh("ssh://git@example.com/org/repo.git")]
+    #[case::scp_like("git@github.com:org/repo.git")]
+    #[case::name_at_url("mylib @ git+https://github.com/org/mylib.git@v1.0")]
+    #[case::name_at_url_no_space("mylib@https://example.com/mylib-1.0.tar.gz")]
+    #[case::name_extras_at_url("mylib[fast] @ https://example.com/mylib-1.0.tar.gz")]
+    #[case::name_at_url_marker("mylib @ https://example.com/mylib.whl ; python_version >= '3.9'")]
+    #[case::subdirectory("mylib @ git+https://github.com/org/mono.git#subdirectory=libs/mylib")]
+    #[case::env_var_in_url("mylib @ https://${PIP_TOKEN}@pkgs.example.com/mylib-1.0.whl")]
+    #[case::url_with_port("mylib @ https://pkgs.example.com:8443/mylib-1.0.whl")]
+    #[case::url_with_query("https://pkgs.example.com/mylib-1.0.whl?raw=1")]
+    fn accepts(#[case] input: &str) {
+        if let Err(e) = parse(input) {
+            panic!("{input:?} rejected: {e}");
+        }
+    }
+
+    #[rstest]
+    #[case::shell_after_marker_separator("requests; rm -rf /", "marker")]
+    #[case::pip_option("--index-url=https://evil.example.com", "pip options")]
+    #[case::pip_short_option("-r requirements.txt", "pip options")]
+    #[case::editable("-e git+https://github.com/org/repo.git", "pip options")]
+    #[case::relative_path("./mypkg", "local paths")]
+    #[case::absolute_path("/tmp/mypkg.whl", "local paths")]
+    #[case::home_path("~/mypkg", "local paths")]
+    #[case::nested_path("libs/mypkg", "local paths")]
+    #[case::file_url("file:///tmp/mypkg.whl", "file:")]
+    #[case::named_file_url("mypkg @ file:///tmp/mypkg.whl", "file:")]
+    #[case::http_scheme("http://example.com/x.whl", "scheme")]
+    #[case::ftp_scheme("mypkg @ ftp://example.com/x.whl", "scheme")]
+    #[case::git_plain_http("git+http://example.com/repo.git", "scheme")]
+    #[case::space_in_specifier("requests >= 2.0", "whitespace")]
+    #[case::option_after_space("requests --index-url https://evil", "whitespace")]
+    #[case::newline("requests\n--index-url=https://evil", "control")]
+    #[case::tab("requests\t==2.0", "control")]
+    #[case::nul("requests\0", "control")]
+    #[case::backtick_url("https://example.com/`id`.whl", "metacharacter")]
+    #[case::command_substitution("https://example.com/$(id).whl", "metacharacter")]
+    #[case::pipe_url("git+https://example.com/r.git|sh", "metacharacter")]
+    #[case::ampersand_url("git+https://example.com/r.git#egg=r&subdirectory=x", "metacharacter")]
+    #[case::redirect_url("https://example.com/x.whl>out", "metacharacter")]
+    #[case::semicolon_in_url("https://example.com/x.whl;id", "';'")]
+    #[case::space_in_url("mypkg @ https://example.com/x y.whl", "whitespace")]
+    #[case::url_without_host("https:///x.whl", "no host")]
+    #[case::bad_name("-requests", "pip options")]
+    #[case::bad_name_chars("req!uests", "version specifier")]
+    #[case::name_ends_with_dot("requests.", "not a valid distribution name")]
+    #[case::bad_version("requests==not a version", "whitespace")]
+    #[case::bad_version_word("requests==latest", "not a valid version")]
+    #[case::wildcard_with_lower_bound("requests>=2.*", "not a valid version")]
+    #[case::local_with_lower_bound("torch>=2.1+cpu", "not a valid version")]
+    #[case::compatible_single_part("numpy~=1", "two parts")]
+    #[case::bad_operator("requests=>2", "not a version specifier")]
+    #[case::unbalanced_extras("requests[socks==2", "unbalanced")]
+    #[case::bad_marker_variable("requests; os.system('id')", "marker")]
+    #[case::marker_unterminated("requests; python_version >= '3.8", "unterminated")]
+    #[case::marker_trailing("requests; python_version >= '3.8' rm", "marker")]
+    #[case::empty_marker("requests;", "empty marker")]
+    #[case::non_ascii("reqüests", "non-ASCII")]
+    #[case::empty("", "empty")]
+    fn rejects(#[case] input: &str, #[case] reason: &str) {
+        match parse(input) {
+            Ok(r) => panic!("{input:?} accepted as {r:?}"),
+            Err(e) => assert!(e.contains(reason), "{input:?}: {e:?} should mention {reason:?}"),
+        }
+    }
+
+    #[test]
+    fn rejects_over_long() {
+        let long = format!("a{}", "b".repeat(MAX_LEN));
+        assert!(parse(&long).unwrap_err().contains("longer than 1000"));
+        let just_fits = format!("a{}", "b".repeat(MAX_LEN - 1));
+        assert!(parse(&just_fits).is_ok());
+    }
+
+    #[rstest]
+    #[case("requests", true)]
+    #[case("pandas>=2.0.0", true)]
+    #[case("pandas>2,!=2.1", true)]
+    #[case("pandas>=2.0,<3", false)]
+    #[case("pandas==2.0.3", false)]
+    #[case("mylib @ git+https://example.com/mylib.git@v1", false)]
+    fn unpinned(#[case] input: &str, #[case] expected: bool) {
+        assert_eq!(parse(input).expect("valid").is_unpinned(), expected);
+    }
+}
