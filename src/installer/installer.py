@@ -1,0 +1,1219 @@
+"""kaspr-packages installer: installs a Kaspr app's extra Python packages in its init container.
+
+The webhook embeds this program and runs it as ``python3 -c <program>`` in an init container
+that uses the app's own image, so the packages are installed with the image's Python and pip
+for exactly the ABI the app will run with. It uses the standard library only (Python >= 3.9).
+
+Input
+    ``KASPR_PACKAGES_CONFIG``   one JSON object (see ``load_config``)
+    ``KASPR_PYPI_USERNAME``     index credentials, read only when the config says
+    ``KASPR_PYPI_PASSWORD``     ``"credentials": true``
+    ``KASPR_PACKAGES_TERMINATION_LOG``  path for the one-line summary (default
+                                ``/dev/termination-log``)
+
+Output
+    Line-oriented logs on stdout, one summary line in the termination log, and after success
+    ``<target>/site``: a symlink to the directory that holds the installed packages.
+
+Modes
+    emptyDir  install into the pod's own volume on every start.
+    pvc       share immutable builds between pods through a ReadWriteMany volume.
+    gcs       keep a tar.gz of each build in a Google Cloud Storage bucket.
+
+Exit codes are fixed (see ``EXIT_CODES``); with ``onFailure: allow`` a failure exits 0 and
+the app starts without its packages.
+"""
+
+import base64
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import platform
+import random
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tarfile
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import zlib
+from typing import Dict, List, Optional, Tuple
+
+PREFIX = "kaspr-packages:"
+
+EXIT_CODES = {
+    "package_not_found": 10,
+    "authentication": 11,
+    "network": 12,
+    "timeout": 13,
+    "integrity": 14,
+    "disk_full": 15,
+    "lock_timeout": 16,
+    "cache_error": 17,
+    "invalid_config": 18,
+    "unknown": 19,
+}
+
+DEFAULT_TERMINATION_LOG = "/dev/termination-log"
+BACKOFF_BASE_SECONDS = 2.0
+BACKOFF_CAP_SECONDS = 30.0
+# pip >= 22.2 can resolve without installing (--dry-run --report); older pips fall back to a
+# plain install that cannot tell which dependencies the image already provides.
+MIN_PIP_FOR_RESOLVE = (22, 2)
+BUILD_MARKER = ".kaspr-build.json"
+# Environment of the pip child: variables that would move or reshape the install are dropped,
+# so the image's pip configuration cannot turn --target into a --user or --prefix install.
+PIP_ENV_DROPPED = (
+    "PIP_TARGET", "PIP_USER", "PIP_PREFIX", "PIP_ROOT", "PIP_REQUIRE_VIRTUALENV",
+    "PIP_NO_DEPS", "PIP_DRY_RUN", "PIP_REPORT", "PIP_UPGRADE", "PIP_IGNORE_INSTALLED",
+    "PIP_NO_INDEX", "PIP_NO_BUILD_ISOLATION", "PIP_REQUIREMENT", "PIP_CONSTRAINT",
+    "PIP_BREAK_SYSTEM_PACKAGES", "PIP_EDITABLE", "PIP_SRC",
+    # The run's own temporary cache lets the install step reuse what the resolve step fetched.
+    "PIP_NO_CACHE_DIR", "PIP_CACHE_DIR",
+    "KASPR_PYPI_USERNAME", "KASPR_PYPI_PASSWORD", "KASPR_PACKAGES_CONFIG",
+)
+
+
+class InstallError(Exception):
+    """A failure with one of the fixed categories and a one-line, secret-free message."""
+
+    def __init__(self, category: str, message: str, retryable: bool = True):
+        super().__init__(message)
+        assert category in EXIT_CODES, category
+        self.category = category
+        self.message = message
+        self.retryable = retryable
+
+
+def log(message: str) -> None:
+    """Print one log line; stdout is the container log."""
+    print("%s %s" % (PREFIX, message), flush=True)
+
+
+def one_line(text: str, limit: int = 600) -> str:
+    """Collapse whitespace so a message fits the one-line log and termination-log format."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------
+
+class Config:
+    """The validated content of ``KASPR_PACKAGES_CONFIG``."""
+
+    def __init__(self, **fields):
+        self.__dict__.update(fields)
+
+
+INSTALL_KEY_RE = re.compile(r"^[0-9a-f]{16}$")
+NAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,251}[A-Za-z0-9])?$")
+VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _fail_config(field: str, problem: str) -> InstallError:
+    return InstallError("invalid_config", "%s: %s" % (field, problem), retryable=False)
+
+
+def _show(value) -> str:
+    """A short JSON rendering of a bad config value for error messages."""
+    text = json.dumps(value)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def _require(obj: dict, key: str, kind, field: Optional[str] = None):
+    field = field or key
+    if key not in obj:
+        raise _fail_config(field, "is required")
+    return _typed(obj[key], kind, field)
+
+
+def _typed(value, kind, field: str):
+    # bool is a subclass of int; a JSON true is never a valid number here.
+    if isinstance(value, bool) and kind is not bool:
+        raise _fail_config(field, "expected %s, got %s" % (_kind_name(kind), _show(value)))
+    if not isinstance(value, kind):
+        raise _fail_config(field, "expected %s, got %s" % (_kind_name(kind), _show(value)))
+    return value
+
+
+def _kind_name(kind) -> str:
+    names = {str: "a string", bool: "a boolean", list: "a list", dict: "an object", int: "an integer"}
+    if isinstance(kind, tuple):
+        return "a number"
+    return names.get(kind, str(kind))
+
+
+def _check_index_url(url, field: str) -> str:
+    _typed(url, str, field)
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise _fail_config(field, "%s is not an http:// or https:// URL with a host" % _show(url))
+    if any(ch.isspace() for ch in url):
+        raise _fail_config(field, "%s contains whitespace" % _show(url))
+    return url
+
+
+def _check_package(pkg, field: str) -> str:
+    _typed(pkg, str, field)
+    text = pkg.strip()
+    if not text:
+        raise _fail_config(field, "is empty")
+    if len(text) > 1000:
+        raise _fail_config(field, "is longer than 1000 characters")
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in text):
+        raise _fail_config(field, "%s contains control characters" % _show(text))
+    # Requirements reach pip through a requirements file, where a leading "-" is an option and
+    # " #" starts a comment; neither may come from a package string.
+    if text.startswith("-") or re.search(r"\s-", text) or re.search(r"\s#", text):
+        raise _fail_config(field, "%s is not a requirement (options are not accepted)" % _show(text))
+    return text
+
+
+def load_config(environ: Dict[str, str]) -> Config:
+    """Parse and validate ``KASPR_PACKAGES_CONFIG``; unknown keys are ignored."""
+    raw = environ.get("KASPR_PACKAGES_CONFIG")
+    if raw is None or not raw.strip():
+        raise InstallError("invalid_config", "KASPR_PACKAGES_CONFIG is not set", retryable=False)
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        raise InstallError(
+            "invalid_config", "KASPR_PACKAGES_CONFIG is not valid JSON: %s" % exc, retryable=False
+        )
+    if not isinstance(data, dict):
+        raise InstallError(
+            "invalid_config", "KASPR_PACKAGES_CONFIG must be a JSON object", retryable=False
+        )
+
+    version = _require(data, "version", int)
+    if version != 1:
+        raise _fail_config("version", "unsupported value %s (this installer reads version 1)" % _show(version))
+    mode = _require(data, "mode", str)
+    if mode not in ("emptyDir", "pvc", "gcs"):
+        raise _fail_config("mode", "%s is not one of emptyDir, pvc, gcs" % _show(mode))
+    app = _require(data, "app", str)
+    namespace = _require(data, "namespace", str)
+    for field, value in (("app", app), ("namespace", namespace)):
+        if not NAME_RE.match(value):
+            raise _fail_config(field, "%s is not a valid Kubernetes name" % _show(value))
+    install_key = _require(data, "installKey", str)
+    if not INSTALL_KEY_RE.match(install_key):
+        raise _fail_config("installKey", "%s is not 16 lowercase hex characters" % _show(install_key))
+
+    packages = _require(data, "packages", list)
+    if not 1 <= len(packages) <= 200:
+        raise _fail_config("packages", "must list 1 to 200 entries, got %d" % len(packages))
+    packages = [_check_package(p, "packages[%d]" % i) for i, p in enumerate(packages)]
+
+    index_url = data.get("indexUrl")
+    if index_url is not None:
+        index_url = _check_index_url(index_url, "indexUrl")
+    extra = _typed(data.get("extraIndexUrls") or [], list, "extraIndexUrls")
+    extra = [_check_index_url(u, "extraIndexUrls[%d]" % i) for i, u in enumerate(extra)]
+    trusted = _typed(data.get("trustedHosts") or [], list, "trustedHosts")
+    for i, host in enumerate(trusted):
+        _typed(host, str, "trustedHosts[%d]" % i)
+        if not host or any(ch.isspace() for ch in host) or "/" in host:
+            raise _fail_config("trustedHosts[%d]" % i, "%s is not a host or host:port" % _show(host))
+    credentials = _typed(data.get("credentials", False), bool, "credentials")
+
+    retries = _typed(data.get("retries", 3), int, "retries")
+    if not 0 <= retries <= 20:
+        raise _fail_config("retries", "%s is not in 0..20" % _show(retries))
+    timeout = _typed(data.get("timeoutSeconds", 600), (int, float), "timeoutSeconds")
+    if not 0 < timeout <= 86400:
+        raise _fail_config("timeoutSeconds", "%s is not in (0, 86400]" % _show(timeout))
+    on_failure = _typed(data.get("onFailure", "block"), str, "onFailure")
+    if on_failure not in ("block", "allow"):
+        raise _fail_config("onFailure", "%s is not block or allow" % _show(on_failure))
+
+    target = _require(data, "target", str)
+    if not os.path.isabs(target):
+        raise _fail_config("target", "%s is not an absolute path" % _show(target))
+
+    cache_dir = None
+    gcs = None
+    if mode == "pvc":
+        cache_dir = _require(data, "cacheDir", str)
+        if not os.path.isabs(cache_dir):
+            raise _fail_config("cacheDir", "%s is not an absolute path" % _show(cache_dir))
+    if mode == "gcs":
+        gcs = _load_gcs(_require(data, "gcs", dict))
+
+    return Config(
+        mode=mode, app=app, namespace=namespace, install_key=install_key, packages=packages,
+        index_url=index_url, extra_index_urls=extra, trusted_hosts=trusted,
+        credentials=credentials, retries=retries, timeout=float(timeout), on_failure=on_failure,
+        target=target, cache_dir=cache_dir, gcs=gcs,
+    )
+
+
+def _load_gcs(obj: dict) -> Config:
+    bucket = _require(obj, "bucket", str, "gcs.bucket")
+    if not re.match(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$", bucket):
+        raise _fail_config("gcs.bucket", "%s is not a valid bucket name" % _show(bucket))
+    prefix = _typed(obj.get("prefix", "kaspr-packages/"), str, "gcs.prefix")
+    if prefix and not prefix.endswith("/"):
+        prefix += "/"
+    max_size = _typed(obj.get("maxArchiveSize", 1 << 30), int, "gcs.maxArchiveSize")
+    if max_size < 0:
+        raise _fail_config("gcs.maxArchiveSize", "%s is negative" % _show(max_size))
+    key_file = obj.get("keyFile")
+    if key_file is not None:
+        _typed(key_file, str, "gcs.keyFile")
+    return Config(bucket=bucket, prefix=prefix, max_archive_size=max_size, key_file=key_file)
+
+
+def early_on_failure(environ: Dict[str, str]) -> str:
+    """Best-effort onFailure for a config that failed validation elsewhere."""
+    try:
+        value = json.loads(environ.get("KASPR_PACKAGES_CONFIG") or "{}").get("onFailure")
+    except (ValueError, AttributeError):
+        return "block"
+    return "allow" if value == "allow" else "block"
+
+
+# --------------------------------------------------------------------------------------------
+# Secrets: expansion of ${VAR}, credentials, redaction
+# --------------------------------------------------------------------------------------------
+
+class Redactor:
+    """Replaces every known secret (raw and percent-encoded) in text with ``***``."""
+
+    def __init__(self):
+        self._needles: List[str] = []
+
+    def add(self, secret: Optional[str]) -> None:
+        if not secret:
+            return
+        forms = {
+            secret,
+            urllib.parse.quote(secret, safe=""),
+            urllib.parse.quote(secret),
+            urllib.parse.quote_plus(secret),
+        }
+        # Longest first, so a secret that contains another is removed whole.
+        self._needles = sorted(set(self._needles) | forms, key=len, reverse=True)
+
+    def __call__(self, text: str) -> str:
+        for needle in self._needles:
+            if needle in text:
+                text = text.replace(needle, "***")
+        return text
+
+
+def expand_packages(
+    packages: List[str], environ: Dict[str, str], redactor: Redactor
+) -> List[str]:
+    """Expand ``${VAR}`` from the environment; each value becomes a secret for the redactor."""
+    expanded = []
+    for i, pkg in enumerate(packages):
+        def substitute(match, field="packages[%d]" % i):
+            name = match.group(1)
+            if name not in environ:
+                raise _fail_config(field, "environment variable %s is not set" % name)
+            value = environ[name]
+            if any(ord(ch) < 32 or ord(ch) == 127 for ch in value) or re.search(r"\s[-#]", value):
+                raise _fail_config(field, "the value of %s contains characters not allowed in a requirement" % name)
+            redactor.add(value)
+            return value
+        expanded.append(VAR_RE.sub(substitute, pkg))
+    return expanded
+
+
+def with_credentials(url: str, username: str, password: str) -> str:
+    """``url`` with percent-encoded ``username:password@`` in place of any userinfo."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.netloc.rsplit("@", 1)[-1]
+    userinfo = "%s:%s" % (urllib.parse.quote(username, safe=""), urllib.parse.quote(password, safe=""))
+    return urllib.parse.urlunsplit(parts._replace(netloc="%s@%s" % (userinfo, host)))
+
+
+def same_host(url_a: str, url_b: str) -> bool:
+    """True when both URLs name the same scheme, host and port."""
+    a, b = urllib.parse.urlsplit(url_a), urllib.parse.urlsplit(url_b)
+    return (a.scheme, (a.hostname or "").lower(), a.port) == (b.scheme, (b.hostname or "").lower(), b.port)
+
+
+def index_settings(
+    cfg: Config, environ: Dict[str, str], redactor: Redactor
+) -> Dict[str, str]:
+    """PIP_* environment for the pip child: indexes (with credentials where allowed), hosts.
+
+    Credentials are given to the ``indexUrl`` host and to extra indexes on that same host only;
+    they travel in the child's environment, never in argv.
+    """
+    env: Dict[str, str] = {}
+    username = password = None
+    if cfg.credentials:
+        username = environ.get("KASPR_PYPI_USERNAME")
+        password = environ.get("KASPR_PYPI_PASSWORD")
+        if not username:
+            raise _fail_config("credentials", "KASPR_PYPI_USERNAME is not set or empty")
+        if password is None:
+            raise _fail_config("credentials", "KASPR_PYPI_PASSWORD is not set")
+        redactor.add(username)
+        redactor.add(password)
+        if not cfg.index_url:
+            log("warning: credentials are configured but there is no indexUrl; they are not used")
+    if cfg.index_url:
+        url = cfg.index_url
+        if username is not None:
+            url = with_credentials(url, username, password or "")
+        env["PIP_INDEX_URL"] = url
+    if cfg.extra_index_urls:
+        extras = []
+        for url in cfg.extra_index_urls:
+            if username is not None and cfg.index_url and same_host(url, cfg.index_url):
+                url = with_credentials(url, username, password or "")
+            extras.append(url)
+        env["PIP_EXTRA_INDEX_URL"] = " ".join(extras)
+    if cfg.trusted_hosts:
+        env["PIP_TRUSTED_HOST"] = " ".join(cfg.trusted_hosts)
+    return env
+
+
+def describe_indexes(cfg: Config) -> str:
+    """Index URLs for the log, without any userinfo."""
+    def bare(url):
+        parts = urllib.parse.urlsplit(url)
+        return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1]))
+    urls = [bare(cfg.index_url)] if cfg.index_url else ["pip default"]
+    urls += [bare(u) for u in cfg.extra_index_urls]
+    return ", ".join(urls)
+
+
+# --------------------------------------------------------------------------------------------
+# Facts about this Python
+# --------------------------------------------------------------------------------------------
+
+def python_tag() -> str:
+    """``<impl>-<major><minor><abiflags>-<platform>-<libc>``, e.g. ``cpython-311-linux-x86_64-glibc2.36``.
+
+    Builds are only shared between identical tags: a different interpreter version, ABI,
+    platform or C library (which decides the manylinux wheels pip picks) gets its own build.
+    """
+    impl = sys.implementation.name
+    version = "%d%d%s" % (sys.version_info[0], sys.version_info[1], getattr(sys, "abiflags", ""))
+    plat = sysconfig.get_platform().replace(".", "_")
+    tag = "%s-%s-%s" % (impl, version, plat)
+    return tag + libc_suffix()
+
+
+def libc_suffix() -> str:
+    if not sys.platform.startswith("linux"):
+        return ""
+    try:
+        glibc = os.confstr("CS_GNU_LIBC_VERSION") or ""
+    except (ValueError, OSError, AttributeError):
+        glibc = ""
+    if glibc.startswith("glibc "):
+        return "-glibc" + glibc.split()[1]
+    for directory in ("/lib", "/usr/lib"):
+        try:
+            if any(n.startswith("ld-musl-") for n in os.listdir(directory)):
+                return "-musl"
+        except OSError:
+            pass
+    lib, ver = platform.libc_ver()
+    return "-%s%s" % (lib, ver) if lib else ""
+
+
+def pip_version() -> Optional[Tuple[int, ...]]:
+    """The version of the pip this Python would run, or None when pip is missing."""
+    try:
+        from importlib import metadata
+        text = metadata.version("pip")
+    except Exception:  # noqa: BLE001 - any failure means "no usable pip metadata"
+        return None
+    numbers = []
+    for part in text.split(".")[:3]:
+        digits = re.match(r"\d+", part)
+        if not digits:
+            break
+        numbers.append(int(digits.group(0)))
+    return tuple(numbers)
+
+
+def installed_distributions() -> Dict[str, str]:
+    """Normalised name -> version of every distribution the running Python can import."""
+    from importlib import metadata
+    found: Dict[str, str] = {}
+    for dist in metadata.distributions():
+        name = dist.metadata["Name"] if dist.metadata else None
+        if name:
+            found.setdefault(normalize(name), dist.version)
+    return found
+
+
+def normalize(name: str) -> str:
+    """PEP 503 name normalisation."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+# --------------------------------------------------------------------------------------------
+# Running pip
+# --------------------------------------------------------------------------------------------
+
+class PipResult:
+    def __init__(self, returncode: int, lines: List[str], report: str):
+        self.returncode = returncode
+        self.lines = lines
+        self.report = report
+
+
+def run_pip(
+    args: List[str], stdin_text: str, env: Dict[str, str], deadline: float,
+    redactor: Redactor, want_report: bool = False,
+) -> PipResult:
+    """Run ``python -m pip <args>`` in its own session, relaying redacted output.
+
+    ``stdin_text`` is the requirements file (pip reads it from /dev/stdin), so requirement
+    strings and expanded secrets never appear in argv or on disk. With ``want_report`` pip
+    writes its JSON report to a pipe whose path is passed as ``{report}`` in ``args``.
+    At ``deadline`` the whole process group (pip, its build backends, git, ...) is killed.
+    """
+    report_r = report_w = None
+    if want_report:
+        report_r, report_w = os.pipe()
+        args = [a.replace("{report}", "/dev/fd/%d" % report_w) for a in args]
+    argv = [sys.executable, "-m", "pip"] + args
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise InstallError("timeout", "attempt exceeded its time limit before pip started")
+    try:
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            env=env, start_new_session=True, pass_fds=(report_w,) if want_report else (),
+        )
+    except OSError as exc:
+        if report_r is not None:
+            os.close(report_r)
+            os.close(report_w)
+        raise classify_os_error(exc, "could not start pip")
+    finally:
+        if report_w is not None:
+            os.close(report_w)
+
+    lines: List[str] = []
+    report_chunks: List[bytes] = []
+    threads = [
+        threading.Thread(target=_feed, args=(proc.stdin, stdin_text), daemon=True),
+        threading.Thread(target=_relay, args=(proc.stdout, lines, redactor), daemon=True),
+    ]
+    if report_r is not None:
+        threads.append(threading.Thread(target=_collect, args=(report_r, report_chunks), daemon=True))
+    for thread in threads:
+        thread.start()
+    timed_out = False
+    try:
+        proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        kill_group(proc)
+    finally:
+        if proc.poll() is None:  # interrupted by a signal: never leave pip behind
+            kill_group(proc)
+    for thread in threads:
+        # A grandchild that left the process group could hold the pipes open; never wait on it.
+        thread.join(timeout=5)
+    if timed_out:
+        raise InstallError("timeout", "pip did not finish within the attempt's time limit; its process group was killed")
+    return PipResult(proc.returncode, lines, b"".join(report_chunks).decode("utf-8", "replace"))
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL pip's whole process group (it leads its own session) and reap pip."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def _feed(pipe, text: str) -> None:
+    try:
+        pipe.write(text.encode("utf-8"))
+    except (BrokenPipeError, OSError):
+        pass
+    finally:
+        try:
+            pipe.close()
+        except OSError:
+            pass
+
+
+def _relay(pipe, lines: List[str], redactor: Redactor) -> None:
+    for raw in iter(pipe.readline, b""):
+        line = redactor(raw.decode("utf-8", "replace").rstrip())
+        lines.append(line)
+        if line.strip():
+            print("  pip: " + line, flush=True)
+    pipe.close()
+
+
+def _collect(fd: int, chunks: List[bytes]) -> None:
+    with os.fdopen(fd, "rb") as pipe:
+        for chunk in iter(lambda: pipe.read(65536), b""):
+            chunks.append(chunk)
+
+
+# Failure categories recognised in pip's output, checked in this order. Hash errors come from
+# pip's own HashError messages only; a package name that contains "hash" is not one.
+CATEGORY_PATTERNS = [
+    ("integrity", re.compile(
+        r"THESE PACKAGES DO NOT MATCH THE HASHES|Hashes are required in --require-hashes mode"
+        r"|HashMismatch|Can't verify hashes for these")),
+    ("disk_full", re.compile(r"No space left on device|\[Errno 28\]|Disk quota exceeded|\[Errno 122\]")),
+    ("authentication", re.compile(
+        r"\b401 Client Error|\b403 Client Error|HTTP error 40[13]\b|401 Error, Credentials not correct"
+        r"|\b40[13] (Unauthorized|Forbidden)\b|Authentication failed|could not read Username"
+        r"|Permission denied \(publickey")),
+    ("network", re.compile(
+        r"NewConnectionError|Connection refused|ConnectTimeoutError|ReadTimeoutError|Read timed out"
+        r"|Max retries exceeded|Name or service not known|Temporary failure in name resolution"
+        r"|No route to host|Network is unreachable|SSLError|ProxyError|RemoteDisconnected"
+        r"|ConnectionResetError|Connection reset by peer|IncompleteRead|Could not resolve host"
+        r"|\b50[0-4] Server Error|HTTP error 50[0-4]\b")),
+    ("package_not_found", re.compile(
+        r"No matching distribution found for|Could not find a version that satisfies the requirement"
+        r"|\b404 Client Error|HTTP error 404\b|ResolutionImpossible|Cannot install .* because these package versions have conflicting dependencies"
+        r"|did not match any file\(s\) known to git|Repository not found")),
+]
+
+
+def classify(lines: List[str]) -> str:
+    """The failure category of a failed pip run, from its output."""
+    text = "\n".join(lines)
+    for category, pattern in CATEGORY_PATTERNS:
+        if pattern.search(text):
+            return category
+    return "unknown"
+
+
+def failure_summary(lines: List[str]) -> str:
+    """The most telling line of pip's output: its first ERROR line, else its last line."""
+    for line in lines:
+        if line.startswith("ERROR:"):
+            return one_line(line[len("ERROR:"):], 300)
+    for line in reversed(lines):
+        if line.strip():
+            return one_line(line, 300)
+    return "pip failed without output"
+
+
+def classify_os_error(exc: OSError, what: str) -> InstallError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return InstallError("disk_full", "%s: %s" % (what, exc.strerror))
+    return InstallError("unknown", "%s: %s" % (what, exc))
+
+
+def pip_failure(result: PipResult, step: str) -> InstallError:
+    category = classify(result.lines)
+    return InstallError(category, "pip %s exited with %d: %s" % (step, result.returncode, failure_summary(result.lines)))
+
+
+# --------------------------------------------------------------------------------------------
+# Resolving and installing
+# --------------------------------------------------------------------------------------------
+
+class Plan:
+    """What one attempt installs: pinned requirement lines plus what they are, for the log."""
+
+    def __init__(self, lines: List[str], names: List[str], overrides: List[str]):
+        self.lines = lines
+        self.names = names
+        self.overrides = overrides
+
+
+def is_direct_reference(requirement: str) -> bool:
+    return "://" in requirement or requirement.startswith("git@") or " @ " in requirement or "@ " in requirement
+
+
+def url_identity(url: str) -> str:
+    """A URL reduced to what identifies a source: no VCS prefix, userinfo, revision, fragment."""
+    url = url.split("#", 1)[0]
+    if url.startswith("git@"):  # scp-like git@host:path
+        host, _, path = url[4:].partition(":")
+        url = "ssh://%s/%s" % (host, path)
+    scheme, _, rest = url.partition("://")
+    scheme = scheme.split("+")[-1]
+    parts = urllib.parse.urlsplit("%s://%s" % (scheme, rest))
+    host = parts.netloc.rsplit("@", 1)[-1].lower()
+    path = parts.path
+    if "@" in path:  # VCS revision: x.git@v1
+        path = path.rsplit("@", 1)[0]
+    return "%s://%s%s" % (parts.scheme, host, path.rstrip("/"))
+
+
+def requirement_url(requirement: str) -> str:
+    """The URL of a direct-reference requirement (with or without ``name @``)."""
+    text = requirement.split(";", 1)[0].strip()
+    if "@ " in text or " @" in text:
+        text = text.split("@", 1)[1].strip() if not text.startswith("git@") else text
+    return text
+
+
+def plan_from_report(
+    report_text: str, expanded: List[str], installed: Dict[str, str]
+) -> Plan:
+    """Turn pip's dry-run report into the exact set to install with ``--no-deps``.
+
+    Index distributions are pinned by version. Direct references reuse the requirement the
+    user wrote (pip's report strips userinfo from URLs, which private VCS URLs need).
+    """
+    try:
+        report = json.loads(report_text)
+        items = report["install"]
+    except (ValueError, KeyError, TypeError):
+        raise InstallError("unknown", "pip's dry-run report could not be read")
+    direct_by_identity = {}
+    for req in expanded:
+        if is_direct_reference(req):
+            direct_by_identity.setdefault(url_identity(requirement_url(req)), req)
+    lines, names, overrides = [], [], []
+    for item in items:
+        meta = item.get("metadata") or {}
+        name, version = meta.get("name"), meta.get("version")
+        if not name or not version:
+            raise InstallError("unknown", "pip's dry-run report lists a distribution without name or version")
+        key = normalize(name)
+        if key in installed and installed[key] != version:
+            overrides.append("%s %s -> %s" % (name, installed[key], version))
+        names.append("%s %s" % (name, version))
+        lines.append(pinned_line(item, name, version, direct_by_identity))
+    return Plan(lines, names, overrides)
+
+
+def pinned_line(item: dict, name: str, version: str, direct_by_identity: Dict[str, str]) -> str:
+    if not item.get("is_direct"):
+        return "%s==%s" % (name, version)
+    info = item.get("download_info") or {}
+    url = info.get("url", "")
+    vcs = info.get("vcs_info")
+    own = direct_by_identity.get(url_identity(url))
+    if own is not None:
+        return own
+    if vcs:
+        line = "%s @ %s+%s@%s" % (name, vcs["vcs"], url, vcs.get("commit_id") or vcs.get("requested_revision") or "")
+        line = line.rstrip("@")
+    else:
+        line = "%s @ %s" % (name, url)
+    if info.get("subdirectory"):
+        line += "#subdirectory=" + info["subdirectory"]
+    return line
+
+
+def pip_base_args(cache_dir: str) -> List[str]:
+    return [
+        "install", "--disable-pip-version-check", "--no-input", "--progress-bar", "off",
+        "--cache-dir", cache_dir,
+    ]
+
+
+def pip_child_env(index_env: Dict[str, str], work: str) -> Dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in PIP_ENV_DROPPED}
+    env.update(index_env)
+    env["PIP_NO_INPUT"] = "1"
+    env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
+    env["PIP_ROOT_USER_ACTION"] = "ignore"
+    env["PYTHONUNBUFFERED"] = "1"
+    # The image's root filesystem may be read-only: keep pip's temporary files in the volume.
+    env["TMPDIR"] = work
+    return env
+
+
+def install_attempt(ctx: "Context", dest: str, deadline: float) -> Plan:
+    """One attempt: resolve against the running Python, then install exactly that set."""
+    work = ctx.work_dir
+    cache = os.path.join(work, "pip-cache")
+    env = pip_child_env(ctx.index_env, work)
+    base = pip_base_args(cache)
+    requirements = "".join(line + "\n" for line in ctx.expanded)
+    version = ctx.pip_version
+    if version < MIN_PIP_FOR_RESOLVE:
+        log("warning: pip %s cannot resolve without installing; installing the full dependency set"
+            % ".".join(map(str, version)))
+        result = run_pip(base + ["--target", dest, "-r", "/dev/stdin"], requirements, env, deadline, ctx.redactor)
+        if result.returncode != 0:
+            raise pip_failure(result, "install")
+        return Plan(list(ctx.expanded), [], [])
+
+    log("resolving against the image's Python (pip %s)" % ".".join(map(str, version)))
+    result = run_pip(
+        base + ["--dry-run", "--report", "{report}", "-r", "/dev/stdin"],
+        requirements, env, deadline, ctx.redactor, want_report=True,
+    )
+    if result.returncode != 0:
+        raise pip_failure(result, "resolve")
+    plan = plan_from_report(result.report, ctx.expanded, ctx.installed)
+    for override in plan.overrides:
+        log("override: " + override)
+    if not plan.lines:
+        log("every requirement is already satisfied by the image; nothing to install")
+        return plan
+    log("installing %d distributions: %s" % (len(plan.names), ", ".join(plan.names)))
+    pinned = "".join(line + "\n" for line in plan.lines)
+    result = run_pip(
+        base + ["--no-deps", "--no-warn-script-location", "--target", dest, "-r", "/dev/stdin"],
+        pinned, env, deadline, ctx.redactor,
+    )
+    if result.returncode != 0:
+        raise pip_failure(result, "install")
+    return plan
+
+
+def backoff_delay(failed_attempts: int, environ: Dict[str, str]) -> float:
+    """Exponential backoff: base, 2*base, 4*base, ... capped at 30 s (base 2 s by default)."""
+    try:
+        base = float(environ.get("KASPR_PACKAGES_BACKOFF_BASE", BACKOFF_BASE_SECONDS))
+    except ValueError:
+        base = BACKOFF_BASE_SECONDS
+    return min(BACKOFF_CAP_SECONDS, max(0.0, base) * (2 ** (failed_attempts - 1)))
+
+
+def install_with_retries(ctx: "Context", dest: str) -> Plan:
+    """Install into ``dest`` with 1 + retries attempts, each bounded by the timeout."""
+    attempts = 1 + ctx.cfg.retries
+    for attempt in range(1, attempts + 1):
+        reset_dir(dest)
+        started = time.monotonic()
+        log("attempt %d/%d (timeout %gs)" % (attempt, attempts, ctx.cfg.timeout))
+        try:
+            plan = install_attempt(ctx, dest, started + ctx.cfg.timeout)
+            scrub_secrets(dest, ctx.redactor)
+            log("attempt %d/%d succeeded in %.1fs" % (attempt, attempts, time.monotonic() - started))
+            return plan
+        except InstallError as exc:
+            log("attempt %d/%d failed after %.1fs: %s: %s"
+                % (attempt, attempts, time.monotonic() - started, exc.category, exc.message))
+            if attempt == attempts or not exc.retryable:
+                raise
+            delay = backoff_delay(attempt, ctx.environ)
+            log("retrying in %.1fs" % delay)
+            time.sleep(delay)
+        except OSError as exc:
+            raise classify_os_error(exc, "installing")
+    raise InstallError("unknown", "no attempt was made")
+
+
+def scrub_secrets(dest: str, redactor: Redactor) -> None:
+    """Remove expanded secrets from pip's metadata (PEP 610 direct_url.json records URLs)."""
+    if not os.path.isdir(dest):
+        return
+    for entry in os.listdir(dest):
+        if not entry.endswith(".dist-info"):
+            continue
+        path = os.path.join(dest, entry, "direct_url.json")
+        if not os.path.isfile(path):
+            continue
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+        clean = redactor(text)
+        if clean != text:
+            with open(path, "w", encoding="utf-8") as handle:
+                handle.write(clean)
+
+
+def reset_dir(path: str) -> None:
+    remove_tree(path)
+    os.makedirs(path)
+
+
+def remove_tree(path: str) -> None:
+    if os.path.islink(path):
+        os.unlink(path)
+    elif os.path.exists(path):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Builds and publication
+# --------------------------------------------------------------------------------------------
+
+def write_marker(build: str, ctx: "Context", plan: Plan) -> None:
+    """Record what a build contains; a build without this file is never used."""
+    marker = {
+        "installKey": ctx.cfg.install_key,
+        "pythonTag": ctx.tag,
+        "packages": ctx.cfg.packages,  # unexpanded: never a secret
+        "distributions": plan.names,
+        "overrides": plan.overrides,
+        "created": int(time.time()),
+    }
+    path = os.path.join(build, BUILD_MARKER)
+    with open(path + ".tmp", "w", encoding="utf-8") as handle:
+        json.dump(marker, handle, indent=1)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(path + ".tmp", path)
+
+
+def read_marker(build: str) -> Optional[dict]:
+    try:
+        with open(os.path.join(build, BUILD_MARKER), encoding="utf-8") as handle:
+            data = json.load(handle)
+        return data if isinstance(data, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def build_is_complete(build: str, ctx: "Context") -> bool:
+    marker = read_marker(build)
+    return bool(marker) and marker.get("installKey") == ctx.cfg.install_key and marker.get("pythonTag") == ctx.tag
+
+
+def link_site(target: str, build: str) -> None:
+    """Point ``<target>/site`` at ``build`` atomically (a new symlink renamed over the old)."""
+    site = os.path.join(target, "site")
+    tmp_link = os.path.join(target, ".site.%d.tmp" % os.getpid())
+    if os.path.lexists(tmp_link):
+        os.unlink(tmp_link)
+    if os.path.isdir(site) and not os.path.islink(site):
+        shutil.rmtree(site)  # a plain directory left by something else: replace it
+    os.symlink(build, tmp_link)
+    os.replace(tmp_link, site)
+
+
+def fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class Context:
+    """Everything one run needs, computed once."""
+
+    def __init__(self, cfg: Config, environ: Dict[str, str]):
+        self.cfg = cfg
+        self.environ = environ
+        self.redactor = Redactor()
+        self.expanded = expand_packages(cfg.packages, environ, self.redactor)
+        self.index_env = index_settings(cfg, environ, self.redactor)
+        self.tag = python_tag()
+        self.work_dir = os.path.join(cfg.target, ".work")
+        version = pip_version()
+        if version is None:
+            raise InstallError("unknown", "pip is not installed for %s (python3 -m pip is required)" % sys.executable, retryable=False)
+        self.pip_version = version
+        self.installed = installed_distributions() if version >= MIN_PIP_FOR_RESOLVE else {}
+
+
+def prepare_target(target: str) -> None:
+    try:
+        os.makedirs(target, exist_ok=True)
+    except OSError as exc:
+        raise classify_os_error(exc, "cannot create target %s" % target)
+
+
+def run_empty_dir(ctx: Context) -> Plan:
+    """Install into the pod's own volume; reuse a complete build left by an earlier run of this
+    init container in the same pod (the volume survives init-container restarts)."""
+    target = ctx.cfg.target
+    builds = os.path.join(target, ".builds")
+    final = os.path.join(builds, "%s-%s" % (ctx.cfg.install_key, ctx.tag))
+    if build_is_complete(final, ctx):
+        log("build already present in this pod's volume; skipping pip")
+        link_site(target, final)
+        return Plan([], (read_marker(final) or {}).get("distributions", []), [])
+    os.makedirs(builds, exist_ok=True)
+    tmp = os.path.join(builds, ".tmp-%d" % os.getpid())
+    plan = install_with_retries(ctx, tmp)
+    write_marker(tmp, ctx, plan)
+    remove_tree(final)
+    os.rename(tmp, final)
+    link_site(target, final)
+    for entry in os.listdir(builds):  # builds of earlier keys in this pod are not used any more
+        if os.path.join(builds, entry) != final:
+            remove_tree(os.path.join(builds, entry))
+    return plan
+
+
+# --------------------------------------------------------------------------------------------
+# PVC mode
+# --------------------------------------------------------------------------------------------
+
+def env_seconds(environ: Dict[str, str], name: str, default: float) -> float:
+    try:
+        return float(environ[name])
+    except (KeyError, ValueError):
+        return default
+
+
+def lock_wait_limit(ctx: Context) -> float:
+    """How long to wait for another pod's build: its worst case (all attempts and backoffs)
+    plus a minute, unless KASPR_PACKAGES_LOCK_TIMEOUT says otherwise."""
+    attempts = 1 + ctx.cfg.retries
+    worst = attempts * ctx.cfg.timeout + sum(backoff_delay(i, ctx.environ) for i in range(1, attempts))
+    return env_seconds(ctx.environ, "KASPR_PACKAGES_LOCK_TIMEOUT", worst + 60.0)
+
+
+class FileLock:
+    """An exclusive or shared ``flock`` with a bounded wait. Lock files are never deleted."""
+
+    def __init__(self, path: str, shared: bool = False):
+        self.path = path
+        self.shared = shared
+        self.fd: Optional[int] = None
+
+    def acquire(self, wait_seconds: float) -> bool:
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        mode = (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB
+        deadline = time.monotonic() + wait_seconds
+        delay = 0.05
+        while True:
+            try:
+                fcntl.flock(self.fd, mode)
+                return True
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+            if time.monotonic() >= deadline:
+                os.close(self.fd)
+                self.fd = None
+                return False
+            time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+            delay = min(delay * 2, 1.0)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing drops the flock
+            self.fd = None
+
+
+def pod_name(environ: Dict[str, str]) -> str:
+    name = environ.get("HOSTNAME") or socket.gethostname() or "pod"
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name)
+
+
+def write_lease(ctx: Context, build_rel: str) -> None:
+    """Record that this pod uses ``build_rel`` (``<key>/<tag>``): one lease file per pod name,
+    replaced atomically, so a restarted pod drops its reference to its previous build."""
+    leases = os.path.join(ctx.cfg.cache_dir, "leases")
+    os.makedirs(leases, exist_ok=True)
+    path = os.path.join(leases, pod_name(ctx.environ) + ".json")
+    tmp = "%s.%d.tmp" % (path, os.getpid())
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump({"build": build_rel, "time": int(time.time())}, handle)
+    os.replace(tmp, path)
+    # Last-use time of the build, for the pruning grace period.
+    used = os.path.join(ctx.cfg.cache_dir, ctx.cfg.install_key, "%s.used" % ctx.tag)
+    with open(used, "a", encoding="utf-8"):
+        pass
+    os.utime(used, None)
+
+
+def use_build(ctx: Context, build: str) -> bool:
+    """Under a shared prune lock: if ``build`` is complete, lease it and link it. Pruning takes
+    the same lock exclusively, so a build cannot vanish between the check and the lease."""
+    lock = FileLock(os.path.join(ctx.cfg.cache_dir, ".prune.lock"), shared=True)
+    if not lock.acquire(60.0):
+        raise InstallError("lock_timeout", "the cache's prune lock was held for more than 60s")
+    try:
+        if not build_is_complete(build, ctx):
+            return False
+        write_lease(ctx, os.path.relpath(build, ctx.cfg.cache_dir))
+        link_site(ctx.cfg.target, build)
+        return True
+    finally:
+        lock.release()
+
+
+def run_pvc(ctx: Context) -> Plan:
+    """Use the shared build for (install key, python tag), building it first when missing."""
+    cache = ctx.cfg.cache_dir
+    key_dir = os.path.join(cache, ctx.cfg.install_key)
+    build = os.path.join(key_dir, ctx.tag)
+    try:
+        os.makedirs(key_dir, exist_ok=True)
+    except OSError as exc:
+        raise InstallError("cache_error", "cannot use cache directory %s: %s" % (cache, exc.strerror or exc), retryable=False)
+    if use_build(ctx, build):
+        log("build %s/%s found in the cache; skipping pip" % (ctx.cfg.install_key, ctx.tag))
+        return Plan([], (read_marker(build) or {}).get("distributions", []), [])
+
+    lock = FileLock(os.path.join(key_dir, ".%s.lock" % ctx.tag))
+    wait = lock_wait_limit(ctx)
+    log("build missing; waiting up to %.0fs for the build lock" % wait)
+    waited = time.monotonic()
+    if not lock.acquire(wait):
+        raise InstallError("lock_timeout", "another pod held the build lock for %s/%s for more than %.0fs"
+                           % (ctx.cfg.install_key, ctx.tag, wait), retryable=False)
+    try:
+        if use_build(ctx, build):
+            log("build published by another pod after %.1fs; skipping pip" % (time.monotonic() - waited))
+            return Plan([], (read_marker(build) or {}).get("distributions", []), [])
+        # We hold the lock: any temporary build of this tag is a leftover of a killed pod.
+        for entry in os.listdir(key_dir):
+            if entry.startswith(".tmp-%s-" % ctx.tag):
+                log("removing unfinished build %s left by an interrupted pod" % entry)
+                remove_tree(os.path.join(key_dir, entry))
+        tmp = os.path.join(key_dir, ".tmp-%s-%s-%d" % (ctx.tag, pod_name(ctx.environ), os.getpid()))
+        plan = install_with_retries(ctx, tmp)
+        write_marker(tmp, ctx, plan)
+        fsync_dir(tmp)
+        os.rename(tmp, build)  # publication: atomic on one filesystem
+        fsync_dir(key_dir)
+        log("published build %s/%s" % (ctx.cfg.install_key, ctx.tag))
+    finally:
+        lock.release()
+    if not use_build(ctx, build):
+        raise InstallError("cache_error", "the build just published at %s is not readable" % build, retryable=False)
+    prune_cache(ctx)
+    return plan
+
+
+def prune_cache(ctx: Context) -> None:
+    """Remove builds no pod references any more, after a grace period, keeping the two most
+    recently used builds of each python tag. Failures only log: pruning never fails a pod."""
+    grace = env_seconds(ctx.environ, "KASPR_PACKAGES_PRUNE_GRACE_SECONDS", 24 * 3600.0)
+    cache = ctx.cfg.cache_dir
+    lock = FileLock(os.path.join(cache, ".prune.lock"))
+    try:
+        if not lock.acquire(0):
+            return  # another pod is pruning
+    except OSError:
+        return
+    doomed = []
+    try:
+        referenced = set()
+        leases = os.path.join(cache, "leases")
+        for entry in os.listdir(leases) if os.path.isdir(leases) else []:
+            try:
+                with open(os.path.join(leases, entry), encoding="utf-8") as handle:
+                    referenced.add(json.load(handle).get("build"))
+            except (OSError, ValueError, AttributeError):
+                continue
+        by_tag: Dict[str, List[Tuple[float, str]]] = {}
+        for key in os.listdir(cache):
+            key_dir = os.path.join(cache, key)
+            if not INSTALL_KEY_RE.match(key) or not os.path.isdir(key_dir):
+                continue
+            for tag in os.listdir(key_dir):
+                if tag.startswith(".") or not os.path.isdir(os.path.join(key_dir, tag)):
+                    continue
+                used = os.path.join(key_dir, tag + ".used")
+                try:
+                    last = os.stat(used).st_mtime
+                except OSError:
+                    last = os.stat(os.path.join(key_dir, tag)).st_mtime
+                by_tag.setdefault(tag, []).append((last, "%s/%s" % (key, tag)))
+        now = time.time()
+        for tag, builds in by_tag.items():
+            builds.sort(reverse=True)
+            for last, rel in builds[2:]:
+                if rel not in referenced and now - last > grace:
+                    doomed.append(rel)
+        for rel in doomed:
+            # Rename under the lock (fast, atomic); delete after releasing it.
+            trash = os.path.join(cache, ".trash-%s-%d" % (rel.replace("/", "-"), os.getpid()))
+            os.rename(os.path.join(cache, rel), trash)
+    except OSError as exc:
+        log("warning: pruning the cache failed: %s" % exc)
+    finally:
+        lock.release()
+    for entry in os.listdir(cache):
+        if entry.startswith(".trash-"):
+            remove_tree(os.path.join(cache, entry))
+    for rel in doomed:
+        log("pruned unused build %s" % rel)
+
+
+def run_gcs(ctx: Context) -> Plan:
+    raise InstallError("invalid_config", "mode: gcs is not supported yet", retryable=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------------
+
+def write_termination_log(environ: Dict[str, str], line: str) -> None:
+    """Write the summary for `kubectl describe pod`; a missing or read-only path is ignored."""
+    path = environ.get("KASPR_PACKAGES_TERMINATION_LOG") or DEFAULT_TERMINATION_LOG
+    try:
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write(line + "\n")
+    except OSError:
+        pass
+
+
+def finish_failure(environ: Dict[str, str], exc: InstallError, on_failure: str, redactor: Optional[Redactor]) -> int:
+    message = one_line(redactor(exc.message) if redactor else exc.message)
+    line = "%s FAILED %s: %s" % (PREFIX, exc.category, message)
+    if on_failure == "allow":
+        line += " (onFailure=allow: the app starts without packages)"
+    print(line, flush=True)
+    write_termination_log(environ, line)
+    return 0 if on_failure == "allow" else EXIT_CODES[exc.category]
+
+
+def run(cfg: Config, ctx: Context) -> Plan:
+    prepare_target(cfg.target)
+    os.makedirs(ctx.work_dir, exist_ok=True)
+    try:
+        if cfg.mode == "pvc":
+            return run_pvc(ctx)
+        if cfg.mode == "gcs":
+            return run_gcs(ctx)
+        return run_empty_dir(ctx)
+    finally:
+        remove_tree(ctx.work_dir)
+
+
+def main(environ: Optional[Dict[str, str]] = None) -> int:
+    """Run the installer; returns the process exit code."""
+    environ = dict(os.environ if environ is None else environ)
+    started = time.monotonic()
+    on_failure = early_on_failure(environ)
+    ctx = None
+    try:
+        cfg = load_config(environ)
+        on_failure = cfg.on_failure
+        ctx = Context(cfg, environ)
+        log("mode %s, app %s/%s, install key %s, python %s (%s), %d packages, indexes: %s"
+            % (cfg.mode, cfg.namespace, cfg.app, cfg.install_key, ctx.tag,
+               platform.python_version(), len(cfg.packages), describe_indexes(cfg)))
+        for pkg in cfg.packages:
+            log("requirement: " + pkg)  # as written: ${VAR} stays unexpanded
+        plan = run(cfg, ctx)
+    except InstallError as exc:
+        return finish_failure(environ, exc, on_failure, ctx.redactor if ctx else None)
+    except OSError as exc:
+        return finish_failure(environ, classify_os_error(exc, "unexpected I/O error"), on_failure,
+                              ctx.redactor if ctx else None)
+    except Exception as exc:  # noqa: BLE001 - a bug must still give a one-line category
+        error = InstallError("unknown", "internal error: %s: %s" % (type(exc).__name__, exc))
+        return finish_failure(environ, error, on_failure, ctx.redactor if ctx else None)
+    line = "%s OK %d packages, key %s, %s, %.1fs" % (
+        PREFIX, len(cfg.packages), cfg.install_key, ctx.tag, time.monotonic() - started)
+    if plan.overrides:
+        line += ", overrides: " + "; ".join(plan.overrides)
+    print(line, flush=True)
+    write_termination_log(environ, line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
