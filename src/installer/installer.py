@@ -342,21 +342,47 @@ def with_credentials(url: str, username: str, password: str) -> str:
 
 
 def same_host(url_a: str, url_b: str) -> bool:
-    """True when both URLs name the same scheme, host and port."""
+    """True when both URLs name the same host (credentials are scoped to a host, as netrc is)."""
     a, b = urllib.parse.urlsplit(url_a), urllib.parse.urlsplit(url_b)
-    return (a.scheme, (a.hostname or "").lower(), a.port) == (b.scheme, (b.hostname or "").lower(), b.port)
+    return bool(a.hostname) and (a.hostname or "").lower() == (b.hostname or "").lower()
 
 
-def index_settings(
-    cfg: Config, environ: Dict[str, str], redactor: Redactor
-) -> Dict[str, str]:
-    """PIP_* environment for the pip child: indexes (with credentials where allowed), hosts.
+def netrc_entry(host: str, username: str, password: str) -> Optional[str]:
+    """A netrc ``machine`` line for pip (requests reads the file named by NETRC), or None when
+    this Python's netrc parser cannot represent the values.
 
-    Credentials are given to the ``indexUrl`` host and to extra indexes on that same host only;
-    they travel in the child's environment, never in argv.
+    netrc keeps credentials out of every URL, so they never reach argv (pip passes index URLs
+    to the pip it starts for build dependencies) and work with any character ('/' in a
+    user name breaks pip's handling of credentials inside URLs). Python >= 3.11 reads quoted
+    tokens with backslash escapes; older parsers split on whitespace and keep quotes.
+    """
+    if sys.version_info >= (3, 11):
+        def quote(value):
+            return '"%s"' % "".join("\\" + ch for ch in value)
+        return "machine %s login %s password %s\n" % (host, quote(username), quote(password))
+    if any(ch.isspace() or ch in "\"'\\#" for ch in username + password) or not password:
+        return None
+    return "machine %s login %s password %s\n" % (host, username, password)
+
+
+class IndexSettings:
+    """How pip reaches the indexes: PIP_* variables plus, with credentials, a netrc text."""
+
+    def __init__(self, env: Dict[str, str], netrc: Optional[str], credentials: Optional[Tuple[str, str]]):
+        self.env = env
+        self.netrc = netrc
+        self.credentials = credentials
+
+
+def index_settings(cfg: Config, environ: Dict[str, str], redactor: Redactor) -> IndexSettings:
+    """The pip child's index configuration, with credentials only for the ``indexUrl`` host.
+
+    Credentials go to pip through a private netrc file keyed by that host (so extra indexes on
+    the same host get them and no other host does), or, where netrc cannot hold them, inside
+    the index URLs in the child's environment. Never through argv.
     """
     env: Dict[str, str] = {}
-    username = password = None
+    credentials = None
     if cfg.credentials:
         username = environ.get("KASPR_PYPI_USERNAME")
         password = environ.get("KASPR_PYPI_PASSWORD")
@@ -366,32 +392,40 @@ def index_settings(
             raise _fail_config("credentials", "KASPR_PYPI_PASSWORD is not set")
         redactor.add(username)
         redactor.add(password)
-        if not cfg.index_url:
+        if cfg.index_url:
+            credentials = (username, password)
+        else:
             log("warning: credentials are configured but there is no indexUrl; they are not used")
+    netrc = None
+    if credentials:
+        host = urllib.parse.urlsplit(cfg.index_url).hostname
+        netrc = netrc_entry(host, *credentials)
+    in_url = credentials is not None and netrc is None
+
+    def index(url):
+        if in_url and same_host(url, cfg.index_url):
+            return with_credentials(url, *credentials)
+        return url
+
     if cfg.index_url:
-        url = cfg.index_url
-        if username is not None:
-            url = with_credentials(url, username, password or "")
-        env["PIP_INDEX_URL"] = url
+        env["PIP_INDEX_URL"] = index(cfg.index_url)
     if cfg.extra_index_urls:
-        extras = []
-        for url in cfg.extra_index_urls:
-            if username is not None and cfg.index_url and same_host(url, cfg.index_url):
-                url = with_credentials(url, username, password or "")
-            extras.append(url)
-        env["PIP_EXTRA_INDEX_URL"] = " ".join(extras)
+        env["PIP_EXTRA_INDEX_URL"] = " ".join(index(u) for u in cfg.extra_index_urls)
     if cfg.trusted_hosts:
         env["PIP_TRUSTED_HOST"] = " ".join(cfg.trusted_hosts)
-    return env
+    return IndexSettings(env, netrc, credentials)
+
+
+def describe_url(url: str) -> str:
+    """``url`` without userinfo, for logs."""
+    parts = urllib.parse.urlsplit(url)
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1]))
 
 
 def describe_indexes(cfg: Config) -> str:
     """Index URLs for the log, without any userinfo."""
-    def bare(url):
-        parts = urllib.parse.urlsplit(url)
-        return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1]))
-    urls = [bare(cfg.index_url)] if cfg.index_url else ["pip default"]
-    urls += [bare(u) for u in cfg.extra_index_urls]
+    urls = [describe_url(cfg.index_url)] if cfg.index_url else ["pip default"]
+    urls += [describe_url(u) for u in cfg.extra_index_urls]
     return ", ".join(urls)
 
 
@@ -617,6 +651,64 @@ def failure_summary(lines: List[str]) -> str:
     return "pip failed without output"
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Never follow redirects: urllib would resend our Authorization header to another host."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
+def probe_index(url: str, auth: Optional[Tuple[str, str]], insecure: bool, timeout: float):
+    """GET ``url`` once; returns the HTTP status, or the connection error's text."""
+    import ssl
+    request = urllib.request.Request(url, headers={"Accept": "text/html"})
+    if auth is not None:
+        token = base64.b64encode(("%s:%s" % auth).encode("utf-8")).decode("ascii")
+        request.add_header("Authorization", "Basic " + token)
+    handlers: list = [_NoRedirect()]
+    if insecure:
+        handlers.append(urllib.request.HTTPSHandler(context=ssl._create_unverified_context()))
+    opener = urllib.request.build_opener(*handlers)
+    try:
+        with opener.open(request, timeout=timeout) as response:
+            response.read(1)
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        return str(getattr(exc, "reason", exc))
+
+
+def diagnose_not_found(ctx: "Context", lines: List[str], deadline: float) -> Optional[InstallError]:
+    """pip reports an index it could not read (401, connection refused) only as "no matching
+    distribution" at its default verbosity. Ask each configured index for the missing project
+    ourselves to tell authentication and network failures apart from a real miss. Credentials
+    go only where pip would send them (the indexUrl host)."""
+    match = re.search(r"No matching distribution found for ([A-Za-z0-9][A-Za-z0-9._-]*)", "\n".join(lines))
+    if not match or not (ctx.cfg.index_url or ctx.cfg.extra_index_urls):
+        return None
+    project = normalize(match.group(1))
+    indexes = ([ctx.cfg.index_url] if ctx.cfg.index_url else []) + ctx.cfg.extra_index_urls
+    for index in indexes:
+        remaining = deadline - time.monotonic()
+        if remaining <= 1:
+            return None
+        auth = None
+        if ctx.credentials and ctx.cfg.index_url and same_host(index, ctx.cfg.index_url):
+            auth = ctx.credentials
+        host = urllib.parse.urlsplit(index)
+        insecure = host.hostname in ctx.cfg.trusted_hosts or host.netloc.rsplit("@", 1)[-1] in ctx.cfg.trusted_hosts
+        status = probe_index(index.rstrip("/") + "/" + project + "/", auth, insecure, min(10.0, remaining))
+        shown = describe_url(index)
+        if status in (401, 403):
+            return InstallError("authentication", "index %s answered HTTP %d for %s" % (shown, status, project))
+        if isinstance(status, str):
+            return InstallError("network", "index %s is unreachable: %s" % (shown, ctx.redactor(status)))
+        if status >= 500:
+            return InstallError("network", "index %s answered HTTP %d for %s" % (shown, status, project))
+    return None
+
+
 def classify_os_error(exc: OSError, what: str) -> InstallError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return InstallError("disk_full", "%s: %s" % (what, exc.strerror))
@@ -719,6 +811,16 @@ def pinned_line(item: dict, name: str, version: str, direct_by_identity: Dict[st
     return line
 
 
+def write_private(path: str, text: str) -> str:
+    """Write ``text`` to a new file only its owner can read (removed with the work dir)."""
+    if os.path.lexists(path):
+        os.unlink(path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    return path
+
+
 def pip_base_args(cache_dir: str) -> List[str]:
     return [
         "install", "--disable-pip-version-check", "--no-input", "--progress-bar", "off",
@@ -742,7 +844,9 @@ def install_attempt(ctx: "Context", dest: str, deadline: float) -> Plan:
     """One attempt: resolve against the running Python, then install exactly that set."""
     work = ctx.work_dir
     cache = os.path.join(work, "pip-cache")
-    env = pip_child_env(ctx.index_env, work)
+    env = pip_child_env(ctx.index.env, work)
+    if ctx.index.netrc is not None:
+        env["NETRC"] = write_private(os.path.join(work, "netrc"), ctx.index.netrc)
     base = pip_base_args(cache)
     requirements = "".join(line + "\n" for line in ctx.expanded)
     version = ctx.pip_version
@@ -760,7 +864,10 @@ def install_attempt(ctx: "Context", dest: str, deadline: float) -> Plan:
         requirements, env, deadline, ctx.redactor, want_report=True,
     )
     if result.returncode != 0:
-        raise pip_failure(result, "resolve")
+        error = pip_failure(result, "resolve")
+        if error.category == "package_not_found":
+            error = diagnose_not_found(ctx, result.lines, deadline) or error
+        raise error
     plan = plan_from_report(result.report, ctx.expanded, ctx.installed)
     for override in plan.overrides:
         log("override: " + override)
@@ -911,7 +1018,8 @@ class Context:
         self.environ = environ
         self.redactor = Redactor()
         self.expanded = expand_packages(cfg.packages, environ, self.redactor)
-        self.index_env = index_settings(cfg, environ, self.redactor)
+        self.index = index_settings(cfg, environ, self.redactor)
+        self.credentials = self.index.credentials
         self.tag = python_tag()
         self.work_dir = os.path.join(cfg.target, ".work")
         version = pip_version()
@@ -1171,7 +1279,8 @@ def finish_failure(environ: Dict[str, str], exc: InstallError, on_failure: str, 
 
 def run(cfg: Config, ctx: Context) -> Plan:
     prepare_target(cfg.target)
-    os.makedirs(ctx.work_dir, exist_ok=True)
+    remove_tree(ctx.work_dir)  # a killed earlier run may have left it
+    os.makedirs(ctx.work_dir, mode=0o700)
     try:
         if cfg.mode == "pvc":
             return run_pvc(ctx)

@@ -1,0 +1,105 @@
+"""Unit tests of the installer's pure functions (the program imported as a module)."""
+
+import importlib.util
+import json
+import urllib.parse
+
+import pytest
+
+from helpers import INSTALLER
+
+spec = importlib.util.spec_from_file_location("kaspr_installer", INSTALLER)
+installer = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(installer)
+
+
+@pytest.mark.parametrize("output, category", [
+    (["ERROR: THESE PACKAGES DO NOT MATCH THE HASHES FROM THE REQUIREMENTS FILE."], "integrity"),
+    (["ERROR: No matching distribution found for hashlib-compat-sha256"], "package_not_found"),
+    (["Collecting hash-utils", "ERROR: Could not find a version that satisfies the requirement x"], "package_not_found"),
+    (["WARNING: Retrying (Retry(total=4)) after connection broken by 'NewConnectionError('<...>: Failed to establish a new connection: [Errno 111] Connection refused')'",
+      "ERROR: No matching distribution found for x"], "network"),
+    (["ERROR: HTTP error 401 while getting https://h/x.whl"], "authentication"),
+    (["ERROR: Could not install packages due to an OSError: [Errno 28] No space left on device"], "disk_full"),
+    (["ERROR: Cannot install a==1 and b==2 because these package versions have conflicting dependencies."], "package_not_found"),
+    (["something else entirely"], "unknown"),
+])
+def test_classify(output, category):
+    assert installer.classify(output) == category
+
+
+def test_redactor_removes_raw_and_encoded_forms():
+    r = installer.Redactor()
+    r.add("p@ss word/x")
+    text = "a p@ss word/x b %s c %s" % (urllib.parse.quote("p@ss word/x", safe=""), urllib.parse.quote_plus("p@ss word/x"))
+    assert r(text) == "a *** b *** c ***"
+
+
+def test_credentials_in_url_round_trip_every_printable_character():
+    printable = "".join(chr(c) for c in range(32, 127))
+    url = installer.with_credentials("https://old:creds@idx.example:8443/simple/", printable, printable)
+    parts = urllib.parse.urlsplit(url)
+    assert parts.hostname == "idx.example" and parts.port == 8443 and parts.path == "/simple/"
+    assert urllib.parse.unquote(parts.username) == printable
+    assert urllib.parse.unquote(parts.password) == printable
+
+
+def test_netrc_entry_parses_back_every_printable_character(tmp_path):
+    import netrc
+    printable = "".join(chr(c) for c in range(32, 127))
+    text = installer.netrc_entry("idx.example", printable, printable)
+    if text is None:
+        pytest.skip("this Python's netrc cannot hold such values; the installer uses the URL")
+    (tmp_path / "netrc").write_text(text)
+    login, _account, password = netrc.netrc(str(tmp_path / "netrc")).authenticators("idx.example")
+    assert (login, password) == (printable, printable)
+
+
+@pytest.mark.parametrize("a, b, same", [
+    ("https://h.example/simple", "https://h.example:8443/other", True),
+    ("https://h.example/simple", "https://H.EXAMPLE/simple", True),
+    ("https://h.example/simple", "https://other.example/simple", False),
+    ("https://h.example.evil/simple", "https://h.example/simple", False),
+])
+def test_same_host(a, b, same):
+    assert installer.same_host(a, b) is same
+
+
+def test_backoff_doubles_from_base_and_caps_at_30s():
+    assert [installer.backoff_delay(n, {}) for n in range(1, 7)] == [2, 4, 8, 16, 30, 30]
+    assert installer.backoff_delay(3, {"KASPR_PACKAGES_BACKOFF_BASE": "0.5"}) == 2.0
+
+
+def test_python_tag_names_interpreter_and_platform():
+    import sys
+    tag = installer.python_tag()
+    assert tag.startswith("%s-%d%d" % (sys.implementation.name, *sys.version_info[:2]))
+    assert "linux" in tag
+
+
+@pytest.mark.parametrize("requirement, identity", [
+    ("x @ git+https://tok@host/org/x.git@v1", "https://host/org/x.git"),
+    ("git+ssh://git@host/org/x.git@v1#egg=x", "ssh://host/org/x.git"),
+    ("tok @ https://h/path/x-1.0-py3-none-any.whl#sha256=00", "https://h/path/x-1.0-py3-none-any.whl"),
+])
+def test_url_identity_ignores_userinfo_revision_and_fragment(requirement, identity):
+    assert installer.url_identity(installer.requirement_url(requirement)) == identity
+
+
+def test_plan_pins_index_packages_and_keeps_direct_requirements():
+    report = {"install": [
+        {"metadata": {"name": "basedep", "version": "2.0"}, "is_direct": False, "download_info": {"url": "https://i/basedep-2.0.whl"}},
+        {"metadata": {"name": "x", "version": "1.0"}, "is_direct": True, "requested": True,
+         "download_info": {"url": "https://host/org/x.git", "vcs_info": {"vcs": "git", "commit_id": "abc"}}},
+    ]}
+    expanded = ["x @ git+https://secret@host/org/x.git@v1"]
+    plan = installer.plan_from_report(json.dumps(report), expanded, {"basedep": "1.0"})
+    assert plan.lines == ["basedep==2.0", "x @ git+https://secret@host/org/x.git@v1"]
+    assert plan.overrides == ["basedep 1.0 -> 2.0"]
+
+
+def test_config_defaults_and_unknown_keys():
+    cfg = installer.load_config({"KASPR_PACKAGES_CONFIG": json.dumps({
+        "version": 1, "mode": "emptyDir", "app": "a", "namespace": "ns", "installKey": "0" * 16,
+        "packages": ["x"], "target": "/t", "brandNew": 1})})
+    assert (cfg.retries, cfg.timeout, cfg.on_failure, cfg.index_url) == (3, 600.0, "block", None)
