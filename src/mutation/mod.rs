@@ -1,7 +1,21 @@
-//! Renders the injection into a pod template (StatefulSet) or a Pod.
-use serde_json::Value;
+//! Renders the injection into a StatefulSet's pod template or into a Pod.
+//!
+//! The object's JSON is edited in place, so fields unknown to our Kubernetes types survive. Every
+//! mutation first strips what an earlier injection added (listed in the
+//! `packages.kaspr.io/injected` annotation) and then injects again, so mutating an
+//! already-mutated object, or the operator's rewrite of it, gives the same template byte for byte.
+
+pub mod names;
+pub mod record;
+pub mod render;
+
+use serde_json::{Map, Value, json};
 
 use crate::config::RenderConfig;
+use crate::spec::PythonPackages;
+use crate::validation;
+use record::{Record, name_is};
+pub use render::{AppContext, Injection};
 
 /// A successful mutation.
 #[derive(Debug, Clone, PartialEq)]
@@ -17,20 +31,371 @@ pub struct Denial {
     pub warnings: Vec<String>,
 }
 
-/// The KasprApp owning a StatefulSet, from its ownerReferences.
-pub fn owning_app(_statefulset: &Value) -> Option<String> {
-    None
+impl Denial {
+    fn new(message: String) -> Self {
+        Denial {
+            message,
+            warnings: Vec::new(),
+        }
+    }
 }
 
-/// The KasprApp a Pod belongs to, from its labels.
-pub fn pod_app(_pod: &Value) -> Option<String> {
-    None
+fn str_at<'a>(value: &'a Value, pointer: &str) -> Option<&'a str> {
+    value.pointer(pointer).and_then(Value::as_str)
 }
 
-pub fn mutate_statefulset(_sts: &Value, _app: &Value, _config: &RenderConfig) -> Result<MutationOutcome, Denial> {
-    Ok(MutationOutcome { patch: json_patch::Patch(vec![]), warnings: vec![] })
+/// The KasprApp owning a StatefulSet: an ownerReference of kind `KasprApp` in group `kaspr.io`.
+pub fn owning_app(statefulset: &Value) -> Option<String> {
+    statefulset
+        .pointer("/metadata/ownerReferences")?
+        .as_array()?
+        .iter()
+        .find(|r| {
+            r.get("kind").and_then(Value::as_str) == Some("KasprApp")
+                && r.get("apiVersion")
+                    .and_then(Value::as_str)
+                    .is_some_and(|v| v.starts_with("kaspr.io/"))
+        })
+        .and_then(|r| r.get("name")?.as_str())
+        .filter(|n| !n.is_empty())
+        .map(str::to_owned)
 }
 
-pub fn mutate_pod(_pod: &Value, _app: &Value, _config: &RenderConfig) -> Result<MutationOutcome, Denial> {
-    Ok(MutationOutcome { patch: json_patch::Patch(vec![]), warnings: vec![] })
+/// The KasprApp a Pod belongs to: label `kaspr.io/app` (else `app.kubernetes.io/instance`) on a
+/// pod labelled `kaspr.io/kind: KasprApp`.
+pub fn pod_app(pod: &Value) -> Option<String> {
+    let labels = pod.pointer("/metadata/labels")?;
+    if labels.get(names::KIND_LABEL).and_then(Value::as_str) != Some("KasprApp") {
+        return None;
+    }
+    [names::APP_LABEL, names::INSTANCE_LABEL]
+        .iter()
+        .find_map(|l| labels.get(*l).and_then(Value::as_str))
+        .filter(|n| !n.is_empty())
+        .map(str::to_owned)
 }
+
+/// Mutates a StatefulSet owned by `kasprapp`.
+pub fn mutate_statefulset(
+    statefulset: &Value,
+    kasprapp: &Value,
+    config: &RenderConfig,
+) -> Result<MutationOutcome, Denial> {
+    mutate_object(statefulset, "/spec/template", "spec.template.spec", kasprapp, config)
+}
+
+/// Mutates a Pod of `kasprapp`. A pod whose template was already injected is left as it is.
+pub fn mutate_pod(pod: &Value, kasprapp: &Value, config: &RenderConfig) -> Result<MutationOutcome, Denial> {
+    let injected = pod
+        .pointer("/metadata/annotations")
+        .and_then(|a| a.get(names::TEMPLATE_HASH_ANNOTATION))
+        .is_some();
+    if injected {
+        return Ok(MutationOutcome {
+            patch: json_patch::Patch(Vec::new()),
+            warnings: Vec::new(),
+        });
+    }
+    mutate_object(pod, "", "spec", kasprapp, config)
+}
+
+fn mutate_object(
+    object: &Value,
+    template_pointer: &str,
+    field_prefix: &str,
+    kasprapp: &Value,
+    config: &RenderConfig,
+) -> Result<MutationOutcome, Denial> {
+    let report = validation::validate_kasprapp(kasprapp);
+    let app_name = str_at(kasprapp, "/metadata/name").unwrap_or_default();
+    let namespace = str_at(kasprapp, "/metadata/namespace")
+        .or_else(|| str_at(object, "/metadata/namespace"))
+        .unwrap_or_default();
+    if !report.errors.is_empty() {
+        return Err(Denial {
+            message: report.error_message(&format!("KasprApp {namespace}/{app_name}")),
+            warnings: report.warning_lines(),
+        });
+    }
+    let mut mutated = object.clone();
+    let Some(template) = mutated.pointer_mut(template_pointer) else {
+        return Ok(MutationOutcome {
+            patch: json_patch::Patch(Vec::new()),
+            warnings: Vec::new(),
+        });
+    };
+    let app = AppContext {
+        name: app_name,
+        namespace,
+    };
+    let mut warnings = report.warning_lines();
+    match apply(template, report.spec.as_ref(), app, field_prefix, config) {
+        Ok(applied) => warnings.extend(applied),
+        Err(mut denial) => {
+            denial.warnings = warnings;
+            return Err(denial);
+        }
+    }
+    Ok(MutationOutcome {
+        patch: json_patch::diff(object, &mutated),
+        warnings,
+    })
+}
+
+/// Applies (or, with `spec` absent, removes) the injection on a pod template given as JSON
+/// (`{metadata, spec}`). Returns warnings. `field_prefix` names the PodSpec in messages.
+pub fn apply(
+    template: &mut Value,
+    spec: Option<&PythonPackages>,
+    app: AppContext<'_>,
+    field_prefix: &str,
+    config: &RenderConfig,
+) -> Result<Vec<String>, Denial> {
+    let Some(template) = template.as_object_mut() else {
+        return Ok(Vec::new());
+    };
+    let record = Record::read(template.get("metadata"));
+    let Some(pod_spec) = template.get_mut("spec").and_then(Value::as_object_mut) else {
+        return Ok(Vec::new());
+    };
+
+    let operator_injects = list(pod_spec, "initContainers").iter().any(|c| {
+        name_is(c, names::OPERATOR_INIT_CONTAINER)
+            && !record
+                .init_containers
+                .iter()
+                .any(|n| n == names::OPERATOR_INIT_CONTAINER)
+    });
+    if spec.is_some() && operator_injects {
+        return Ok(vec![format!(
+            "{field_prefix}.initContainers: the pod already has an init container named \
+             {:?} (the Kaspr operator's own package installer); kaspr-packages-webhook did not inject",
+            names::OPERATOR_INIT_CONTAINER
+        )]);
+    }
+
+    record::strip(pod_spec, &record);
+    let Some(spec) = spec else {
+        remove_annotations(template);
+        return Ok(Vec::new());
+    };
+
+    check_collisions(pod_spec, field_prefix)?;
+    let main_index = main_container_index(pod_spec).ok_or_else(|| {
+        Denial::new(format!("{field_prefix}.containers: the pod has no containers"))
+    })?;
+    check_extra_mounts(pod_spec, spec, field_prefix)?;
+
+    let containers = list(pod_spec, "containers");
+    let main = containers[main_index].as_object().cloned().unwrap_or_default();
+    let main_name = main.get("name").and_then(Value::as_str).unwrap_or_default().to_owned();
+    if main.get("image").and_then(Value::as_str).is_none_or(str::is_empty) {
+        return Err(Denial::new(format!(
+            "{field_prefix}.containers[{main_index}].image: the main container has no image to run the installer with"
+        )));
+    }
+    let injection = render::render(spec, app, &main, pod_spec, config);
+
+    push(pod_spec, "initContainers", injection.init_container.clone());
+    for volume in &injection.volumes {
+        push(pod_spec, "volumes", volume.clone());
+    }
+    let mut mount_names = Vec::new();
+    if let Some(main) = pod_spec
+        .get_mut("containers")
+        .and_then(Value::as_array_mut)
+        .and_then(|c| c.get_mut(main_index))
+        .and_then(Value::as_object_mut)
+    {
+        for m in &injection.main_mounts {
+            push(main, "volumeMounts", m.clone());
+            if let Some(n) = m.get("name").and_then(Value::as_str) {
+                mount_names.push(n.to_owned());
+            }
+        }
+        set_pythonpath(main);
+    }
+
+    let record = Record {
+        init_containers: vec![names::INIT_CONTAINER.to_owned()],
+        volumes: injection
+            .volumes
+            .iter()
+            .filter_map(|v| v.get("name").and_then(Value::as_str).map(str::to_owned))
+            .collect(),
+        container: main_name,
+        volume_mounts: mount_names,
+        env: vec![names::PYTHONPATH.to_owned()],
+    };
+    let metadata = template
+        .entry("metadata")
+        .or_insert_with(|| json!({}));
+    if let Some(metadata) = metadata.as_object_mut() {
+        let annotations = metadata
+            .entry("annotations")
+            .or_insert_with(|| json!({}));
+        if let Some(annotations) = annotations.as_object_mut() {
+            annotations.insert(
+                names::TEMPLATE_HASH_ANNOTATION.into(),
+                json!(injection.template_hash),
+            );
+            annotations.insert(
+                names::INSTALL_KEY_ANNOTATION.into(),
+                json!(injection.install_key),
+            );
+            annotations.insert(names::INJECTED_ANNOTATION.into(), json!(record.to_annotation()));
+        }
+    }
+    Ok(Vec::new())
+}
+
+/// Removes our annotations; an annotation map left empty is removed too (the injection
+/// created it).
+fn remove_annotations(template: &mut Map<String, Value>) {
+    let Some(metadata) = template.get_mut("metadata").and_then(Value::as_object_mut) else {
+        return;
+    };
+    let now_empty = match metadata.get_mut("annotations").and_then(Value::as_object_mut) {
+        Some(annotations) => {
+            let removed = names::ANNOTATIONS
+                .iter()
+                .filter(|key| annotations.remove(**key).is_some())
+                .count();
+            let had_ours = removed > 0;
+            had_ours && annotations.is_empty()
+        }
+        None => false,
+    };
+    if now_empty {
+        metadata.remove("annotations");
+    }
+}
+
+fn list<'a>(map: &'a Map<String, Value>, key: &str) -> &'a [Value] {
+    map.get(key)
+        .and_then(Value::as_array)
+        .map_or(&[], Vec::as_slice)
+}
+
+fn push(map: &mut Map<String, Value>, key: &str, item: Value) {
+    match map.get_mut(key) {
+        Some(Value::Array(items)) => items.push(item),
+        _ => {
+            map.insert(key.to_owned(), Value::Array(vec![item]));
+        }
+    }
+}
+
+/// The main container: the one named `kaspr`, else the first.
+pub fn main_container_index(pod_spec: &Map<String, Value>) -> Option<usize> {
+    let containers = list(pod_spec, "containers");
+    if containers.is_empty() {
+        return None;
+    }
+    Some(
+        containers
+            .iter()
+            .position(|c| name_is(c, names::MAIN_CONTAINER))
+            .unwrap_or(0),
+    )
+}
+
+/// After stripping our own additions, any of our names still present belongs to someone else.
+fn check_collisions(pod_spec: &Map<String, Value>, prefix: &str) -> Result<(), Denial> {
+    let mut problems = Vec::new();
+    for (i, c) in list(pod_spec, "initContainers").iter().enumerate() {
+        if name_is(c, names::INIT_CONTAINER) {
+            problems.push(format!(
+                "{prefix}.initContainers[{i}]: an init container named {:?} exists and was not added by kaspr-packages-webhook",
+                names::INIT_CONTAINER
+            ));
+        }
+    }
+    for (i, v) in list(pod_spec, "volumes").iter().enumerate() {
+        if let Some(name) = names::VOLUMES.iter().find(|n| name_is(v, n)) {
+            problems.push(format!(
+                "{prefix}.volumes[{i}]: a volume named {name:?} exists and was not added by kaspr-packages-webhook"
+            ));
+        }
+    }
+    if let Some(main) = main_container_index(pod_spec) {
+        let container = &list(pod_spec, "containers")[main];
+        let mounts = container
+            .get("volumeMounts")
+            .and_then(Value::as_array)
+            .map_or(&[][..], Vec::as_slice);
+        for (i, m) in mounts.iter().enumerate() {
+            let path = m.get("mountPath").and_then(Value::as_str).unwrap_or_default();
+            let path = path.trim_end_matches('/');
+            let ours = [names::PACKAGES_PATH, names::CACHE_PATH]
+                .iter()
+                .any(|p| path == *p || path.starts_with(&format!("{p}/")));
+            if ours || names::VOLUMES.iter().any(|n| name_is(m, n)) {
+                problems.push(format!(
+                    "{prefix}.containers[{main}].volumeMounts[{i}]: {path:?} is used by kaspr-packages-webhook and was not added by it"
+                ));
+            }
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(Denial::new(format!(
+            "kaspr-packages-webhook cannot inject because names it uses are taken (rename them):\n  {}",
+            problems.join("\n  ")
+        )))
+    }
+}
+
+/// `pythonPackagesInitContainer.volumeMounts` must name volumes the pod declares.
+fn check_extra_mounts(pod_spec: &Map<String, Value>, spec: &PythonPackages, prefix: &str) -> Result<(), Denial> {
+    let volumes = list(pod_spec, "volumes");
+    let missing: Vec<String> = spec
+        .init_container
+        .volume_mounts
+        .iter()
+        .enumerate()
+        .filter(|(_, m)| !volumes.iter().any(|v| name_is(v, &m.name)))
+        .map(|(i, m)| {
+            format!(
+                "spec.template.pythonPackagesInitContainer.volumeMounts[{i}]: volume {:?} is not declared in {prefix}.volumes",
+                m.name
+            )
+        })
+        .collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(Denial::new(missing.join("\n")))
+    }
+}
+
+/// Puts our site directory first on the main container's PYTHONPATH, keeping any value it had.
+fn set_pythonpath(container: &mut Map<String, Value>) {
+    let site = names::SITE_PATH;
+    let env = container
+        .entry("env")
+        .or_insert_with(|| Value::Array(Vec::new()));
+    let Some(env) = env.as_array_mut() else {
+        return;
+    };
+    let existing = env
+        .iter_mut()
+        .rev()
+        .find(|e| name_is(e, names::PYTHONPATH));
+    match existing {
+        None => env.push(json!({"name": names::PYTHONPATH, "value": site})),
+        Some(entry) if entry.get("valueFrom").is_some_and(|v| !v.is_null()) => {
+            // The value comes from a Secret/ConfigMap/field: chain to it with $(PYTHONPATH),
+            // which the kubelet expands from the earlier entry.
+            env.push(json!({"name": names::PYTHONPATH, "value": format!("{site}:$({})", names::PYTHONPATH)}));
+        }
+        Some(entry) => {
+            let old = entry.get("value").and_then(Value::as_str).unwrap_or_default();
+            entry["value"] = json!(format!("{site}:{old}"));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,232 @@
+//! Renders what gets injected: the init container, the volumes, and the main container's mounts.
+//! Pure functions of the spec and the pod they are rendered for.
+
+use k8s_openapi::api::core::v1::{
+    Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, KeyToPath,
+    PersistentVolumeClaimVolumeSource, SecretKeySelector, SecretVolumeSource, Volume, VolumeMount,
+};
+use serde_json::{Map, Value, json};
+
+use super::names;
+use crate::config::RenderConfig;
+use crate::spec::{Cache, OnFailure, PythonPackages, pvc_name, short_sha256};
+
+/// Everything one injection adds, rendered to JSON in a fixed order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Injection {
+    pub init_container: Value,
+    pub volumes: Vec<Value>,
+    /// Mounts for the main container.
+    pub main_mounts: Vec<Value>,
+    pub install_key: String,
+    pub template_hash: String,
+}
+
+/// The app an injection is rendered for.
+#[derive(Debug, Clone, Copy)]
+pub struct AppContext<'a> {
+    pub name: &'a str,
+    pub namespace: &'a str,
+}
+
+/// The installer's configuration (`KASPR_PACKAGES_CONFIG`): everything it needs that is not a
+/// secret.
+pub fn installer_config(spec: &PythonPackages, app: AppContext<'_>, install_key: &str) -> Value {
+    let mut config = json!({
+        "version": 1,
+        "mode": spec.cache.mode(),
+        "app": app.name,
+        "namespace": app.namespace,
+        "installKey": install_key,
+        "packages": spec.packages,
+    });
+    if let Some(index) = &spec.index_url {
+        config["indexUrl"] = json!(index);
+    }
+    if !spec.extra_index_urls.is_empty() {
+        config["extraIndexUrls"] = json!(spec.extra_index_urls);
+    }
+    if !spec.trusted_hosts.is_empty() {
+        config["trustedHosts"] = json!(spec.trusted_hosts);
+    }
+    if spec.credentials.is_some() {
+        config["credentials"] = json!(true);
+    }
+    config["retries"] = json!(spec.install_policy.retries);
+    config["timeoutSeconds"] = json!(spec.install_policy.timeout_seconds);
+    config["onFailure"] = json!(match spec.install_policy.on_failure {
+        OnFailure::Block => "block",
+        OnFailure::Allow => "allow",
+    });
+    config["target"] = json!(names::PACKAGES_PATH);
+    match &spec.cache {
+        Cache::EmptyDir => {}
+        Cache::Pvc(_) => config["cacheDir"] = json!(names::CACHE_PATH),
+        Cache::Gcs(gcs) => {
+            let mut g = json!({
+                "bucket": gcs.bucket,
+                "prefix": gcs.prefix,
+                "maxArchiveSize": gcs.max_archive_size,
+            });
+            if let Some(secret) = &gcs.key_secret {
+                g["keyFile"] = json!(format!("{}/{}", names::GCS_KEY_DIR, secret.key));
+            }
+            config["gcs"] = g;
+        }
+    }
+    config
+}
+
+fn mount(name: &str, path: &str, read_only: bool) -> VolumeMount {
+    VolumeMount {
+        name: name.to_owned(),
+        mount_path: path.to_owned(),
+        read_only: read_only.then_some(true),
+        ..Default::default()
+    }
+}
+
+fn secret_env(name: &str, secret: &str, key: &str) -> EnvVar {
+    EnvVar {
+        name: name.to_owned(),
+        value_from: Some(EnvVarSource {
+            secret_key_ref: Some(SecretKeySelector {
+                name: secret.to_owned(),
+                key: key.to_owned(),
+                optional: Some(false),
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn to_json<T: serde::Serialize>(value: &T) -> Value {
+    serde_json::to_value(value).unwrap_or(Value::Null)
+}
+
+/// The init container's securityContext: the main container's own (so it is never less
+/// restricted), plus no privilege escalation, no capabilities, and a RuntimeDefault seccomp
+/// profile unless the main container or the pod chose one.
+fn security_context(main: &Map<String, Value>, pod_spec: &Map<String, Value>) -> Value {
+    let mut context = main
+        .get("securityContext")
+        .and_then(Value::as_object)
+        .cloned()
+        .unwrap_or_default();
+    context.insert("allowPrivilegeEscalation".into(), json!(false));
+    // Privileged would defeat everything else; the installer never needs it.
+    context.remove("privileged");
+    context.insert("capabilities".into(), json!({"drop": ["ALL"]}));
+    let pod_has_seccomp = pod_spec
+        .get("securityContext")
+        .and_then(|s| s.get("seccompProfile"))
+        .is_some_and(|p| !p.is_null());
+    if !context.contains_key("seccompProfile") && !pod_has_seccomp {
+        context.insert("seccompProfile".into(), json!({"type": "RuntimeDefault"}));
+    }
+    Value::Object(context)
+}
+
+/// Renders the injection for one pod template.
+pub fn render(
+    spec: &PythonPackages,
+    app: AppContext<'_>,
+    main: &Map<String, Value>,
+    pod_spec: &Map<String, Value>,
+    config: &RenderConfig,
+) -> Injection {
+    let install_key = spec.install_key();
+
+    let mut volumes = vec![Volume {
+        name: names::PACKAGES_VOLUME.to_owned(),
+        empty_dir: Some(EmptyDirVolumeSource::default()),
+        ..Default::default()
+    }];
+    let mut init_mounts = vec![mount(names::PACKAGES_VOLUME, names::PACKAGES_PATH, false)];
+    let mut main_mounts = vec![mount(names::PACKAGES_VOLUME, names::PACKAGES_PATH, true)];
+    match &spec.cache {
+        Cache::EmptyDir => {}
+        Cache::Pvc(_) => {
+            volumes.push(Volume {
+                name: names::CACHE_VOLUME.to_owned(),
+                persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                    claim_name: pvc_name(app.name),
+                    read_only: None,
+                }),
+                ..Default::default()
+            });
+            init_mounts.push(mount(names::CACHE_VOLUME, names::CACHE_PATH, false));
+            main_mounts.push(mount(names::CACHE_VOLUME, names::CACHE_PATH, true));
+        }
+        Cache::Gcs(gcs) => {
+            if let Some(secret) = &gcs.key_secret {
+                volumes.push(Volume {
+                    name: names::GCS_KEY_VOLUME.to_owned(),
+                    secret: Some(SecretVolumeSource {
+                        secret_name: Some(secret.name.clone()),
+                        items: Some(vec![KeyToPath {
+                            key: secret.key.clone(),
+                            path: secret.key.clone(),
+                            mode: None,
+                        }]),
+                        default_mode: Some(0o400),
+                        optional: Some(false),
+                    }),
+                    ..Default::default()
+                });
+                init_mounts.push(mount(names::GCS_KEY_VOLUME, names::GCS_KEY_DIR, true));
+            }
+        }
+    }
+    init_mounts.extend(spec.init_container.volume_mounts.iter().cloned());
+
+    let mut env = vec![EnvVar {
+        name: names::CONFIG_ENV.to_owned(),
+        value: Some(installer_config(spec, app, &install_key).to_string()),
+        ..Default::default()
+    }];
+    if let Some(creds) = &spec.credentials {
+        env.push(secret_env(names::USERNAME_ENV, &creds.secret_name, &creds.username_key));
+        env.push(secret_env(names::PASSWORD_ENV, &creds.secret_name, &creds.password_key));
+    }
+    env.extend(spec.init_container.env.iter().cloned());
+
+    let container = Container {
+        name: names::INIT_CONTAINER.to_owned(),
+        image: main.get("image").and_then(Value::as_str).map(str::to_owned),
+        image_pull_policy: main
+            .get("imagePullPolicy")
+            .and_then(Value::as_str)
+            .map(str::to_owned),
+        command: Some(vec![
+            "python3".to_owned(),
+            "-c".to_owned(),
+            crate::installer::bootstrap().to_owned(),
+        ]),
+        env: Some(env),
+        volume_mounts: Some(init_mounts),
+        resources: spec
+            .resources
+            .clone()
+            .or_else(|| config.default_resources.clone()),
+        termination_message_policy: Some("FallbackToLogsOnError".to_owned()),
+        ..Default::default()
+    };
+    let mut init_container = to_json(&container);
+    if let Some(obj) = init_container.as_object_mut() {
+        obj.insert("securityContext".into(), security_context(main, pod_spec));
+    }
+
+    let volumes: Vec<Value> = volumes.iter().map(to_json).collect();
+    let main_mounts: Vec<Value> = main_mounts.iter().map(to_json).collect();
+    let rendered = json!([init_container, volumes, main_mounts, names::SITE_PATH]);
+    let template_hash = short_sha256(rendered.to_string().as_bytes());
+    Injection {
+        init_container,
+        volumes,
+        main_mounts,
+        install_key,
+        template_hash,
+    }
+}
