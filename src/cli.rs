@@ -4,7 +4,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "kaspr-packages-webhook", version, about = "Python packages for Kaspr apps: admission webhook, preview and validation")]
+#[command(
+    name = "kaspr-packages-webhook",
+    version,
+    about = "Python packages for Kaspr apps: admission webhook, preview and validation"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -14,6 +18,9 @@ pub struct Cli {
 pub enum Command {
     /// Print the embedded installer program.
     Installer,
+    /// Run the admission webhook: HTTPS `/mutate` and `/validate`, plain-HTTP probes and metrics.
+    #[command(long_about = SERVE_ABOUT)]
+    Serve(Box<ServeArgs>),
 }
 
 pub fn run() -> ExitCode {
@@ -22,6 +29,261 @@ pub fn run() -> ExitCode {
         Command::Installer => {
             print!("{}", crate::installer::SOURCE);
             ExitCode::SUCCESS
+        }
+        Command::Serve(args) => serve(*args),
+    }
+}
+
+const SERVE_ABOUT: &str = "Run the admission webhook.
+
+The HTTPS port (--listen) answers AdmissionReview v1 requests on POST /mutate (StatefulSets and \
+Pods of KasprApps) and POST /validate (KasprApps). The plain-HTTP port (--probe-listen) answers \
+GET /livez, GET /readyz (ready once the certificate is loaded and the KasprApp cache has synced) \
+and GET /metrics (Prometheus).
+
+KasprApps are read from the API server (KUBECONFIG or the in-cluster service account) through a \
+watch cache, or with --kasprapps DIR from YAML/JSON files, which needs no cluster.
+
+The certificate and key are re-read every --reload-interval and swapped without a restart, which \
+also follows a Kubernetes Secret volume's symlink swap. Without --tls-cert/--tls-key, a \
+self-signed pair for localhost is generated and the path of its CA is logged.
+
+Every flag can also be set through the environment variable named after it, \
+KASPR_WEBHOOK_<FLAG> (for example KASPR_WEBHOOK_LISTEN).";
+
+/// How log lines look.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormatArg {
+    /// One JSON object per line.
+    Json,
+    /// Human-readable text.
+    Plain,
+}
+
+impl From<LogFormatArg> for crate::telemetry::LogFormat {
+    fn from(format: LogFormatArg) -> Self {
+        match format {
+            LogFormatArg::Json => crate::telemetry::LogFormat::Json,
+            LogFormatArg::Plain => crate::telemetry::LogFormat::Plain,
+        }
+    }
+}
+
+/// Options of `serve`.
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// Address of the HTTPS webhook port (/mutate, /validate).
+    #[arg(
+        long,
+        env = "KASPR_WEBHOOK_LISTEN",
+        value_name = "ADDR",
+        default_value = "127.0.0.1:8443"
+    )]
+    pub listen: std::net::SocketAddr,
+
+    /// Address of the plain-HTTP port for /livez, /readyz and /metrics.
+    #[arg(
+        long,
+        env = "KASPR_WEBHOOK_PROBE_LISTEN",
+        value_name = "ADDR",
+        default_value = "127.0.0.1:8080"
+    )]
+    pub probe_listen: std::net::SocketAddr,
+
+    /// PEM certificate chain of the webhook port, leaf first (re-read while running).
+    #[arg(
+        long,
+        env = "KASPR_WEBHOOK_TLS_CERT",
+        value_name = "FILE",
+        requires = "tls_key"
+    )]
+    pub tls_cert: Option<std::path::PathBuf>,
+
+    /// PEM private key of --tls-cert: PKCS#1, PKCS#8 or SEC1 (re-read while running).
+    #[arg(
+        long,
+        env = "KASPR_WEBHOOK_TLS_KEY",
+        value_name = "FILE",
+        requires = "tls_cert"
+    )]
+    pub tls_key: Option<std::path::PathBuf>,
+
+    /// Where to write the self-signed pair used without --tls-cert/--tls-key
+    /// [default: $XDG_RUNTIME_DIR/kaspr-packages-webhook, else in the system temp dir].
+    #[arg(
+        long,
+        env = "KASPR_WEBHOOK_SELF_SIGNED_DIR",
+        value_name = "DIR",
+        conflicts_with = "tls_cert"
+    )]
+    pub self_signed_dir: Option<std::path::PathBuf>,
+
+    /// How often the certificate files (and --kasprapps files) are re-read, e.g. 2s.
+    #[arg(long, env = "KASPR_WEBHOOK_RELOAD_INTERVAL", value_name = "DURATION", default_value = "2s", value_parser = parse_duration)]
+    pub reload_interval: std::time::Duration,
+
+    /// Read KasprApps from the *.yaml, *.yml and *.json files of DIR instead of the API server
+    /// (no cluster needed; the controller is off). Apps without a namespace are in "default".
+    #[arg(long, env = "KASPR_WEBHOOK_KASPRAPPS", value_name = "DIR")]
+    pub kasprapps: Option<std::path::PathBuf>,
+
+    /// Watch KasprApps only in these namespaces (comma-separated) [default: all namespaces].
+    /// Apps of other namespaces are still read from the API server when a request needs them.
+    #[arg(
+        long,
+        env = "KASPR_WEBHOOK_NAMESPACES",
+        value_name = "NS,...",
+        value_delimiter = ',',
+        conflicts_with = "kasprapps"
+    )]
+    pub namespaces: Vec<String>,
+
+    /// Log line format.
+    #[arg(
+        long,
+        env = "KASPR_WEBHOOK_LOG_FORMAT",
+        value_enum,
+        default_value = "json"
+    )]
+    pub log_format: LogFormatArg,
+
+    /// Log filter in RUST_LOG syntax, e.g. "info" or "debug,kube=info" (debug logs whole objects).
+    #[arg(
+        long,
+        env = "KASPR_WEBHOOK_LOG_FILTER",
+        value_name = "FILTER",
+        default_value = "info"
+    )]
+    pub log_filter: String,
+
+    /// Largest accepted request body in bytes; larger ones are answered 413.
+    #[arg(
+        long,
+        env = "KASPR_WEBHOOK_MAX_BODY_BYTES",
+        value_name = "BYTES",
+        default_value = "3145728"
+    )]
+    pub max_body_bytes: usize,
+
+    /// After SIGTERM/SIGINT, how long in-flight requests may take to finish.
+    #[arg(long, env = "KASPR_WEBHOOK_SHUTDOWN_TIMEOUT", value_name = "DURATION", default_value = "20s", value_parser = parse_duration)]
+    pub shutdown_timeout: std::time::Duration,
+
+    /// Deadline to read and answer one request, KasprApp lookup included; keep it below the
+    /// webhook configuration's timeoutSeconds (10s by default).
+    #[arg(long, env = "KASPR_WEBHOOK_REQUEST_TIMEOUT", value_name = "DURATION", default_value = "8s", value_parser = parse_duration)]
+    pub request_timeout: std::time::Duration,
+
+    /// Deadline for a new connection's TLS handshake and first request headers.
+    #[arg(long, env = "KASPR_WEBHOOK_HEADER_TIMEOUT", value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+    pub header_timeout: std::time::Duration,
+
+    /// Init container resources when a KasprApp sets none, as JSON:
+    /// '{"requests":{"cpu":"100m","memory":"256Mi"},"limits":{"memory":"1Gi"}}'.
+    #[arg(long, env = "KASPR_WEBHOOK_INIT_CONTAINER_RESOURCES", value_name = "JSON", value_parser = parse_resources)]
+    pub init_container_resources: Option<k8s_openapi::api::core::v1::ResourceRequirements>,
+}
+
+fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let text = text.trim();
+    // A bare number is seconds.
+    if let Ok(seconds) = text.parse::<u64>() {
+        return Ok(std::time::Duration::from_secs(seconds));
+    }
+    humantime::parse_duration(text).map_err(|e| format!("{e} (examples: 500ms, 8s, 2m)"))
+}
+
+fn parse_resources(text: &str) -> Result<k8s_openapi::api::core::v1::ResourceRequirements, String> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Resources {
+        requests: Option<
+            std::collections::BTreeMap<
+                String,
+                k8s_openapi::apimachinery::pkg::api::resource::Quantity,
+            >,
+        >,
+        limits: Option<
+            std::collections::BTreeMap<
+                String,
+                k8s_openapi::apimachinery::pkg::api::resource::Quantity,
+            >,
+        >,
+    }
+    let Resources { requests, limits } = serde_json::from_str(text)
+        .map_err(|e| format!("expected JSON like {{\"requests\":{{\"cpu\":\"100m\"}},\"limits\":{{\"memory\":\"1Gi\"}}}}: {e}"))?;
+    Ok(k8s_openapi::api::core::v1::ResourceRequirements {
+        requests,
+        limits,
+        claims: None,
+    })
+}
+
+impl ServeArgs {
+    /// The server's options, once the flags are known to be consistent.
+    pub fn into_options(self) -> crate::server::ServeOptions {
+        let ServeArgs {
+            listen,
+            probe_listen,
+            tls_cert,
+            tls_key,
+            self_signed_dir,
+            reload_interval,
+            kasprapps,
+            namespaces,
+            log_format: _,
+            log_filter: _,
+            max_body_bytes,
+            shutdown_timeout,
+            request_timeout,
+            header_timeout,
+            init_container_resources,
+        } = self;
+        let certs = match (tls_cert, tls_key) {
+            (Some(cert), Some(key)) => crate::server::CertSource::Files { cert, key },
+            _ => crate::server::CertSource::SelfSigned {
+                dir: self_signed_dir.unwrap_or_else(crate::server::tls::default_self_signed_dir),
+            },
+        };
+        let apps = match kasprapps {
+            Some(dir) => crate::server::AppSource::Files { dir },
+            None => crate::server::AppSource::Cluster {
+                namespaces: namespaces
+                    .into_iter()
+                    .map(|n| n.trim().to_owned())
+                    .filter(|n| !n.is_empty())
+                    .collect(),
+            },
+        };
+        crate::server::ServeOptions {
+            settings: crate::server::Settings {
+                listen,
+                probe_listen,
+                max_body_bytes,
+                request_timeout,
+                header_timeout,
+                shutdown_timeout,
+                render: crate::config::RenderConfig {
+                    default_resources: init_container_resources,
+                },
+            },
+            certs,
+            apps,
+            reload_interval,
+        }
+    }
+}
+
+fn serve(args: ServeArgs) -> ExitCode {
+    if let Err(error) = crate::telemetry::init(args.log_format.into(), &args.log_filter) {
+        eprintln!("kaspr-packages-webhook: {error}");
+        return ExitCode::from(2);
+    }
+    match crate::server::run(args.into_options()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!(error = format!("{error:#}"), "serve failed");
+            ExitCode::FAILURE
         }
     }
 }

@@ -5,13 +5,17 @@
 //! free of I/O so that `preview`, the webhook and the tests share one code path.
 
 pub mod admission;
+pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod installer;
+pub mod metrics;
 pub mod mutation;
 pub mod patch;
 pub mod preview;
 pub mod quantity;
 pub mod requirement;
+pub mod server;
 pub mod spec;
+pub mod telemetry;
 pub mod validation;

@@ -1,0 +1,380 @@
+//! The admission server (`serve`): the HTTPS webhook port, the plain-HTTP probe port, and the
+//! background tasks that feed them (certificate reload, KasprApp cache).
+//!
+//! Wiring, in order: [`run`] builds the tokio runtime; [`serve`] turns [`ServeOptions`] into
+//! [`Services`] (kube client, KasprApp source, certificates, metrics registry, background
+//! tasks); [`start`] binds both ports and runs everything until the [`Shutdown`] fires, then
+//! drains. Tests call [`start`] directly with their own [`Services`].
+//!
+//! The controller (PVC lifecycle, rollout trigger) runs in this process beside the server: it
+//! is one more [`BackgroundTask`] in [`Services::tasks`], built from the same kube client and
+//! KasprApp source, registering its metrics into [`Services::registry`].
+
+pub mod probes;
+pub mod shutdown;
+pub mod tls;
+pub mod webhook;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use futures::FutureExt as _;
+use futures::future::BoxFuture;
+use prometheus_client::registry::Registry;
+
+use crate::cache::{FileKasprApps, KasprApps, KubeKasprApps};
+use crate::config::RenderConfig;
+use crate::metrics::{self, WebhookMetrics};
+pub use shutdown::Shutdown;
+use tls::CertReloader;
+
+/// Settings of the two ports.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// HTTPS address of `/mutate` and `/validate`.
+    pub listen: SocketAddr,
+    /// Plain-HTTP address of `/livez`, `/readyz` and `/metrics`.
+    pub probe_listen: SocketAddr,
+    /// Larger request bodies are answered 413.
+    pub max_body_bytes: usize,
+    /// Deadline for reading a request and answering it (KasprApp lookup included).
+    pub request_timeout: Duration,
+    /// Deadline for a TLS handshake and for a new connection's first request headers.
+    pub header_timeout: Duration,
+    /// How long in-flight requests may take to finish after a shutdown signal.
+    pub shutdown_timeout: Duration,
+    /// Chart-level rendering settings.
+    pub render: RenderConfig,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8443)),
+            probe_listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            max_body_bytes: 3 * 1024 * 1024,
+            request_timeout: Duration::from_secs(8),
+            header_timeout: Duration::from_secs(5),
+            shutdown_timeout: Duration::from_secs(20),
+            render: RenderConfig::default(),
+        }
+    }
+}
+
+/// Where the serving certificate comes from.
+#[derive(Debug, Clone)]
+pub enum CertSource {
+    /// PEM files, re-read on a timer.
+    Files { cert: PathBuf, key: PathBuf },
+    /// A pair generated at start into this directory, for local use.
+    SelfSigned { dir: PathBuf },
+}
+
+/// Where KasprApps come from.
+#[derive(Debug, Clone)]
+pub enum AppSource {
+    /// The API server (watch cache); empty `namespaces` means all.
+    Cluster { namespaces: Vec<String> },
+    /// YAML/JSON files of a directory; no cluster needed.
+    Files { dir: PathBuf },
+}
+
+/// Everything `serve` needs, as parsed from the command line.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub settings: Settings,
+    pub certs: CertSource,
+    pub apps: AppSource,
+    /// How often certificate files (and `--kasprapps` files) are re-read.
+    pub reload_interval: Duration,
+}
+
+/// A future that runs beside the server for the life of the process. If one ends on its own,
+/// the process shuts down (and exits non-zero), so the orchestrator restarts it.
+pub struct BackgroundTask {
+    name: &'static str,
+    future: BoxFuture<'static, ()>,
+}
+
+impl BackgroundTask {
+    pub fn new(name: &'static str, future: impl Future<Output = ()> + Send + 'static) -> Self {
+        BackgroundTask {
+            name,
+            future: future.boxed(),
+        }
+    }
+}
+
+/// The shared pieces the server runs with.
+pub struct Services {
+    pub apps: Arc<dyn KasprApps>,
+    pub certs: Arc<CertReloader>,
+    /// Metrics registry; the server adds its own metrics before serving it.
+    pub registry: Registry,
+    pub tasks: Vec<BackgroundTask>,
+}
+
+/// Builds the runtime and serves until SIGTERM/SIGINT.
+pub fn run(options: ServeOptions) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("kaspr-webhook")
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        let shutdown = Shutdown::new();
+        tokio::spawn(shutdown.clone().on_os_signal());
+        serve(options, shutdown).await
+    })
+}
+
+/// Assembles the services from the options and runs the server until `shutdown`.
+pub async fn serve(options: ServeOptions, shutdown: Shutdown) -> anyhow::Result<()> {
+    let ServeOptions {
+        settings,
+        certs,
+        apps,
+        reload_interval,
+    } = options;
+    let registry = metrics::new_registry();
+    let mut tasks = Vec::new();
+
+    let (cert_path, key_path) = match certs {
+        CertSource::Files { cert, key } => (cert, key),
+        CertSource::SelfSigned { dir } => {
+            let generated = tokio::task::spawn_blocking(move || tls::write_self_signed(&dir))
+                .await
+                .context("self-signed certificate task failed")?
+                .context("no --tls-cert/--tls-key given, and the self-signed pair for local use could not be written (choose a directory with --self-signed-dir)")?;
+            tracing::warn!(
+                ca = %generated.ca_path.display(),
+                "no --tls-cert/--tls-key given: serving a self-signed certificate for localhost; \
+                 trust its CA with `curl --cacert {}`",
+                generated.ca_path.display()
+            );
+            (generated.cert_path, generated.key_path)
+        }
+    };
+    let certs = Arc::new(CertReloader::new(cert_path, key_path));
+    // The first load is synchronous with start so the server is ready at once when the files
+    // exist; when they do not yet (a Secret still being written), the reload task keeps looking.
+    certs.reload_and_log().await;
+    tasks.push(BackgroundTask::new(
+        "certificate-reload",
+        Arc::clone(&certs).watch(reload_interval),
+    ));
+
+    let (apps, client): (Arc<dyn KasprApps>, Option<kube::Client>) = match apps {
+        AppSource::Files { dir } => {
+            let loaded = tokio::task::spawn_blocking(move || FileKasprApps::load(&dir))
+                .await
+                .context("KasprApp file task failed")?
+                .context("cannot read the --kasprapps directory")?;
+            let loaded = Arc::new(loaded);
+            tracing::info!(dir = %loaded.dir().display(), apps = loaded.len(), "KasprApps read from files; the controller is off");
+            tasks.push(BackgroundTask::new(
+                "kasprapp-files",
+                Arc::clone(&loaded).watch(reload_interval),
+            ));
+            (loaded, None)
+        }
+        AppSource::Cluster { namespaces } => {
+            let client = kube::Client::try_default()
+                .await
+                .context("cannot configure a Kubernetes client (KUBECONFIG or in-cluster service account); use --kasprapps DIR to run without a cluster")?;
+            let (cache, runner) = KubeKasprApps::new(client.clone(), &namespaces);
+            tasks.push(BackgroundTask::new("kasprapp-cache", runner));
+            (Arc::new(cache), Some(client))
+        }
+    };
+    // The controller (§4, §5) starts here when `client` is present:
+    // `tasks.push(controller::task(client, Arc::clone(&apps), &mut registry, shutdown.clone()))`.
+    let _ = client;
+
+    let services = Services {
+        apps,
+        certs,
+        registry,
+        tasks,
+    };
+    let running = start(settings, services, shutdown).await?;
+    tracing::info!(
+        webhook = %running.webhook_addr,
+        probes = %running.probe_addr,
+        version = env!("CARGO_PKG_VERSION"),
+        "serving"
+    );
+    running.wait().await
+}
+
+/// A started server.
+pub struct Running {
+    pub webhook_addr: SocketAddr,
+    pub probe_addr: SocketAddr,
+    pub shutdown: Shutdown,
+    done: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Running {
+    /// Waits until the server has shut down and drained.
+    pub async fn wait(self) -> anyhow::Result<()> {
+        self.done.await.context("server task panicked")?
+    }
+}
+
+/// Binds both ports, spawns the servers and background tasks, and returns at once. Everything
+/// stops when `shutdown` fires: the webhook port stops accepting, in-flight requests get
+/// `settings.shutdown_timeout` to finish, then the probe port and the tasks stop.
+pub async fn start(
+    settings: Settings,
+    services: Services,
+    shutdown: Shutdown,
+) -> anyhow::Result<Running> {
+    let Settings {
+        listen,
+        probe_listen,
+        max_body_bytes,
+        request_timeout,
+        header_timeout,
+        shutdown_timeout,
+        render,
+    } = settings;
+    let Services {
+        apps,
+        certs,
+        mut registry,
+        tasks,
+    } = services;
+
+    let webhook_metrics = WebhookMetrics::register(&mut registry);
+    let registry = Arc::new(registry);
+
+    let webhook_listener = std::net::TcpListener::bind(listen)
+        .with_context(|| format!("cannot listen on {listen} (--listen)"))?;
+    webhook_listener
+        .set_nonblocking(true)
+        .context("cannot configure the webhook socket")?;
+    let webhook_addr = webhook_listener
+        .local_addr()
+        .context("webhook socket has no address")?;
+    let probe_listener = tokio::net::TcpListener::bind(probe_listen)
+        .await
+        .with_context(|| format!("cannot listen on {probe_listen} (--probe-listen)"))?;
+    let probe_addr = probe_listener
+        .local_addr()
+        .context("probe socket has no address")?;
+
+    let tls_config = Arc::new(tls::server_config(certs.resolver())?);
+    let webhook_state = webhook::WebhookState::new(
+        Arc::clone(&apps),
+        render,
+        webhook_metrics.clone(),
+        max_body_bytes,
+        request_timeout,
+    );
+    let handle = axum_server::Handle::new();
+    let mut server = axum_server::tls_rustls::from_tcp_rustls(
+        webhook_listener,
+        axum_server::tls_rustls::RustlsConfig::from_config(tls_config),
+    )
+    .context("cannot start the webhook server")?
+    .map(|acceptor| acceptor.handshake_timeout(header_timeout))
+    .handle(handle.clone())
+    .first_request_timeout(header_timeout);
+    server
+        .http_builder()
+        .http1()
+        .keep_alive(true)
+        .header_read_timeout(Some(header_timeout));
+    let mut webhook_server =
+        tokio::spawn(server.serve(webhook::router(webhook_state).into_make_service()));
+
+    let probe_state = probes::ProbeState::new(
+        Arc::clone(&certs),
+        Arc::clone(&apps),
+        shutdown.clone(),
+        registry,
+        webhook_metrics,
+    );
+    let probes_stop = Shutdown::new();
+    let probe_server = tokio::spawn({
+        let stop = probes_stop.clone();
+        async move {
+            axum::serve(probe_listener, probes::router(probe_state))
+                .with_graceful_shutdown(async move { stop.wait().await })
+                .await
+        }
+    });
+
+    let mut background = tokio::task::JoinSet::new();
+    for BackgroundTask { name, future } in tasks {
+        background.spawn(async move {
+            future.await;
+            name
+        });
+    }
+
+    let supervisor_shutdown = shutdown.clone();
+    let done = tokio::spawn(async move {
+        let shutdown = supervisor_shutdown;
+        let mut failure = None;
+        let mut webhook_ended = false;
+        tokio::select! {
+            () = shutdown.wait() => {}
+            Some(ended) = background.join_next() => {
+                let name = ended.unwrap_or("a background task (panicked)");
+                tracing::error!(task = name, "background task stopped; shutting down");
+                failure = Some(anyhow::anyhow!("background task {name} stopped"));
+            }
+            result = &mut webhook_server => {
+                webhook_ended = true;
+                failure = Some(match result {
+                    Ok(Ok(())) => anyhow::anyhow!("webhook server stopped"),
+                    Ok(Err(error)) => anyhow::Error::new(error).context("webhook server failed"),
+                    Err(error) => anyhow::Error::new(error).context("webhook server panicked"),
+                });
+            }
+        }
+        // Readiness turns false first, so endpoints stop sending while we drain.
+        shutdown.trigger();
+        handle.graceful_shutdown(Some(shutdown_timeout));
+        if !webhook_ended {
+            // Bounded: axum-server closes what is left once the grace period is over.
+            let drained = tokio::time::timeout(
+                shutdown_timeout + Duration::from_secs(2),
+                &mut webhook_server,
+            );
+            match drained.await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(error))) => tracing::warn!(%error, "webhook server ended with an error"),
+                Ok(Err(error)) => tracing::warn!(%error, "webhook server task failed"),
+                Err(_) => {
+                    tracing::warn!("in-flight requests did not finish in time");
+                    webhook_server.abort();
+                }
+            }
+        }
+        probes_stop.trigger();
+        let mut probe_server = probe_server;
+        match tokio::time::timeout(Duration::from_secs(2), &mut probe_server).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(error))) => tracing::warn!(%error, "probe server ended with an error"),
+            Ok(Err(error)) => tracing::warn!(%error, "probe server task failed"),
+            // A scraper's idle keep-alive connection must not hold the exit.
+            Err(_) => probe_server.abort(),
+        }
+        background.shutdown().await;
+        tracing::info!("stopped");
+        failure.map_or(Ok(()), Err)
+    });
+
+    Ok(Running {
+        webhook_addr,
+        probe_addr,
+        shutdown,
+        done,
+    })
+}

@@ -1,0 +1,286 @@
+//! The HTTPS side: `POST /mutate` and `POST /validate`.
+//!
+//! A request goes: bounded body read → [`admission::parse_review`] → KasprApp lookup (memory,
+//! else one API read, within the request deadline) → [`admission::decide`] → JSON answer. Only
+//! a malformed request is an HTTP error; every decision, including "the KasprApp could not be
+//! read", is a 200 AdmissionReview.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+
+use crate::admission::{self, AppLookup, Decision, Endpoint, Outcome};
+use crate::cache::{self, KasprApps};
+use crate::config::RenderConfig;
+use crate::metrics::{self, AdmissionLabels, WebhookMetrics};
+
+/// What the admission handlers share.
+#[derive(Clone)]
+pub struct WebhookState {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    apps: Arc<dyn KasprApps>,
+    render: RenderConfig,
+    metrics: WebhookMetrics,
+    max_body_bytes: usize,
+    request_timeout: Duration,
+}
+
+impl WebhookState {
+    pub fn new(
+        apps: Arc<dyn KasprApps>,
+        render: RenderConfig,
+        metrics: WebhookMetrics,
+        max_body_bytes: usize,
+        request_timeout: Duration,
+    ) -> Self {
+        WebhookState {
+            inner: Arc::new(Inner {
+                apps,
+                render,
+                metrics,
+                max_body_bytes,
+                request_timeout,
+            }),
+        }
+    }
+}
+
+/// The webhook routes. Other paths answer 404; other methods on these paths 405.
+pub fn router(state: WebhookState) -> Router {
+    Router::new()
+        .route("/mutate", post(mutate))
+        .route("/validate", post(validate))
+        .fallback(not_found)
+        .with_state(state)
+}
+
+pub(crate) async fn not_found() -> Response {
+    text(StatusCode::NOT_FOUND, "not found\n".to_owned())
+}
+
+async fn mutate(State(state): State<WebhookState>, request: Request) -> Response {
+    admit(&state.inner, Endpoint::Mutate, request).await
+}
+
+async fn validate(State(state): State<WebhookState>, request: Request) -> Response {
+    admit(&state.inner, Endpoint::Validate, request).await
+}
+
+fn text(status: StatusCode, body: String) -> Response {
+    let mut response = (status, body).into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+/// Why a body could not be read.
+enum BodyError {
+    TooLarge,
+    TimedOut,
+    Broken(String),
+}
+
+async fn read_body(
+    body: Body,
+    limit: usize,
+    deadline: tokio::time::Instant,
+) -> Result<Bytes, BodyError> {
+    let collected = tokio::time::timeout_at(deadline, Limited::new(body, limit).collect()).await;
+    match collected {
+        Err(_) => Err(BodyError::TimedOut),
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(error)) if error.downcast_ref::<LengthLimitError>().is_some() => {
+            Err(BodyError::TooLarge)
+        }
+        Ok(Err(error)) => Err(BodyError::Broken(error.to_string())),
+    }
+}
+
+fn declared_length(request: &Request) -> Option<u64> {
+    request
+        .headers()
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
+async fn admit(state: &Inner, endpoint: Endpoint, request: Request) -> Response {
+    let started = Instant::now();
+    let deadline = tokio::time::Instant::from_std(started) + state.request_timeout;
+    let endpoint_label = metrics::endpoint_label(endpoint);
+    let reject = |status: StatusCode, outcome: &'static str, message: String| {
+        state.metrics.observe_request(
+            &AdmissionLabels {
+                endpoint: endpoint_label,
+                kind: "unknown",
+                operation: "unknown",
+                outcome,
+            },
+            started.elapsed().as_secs_f64(),
+        );
+        tracing::info!(endpoint = endpoint_label, status = status.as_u16(), %message, "admission request rejected");
+        text(status, format!("{message}\n"))
+    };
+
+    // Refuse a declared oversize body before reading any of it.
+    let limit = state.max_body_bytes;
+    if declared_length(&request).is_some_and(|len| len > limit as u64) {
+        return reject(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("request body exceeds {limit} bytes"),
+        );
+    }
+    let body = match read_body(request.into_body(), limit, deadline).await {
+        Ok(body) => body,
+        Err(BodyError::TooLarge) => {
+            return reject(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                format!("request body exceeds {limit} bytes"),
+            );
+        }
+        Err(BodyError::TimedOut) => {
+            return reject(
+                StatusCode::REQUEST_TIMEOUT,
+                "timeout",
+                "request body not received in time".to_owned(),
+            );
+        }
+        Err(BodyError::Broken(error)) => {
+            return reject(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                format!("cannot read request body: {error}"),
+            );
+        }
+    };
+    let review = match admission::parse_review(&body) {
+        Ok(review) => review,
+        Err(error) => return reject(StatusCode::BAD_REQUEST, "bad_request", error.to_string()),
+    };
+    drop(body);
+
+    let lookup = match admission::required_app(endpoint, &review) {
+        None => None,
+        Some(app) => Some(
+            match tokio::time::timeout_at(deadline, cache::lookup(state.apps.as_ref(), &app)).await
+            {
+                Ok(found) => found,
+                Err(_) => AppLookup::Unavailable(format!(
+                    "no answer from the API server within {}",
+                    humantime::format_duration(state.request_timeout)
+                )),
+            },
+        ),
+    };
+
+    // `decide` is pure; a panic there is a defect, answered as a denial instead of a dropped
+    // connection so the API server shows a reason.
+    let decided = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        admission::decide(endpoint, &review, lookup.as_ref(), &state.render)
+    }));
+    let (decision, outcome) = match decided {
+        Ok(decision) => {
+            let outcome = decision.outcome.as_str();
+            (decision, outcome)
+        }
+        Err(_) => {
+            tracing::error!(uid = %review.uid, "internal error while deciding an admission request");
+            let decision = Decision {
+                uid: review.uid.clone(),
+                allowed: false,
+                message: Some(
+                    "kaspr-packages-webhook hit an internal error on this object; see its logs"
+                        .to_owned(),
+                ),
+                warnings: Vec::new(),
+                patch: None,
+                outcome: Outcome::Denied,
+            };
+            (decision, "error")
+        }
+    };
+
+    let answer = match serde_json::to_vec(&decision.to_review()) {
+        Ok(answer) => answer,
+        Err(error) => {
+            return reject(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "error",
+                format!("cannot serialize the answer: {error}"),
+            );
+        }
+    };
+
+    let elapsed = started.elapsed();
+    state.metrics.observe_request(
+        &AdmissionLabels {
+            endpoint: endpoint_label,
+            kind: metrics::kind_label(&review.kind),
+            operation: metrics::operation_label(&review.operation),
+            outcome,
+        },
+        elapsed.as_secs_f64(),
+    );
+    tracing::info!(
+        uid = %review.uid,
+        endpoint = endpoint_label,
+        kind = %review.kind,
+        namespace = %review.namespace,
+        name = %review.name,
+        operation = %review.operation,
+        dry_run = review.dry_run,
+        allowed = decision.allowed,
+        outcome,
+        patch_bytes = decision.patch_len(),
+        warnings = decision.warnings.len(),
+        message = decision.message.as_deref().unwrap_or(""),
+        duration_us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
+        "admission"
+    );
+    if tracing::enabled!(tracing::Level::DEBUG) {
+        debug_details(&review, &decision);
+    }
+
+    let mut response = (StatusCode::OK, answer).into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// Full objects, only at debug level, and never a Secret (which a misconfigured webhook
+/// configuration could send).
+fn debug_details(review: &admission::AdmissionRequest, decision: &Decision) {
+    if review.kind == "Secret" {
+        return;
+    }
+    let object = review
+        .object
+        .as_ref()
+        .map(ToString::to_string)
+        .unwrap_or_default();
+    let patch = decision
+        .patch
+        .as_deref()
+        .map(String::from_utf8_lossy)
+        .unwrap_or_default();
+    tracing::debug!(uid = %review.uid, %object, %patch, "admission details");
+}
