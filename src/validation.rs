@@ -12,7 +12,7 @@ use serde_json::{Map, Value};
 use crate::quantity;
 use crate::requirement;
 use crate::spec::{
-    Cache, Credentials, DEFAULT_CACHE_SIZE, DEFAULT_GCS_KEY, DEFAULT_GCS_PREFIX,
+    Cache, Credentials, DEFAULT_GCS_KEY, DEFAULT_GCS_PREFIX,
     DEFAULT_MAX_ARCHIVE_SIZE, DEFAULT_PASSWORD_KEY, DEFAULT_RETRIES, DEFAULT_TIMEOUT_SECONDS,
     DEFAULT_USERNAME_KEY, GcsCache, GcsKeySecret, InitContainerExtras, InstallPolicy, OnFailure,
     PvcCache, PythonPackages,
