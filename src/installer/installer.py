@@ -1050,13 +1050,19 @@ def run_empty_dir(ctx: Context) -> Plan:
     tmp = os.path.join(builds, ".tmp-%d" % os.getpid())
     plan = install_with_retries(ctx, tmp)
     write_marker(tmp, ctx, plan)
+    publish_pod_build(target, tmp, final)
+    return plan
+
+
+def publish_pod_build(target: str, tmp: str, final: str) -> None:
+    """Move a finished build into place in the pod's volume and point ``site`` at it."""
     remove_tree(final)
     os.rename(tmp, final)
     link_site(target, final)
-    for entry in os.listdir(builds):  # builds of earlier keys in this pod are not used any more
+    builds = os.path.dirname(final)
+    for entry in os.listdir(builds):  # earlier keys' builds and killed runs' leftovers
         if os.path.join(builds, entry) != final:
             remove_tree(os.path.join(builds, entry))
-    return plan
 
 
 # --------------------------------------------------------------------------------------------
@@ -1249,8 +1255,326 @@ def prune_cache(ctx: Context) -> None:
         log("pruned unused build %s" % rel)
 
 
+# --------------------------------------------------------------------------------------------
+# GCS mode
+# --------------------------------------------------------------------------------------------
+
+GCS_SCOPE = "https://www.googleapis.com/auth/devstorage.read_write"
+GCS_DEFAULT_ENDPOINT = "https://storage.googleapis.com"
+METADATA_DEFAULT_HOST = "http://metadata.google.internal"
+
+
+class GcsError(Exception):
+    """A failed GCS or token call; ``status`` is the HTTP status, or None for I/O errors."""
+
+    def __init__(self, message: str, status: Optional[int] = None):
+        super().__init__(message)
+        self.status = status
+
+
+def http_call(method: str, url: str, timeout: float, headers: Optional[Dict[str, str]] = None,
+              body: Optional[bytes] = None, sink=None) -> Tuple[int, bytes]:
+    """One HTTP request with connect/read timeouts and no redirects. With ``sink``, the body is
+    streamed into it instead of being returned. Raises GcsError on any failure."""
+    request = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    opener = urllib.request.build_opener(_NoRedirect())
+    try:
+        with opener.open(request, timeout=timeout) as response:
+            if sink is None:
+                return response.status, response.read()
+            for chunk in iter(lambda: response.read(1 << 20), b""):
+                sink.write(chunk)
+            return response.status, b""
+    except urllib.error.HTTPError as exc:
+        detail = exc.read(300).decode("utf-8", "replace") if exc.fp else ""
+        raise GcsError("HTTP %d %s" % (exc.code, one_line(detail, 200)), exc.code)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise GcsError(str(getattr(exc, "reason", exc)) or type(exc).__name__)
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def sign_rs256(private_key_pem: str, data: bytes, work: str) -> bytes:
+    """RS256 signature with the openssl CLI. The key lives only in a private temp file that is
+    removed as soon as openssl has read it; the data goes through stdin."""
+    key_dir = tempfile.mkdtemp(prefix="gcs-key-", dir=work)
+    key_path = write_private(os.path.join(key_dir, "key.pem"), private_key_pem)
+    try:
+        proc = subprocess.run(["openssl", "dgst", "-sha256", "-sign", key_path], input=data,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise GcsError("openssl could not sign the token request: %s" % exc)
+    finally:
+        remove_tree(key_dir)
+    if proc.returncode != 0 or not proc.stdout:
+        raise GcsError("openssl could not sign the token request: %s" % one_line(proc.stderr.decode("utf-8", "replace"), 200))
+    return proc.stdout
+
+
+def token_from_key_file(path: str, work: str, timeout: float) -> str:
+    """OAuth access token for a service-account key: a self-signed JWT exchanged at token_uri."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            key = json.load(handle)
+        email, private_key = key["client_email"], key["private_key"]
+        token_uri = key.get("token_uri") or "https://oauth2.googleapis.com/token"
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise GcsError("service-account key file %s is unusable: %s" % (path, type(exc).__name__))
+    now = int(time.time())
+    header = b64url(json.dumps({"alg": "RS256", "typ": "JWT"}).encode())
+    claims = b64url(json.dumps({"iss": email, "scope": GCS_SCOPE, "aud": token_uri,
+                                "iat": now, "exp": now + 3600}).encode())
+    signing_input = ("%s.%s" % (header, claims)).encode("ascii")
+    assertion = "%s.%s" % (signing_input.decode(), b64url(sign_rs256(private_key, signing_input, work)))
+    body = urllib.parse.urlencode({"grant_type": "urn:ietf:params:oauth:grant-type:jwt-bearer",
+                                   "assertion": assertion}).encode()
+    _, data = http_call("POST", token_uri, timeout, {"Content-Type": "application/x-www-form-urlencoded"}, body)
+    return _access_token(data, "token endpoint")
+
+
+def token_from_metadata(environ: Dict[str, str], timeout: float) -> str:
+    """Workload Identity: the pod's service-account token from the GKE metadata server."""
+    host = environ.get("KASPR_PACKAGES_GCE_METADATA_HOST") or environ.get("GCE_METADATA_HOST") or METADATA_DEFAULT_HOST
+    if "://" not in host:
+        host = "http://" + host
+    url = host.rstrip("/") + "/computeMetadata/v1/instance/service-accounts/default/token"
+    _, data = http_call("GET", url, timeout, {"Metadata-Flavor": "Google"})
+    return _access_token(data, "metadata server")
+
+
+def _access_token(data: bytes, source: str) -> str:
+    try:
+        token = json.loads(data.decode("utf-8"))["access_token"]
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        raise GcsError("the %s returned no access_token" % source)
+    if not isinstance(token, str) or not token:
+        raise GcsError("the %s returned no access_token" % source)
+    return token
+
+
+class Gcs:
+    """The few JSON-API calls the cache needs, against Google or STORAGE_EMULATOR_HOST."""
+
+    def __init__(self, ctx: "Context"):
+        gcs = ctx.cfg.gcs
+        self.ctx = ctx
+        self.bucket = gcs.bucket
+        self.endpoint = (ctx.environ.get("STORAGE_EMULATOR_HOST") or GCS_DEFAULT_ENDPOINT).rstrip("/")
+        self.timeout = env_seconds(ctx.environ, "KASPR_PACKAGES_GCS_TIMEOUT", 30.0)
+        self.object = "%s%s/%s/%s/%s.tar.gz" % (gcs.prefix, ctx.cfg.namespace, ctx.cfg.app,
+                                                ctx.cfg.install_key, ctx.tag)
+        self._token: Optional[str] = None
+
+    def headers(self) -> Dict[str, str]:
+        if self._token is None:
+            if self.ctx.cfg.gcs.key_file:
+                self._token = token_from_key_file(self.ctx.cfg.gcs.key_file, self.ctx.work_dir, self.timeout)
+            else:
+                self._token = token_from_metadata(self.ctx.environ, self.timeout)
+            self.ctx.redactor.add(self._token)
+        return {"Authorization": "Bearer " + self._token}
+
+    def _object_url(self, upload: bool = False) -> str:
+        if upload:
+            return "%s/upload/storage/v1/b/%s/o" % (self.endpoint, urllib.parse.quote(self.bucket, safe=""))
+        return "%s/storage/v1/b/%s/o/%s" % (self.endpoint, urllib.parse.quote(self.bucket, safe=""),
+                                             urllib.parse.quote(self.object, safe=""))
+
+    def metadata(self) -> Optional[dict]:
+        """The object's metadata, or None when it does not exist."""
+        try:
+            _, data = http_call("GET", self._object_url(), self.timeout, self.headers())
+        except GcsError as exc:
+            if exc.status == 404:
+                return None
+            raise
+        try:
+            return json.loads(data.decode("utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            raise GcsError("object metadata is not JSON")
+
+    def download(self, generation: str, sink) -> None:
+        url = self._object_url() + "?alt=media&generation=" + urllib.parse.quote(str(generation))
+        http_call("GET", url, self.timeout, self.headers(), sink=sink)
+
+    def upload_once(self, path: str, replace_generation: Optional[str] = None) -> bool:
+        """Create-only upload (ifGenerationMatch=0), or the replacement of exactly one known-bad
+        generation. False when another pod's write came first."""
+        match = str(replace_generation) if replace_generation else "0"
+        query = urllib.parse.urlencode({"uploadType": "media", "name": self.object, "ifGenerationMatch": match})
+        with open(path, "rb") as handle:
+            body = handle.read()
+        headers = dict(self.headers(), **{"Content-Type": "application/gzip"})
+        try:
+            http_call("POST", self._object_url(upload=True) + "?" + query, self.timeout, headers, body)
+        except GcsError as exc:
+            if exc.status == 412:
+                return False
+            raise
+        return True
+
+
+def crc32c(data_file) -> int:
+    """CRC32C (Castagnoli) of a file object, table-driven (the standard library has none)."""
+    table = _crc32c_table()
+    crc = 0xFFFFFFFF
+    for chunk in iter(lambda: data_file.read(1 << 20), b""):
+        for byte in chunk:
+            crc = table[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+    return crc ^ 0xFFFFFFFF
+
+
+_CRC32C_TABLE: List[int] = []
+
+
+def _crc32c_table() -> List[int]:
+    if not _CRC32C_TABLE:
+        for n in range(256):
+            c = n
+            for _ in range(8):
+                c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
+            _CRC32C_TABLE.append(c)
+    return _CRC32C_TABLE
+
+
+def verify_archive(path: str, meta: dict) -> None:
+    """Check the download against GCS's MD5 (fast, hashlib) or else its CRC32C."""
+    if meta.get("size") is not None and str(os.path.getsize(path)) != str(meta["size"]):
+        raise GcsError("size %d differs from the object's %s" % (os.path.getsize(path), meta["size"]))
+    with open(path, "rb") as handle:
+        if meta.get("md5Hash"):
+            digest = hashlib.md5()
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+            if base64.b64encode(digest.digest()).decode() != meta["md5Hash"]:
+                raise GcsError("MD5 does not match the object's md5Hash")
+            return
+        if meta.get("crc32c"):
+            expected = int.from_bytes(base64.b64decode(meta["crc32c"]), "big")
+            if crc32c(handle) != expected:
+                raise GcsError("CRC32C does not match the object's crc32c")
+            return
+    raise GcsError("the object has neither md5Hash nor crc32c to verify it")
+
+
+def safe_extract(archive: str, dest: str) -> None:
+    """Extract a tar.gz made by this installer, refusing anything that would land outside
+    ``dest`` or that is not a regular file, directory or relative in-tree symlink."""
+    root = os.path.realpath(dest)
+    with tarfile.open(archive, "r:gz") as tar:
+        members = tar.getmembers()
+        for m in members:
+            path = os.path.realpath(os.path.join(root, m.name))
+            if not (path == root or path.startswith(root + os.sep)):
+                raise GcsError("archive member %r points outside the build" % m.name)
+            if m.issym():
+                link = os.path.realpath(os.path.join(os.path.dirname(path), m.linkname))
+                if not link.startswith(root + os.sep):
+                    raise GcsError("archive symlink %r points outside the build" % m.name)
+            elif not (m.isfile() or m.isdir()):
+                raise GcsError("archive member %r is not a file or directory" % m.name)
+        if hasattr(tarfile, "data_filter"):  # Python >= 3.12 (and security backports)
+            tar.extractall(dest, members=members, filter="data")
+        else:
+            tar.extractall(dest, members=members)
+
+
+def make_archive(build: str, path: str) -> int:
+    with tarfile.open(path, "w:gz", compresslevel=6) as tar:
+        for entry in sorted(os.listdir(build)):
+            tar.add(os.path.join(build, entry), arcname=entry)
+    return os.path.getsize(path)
+
+
+class Fetch:
+    """Outcome of looking in the bucket: ``hit``, or the generation of a corrupt object."""
+
+    def __init__(self, hit: bool, bad_generation: Optional[str] = None):
+        self.hit = hit
+        self.bad_generation = bad_generation
+
+
+def gcs_fetch(ctx: Context, gcs: Gcs, dest: str) -> Fetch:
+    """Try the cached archive; a hit means ``dest`` holds a verified, complete build."""
+    meta = None
+    try:
+        meta = gcs.metadata()
+        if meta is None:
+            log("cache miss: gs://%s/%s" % (gcs.bucket, gcs.object))
+            return Fetch(False)
+        archive = os.path.join(ctx.work_dir, "download.tar.gz")
+        with open(archive, "wb") as sink:
+            gcs.download(meta.get("generation", ""), sink)
+        verify_archive(archive, meta)
+        reset_dir(dest)
+        safe_extract(archive, dest)
+        os.unlink(archive)
+    except GcsError as exc:
+        corrupt = meta is not None and exc.status is None and "match" in str(exc)
+        log("cache %s (%s): %s; installing with pip" % (
+            "archive is corrupt" if corrupt else "unavailable",
+            "HTTP %d" % exc.status if exc.status else "error", ctx.redactor(str(exc))))
+        return Fetch(False, meta.get("generation") if corrupt else None)
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise classify_os_error(exc, "extracting the cached archive")
+        log("cached archive is unusable (%s); installing with pip" % one_line(exc, 200))
+        return Fetch(False, meta.get("generation") if meta else None)
+    if not build_is_complete(dest, ctx):
+        log("cached archive does not hold a complete build for this key and python; installing with pip")
+        return Fetch(False, meta.get("generation"))
+    log("cache hit: gs://%s/%s" % (gcs.bucket, gcs.object))
+    return Fetch(True)
+
+
+def gcs_store(ctx: Context, gcs: Gcs, build: str, replace_generation: Optional[str]) -> None:
+    """Upload the new build unless it is too big; failures are logged, never fatal."""
+    archive = os.path.join(ctx.work_dir, "upload.tar.gz")
+    try:
+        size = make_archive(build, archive)
+        limit = ctx.cfg.gcs.max_archive_size
+        if size > limit:
+            log("archive is %d bytes, over maxArchiveSize %d: not uploaded" % (size, limit))
+            return
+        if gcs.upload_once(archive, replace_generation):
+            log("uploaded gs://%s/%s (%d bytes)" % (gcs.bucket, gcs.object, size))
+        else:
+            log("another pod uploaded gs://%s/%s first; keeping theirs" % (gcs.bucket, gcs.object))
+    except GcsError as exc:
+        log("upload failed (%s): %s; the pod continues" % (
+            "HTTP %d" % exc.status if exc.status else "error", ctx.redactor(str(exc))))
+    except (OSError, tarfile.TarError) as exc:
+        log("could not archive the build for upload (%s); the pod continues" % one_line(exc, 200))
+    finally:
+        if os.path.exists(archive):
+            os.unlink(archive)
+
+
 def run_gcs(ctx: Context) -> Plan:
-    raise InstallError("invalid_config", "mode: gcs is not supported yet", retryable=False)
+    """Like emptyDir, but first try the bucket's archive of this build, and upload it after a
+    pip install. GCS problems only cost time: the pod falls back to pip."""
+    target = ctx.cfg.target
+    builds = os.path.join(target, ".builds")
+    final = os.path.join(builds, "%s-%s" % (ctx.cfg.install_key, ctx.tag))
+    if build_is_complete(final, ctx):
+        log("build already present in this pod's volume; skipping GCS and pip")
+        link_site(target, final)
+        return Plan([], (read_marker(final) or {}).get("distributions", []), [])
+    os.makedirs(builds, exist_ok=True)
+    tmp = os.path.join(builds, ".tmp-%d" % os.getpid())
+    gcs = Gcs(ctx)
+    fetched = gcs_fetch(ctx, gcs, tmp)
+    if fetched.hit:
+        plan = Plan([], (read_marker(tmp) or {}).get("distributions", []), [])
+    else:
+        plan = install_with_retries(ctx, tmp)
+        write_marker(tmp, ctx, plan)
+    publish_pod_build(target, tmp, final)
+    if not fetched.hit:
+        gcs_store(ctx, gcs, final, fetched.bad_generation)
+    return plan
 
 
 # --------------------------------------------------------------------------------------------
