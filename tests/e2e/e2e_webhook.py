@@ -1,0 +1,135 @@
+"""The webhook under test: the real `serve` binary inside the network namespace, its
+least-privilege identity, its registrations, and readers for its probe port."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import string
+import subprocess
+from pathlib import Path
+
+from e2e_cluster import ControlPlane, E2EError, KeyPair, Process, make_ca, make_cert, tail, wait_for, write_kubeconfig
+
+WEBHOOK_LISTEN = "127.0.0.1:8443"
+PROBE_LISTEN = "127.0.0.1:8080"
+WEBHOOK_URL = f"https://{WEBHOOK_LISTEN}"
+PROBE_URL = f"http://{PROBE_LISTEN}"
+MANIFESTS = Path(__file__).parent / "manifests"
+REQUESTS_METRIC = "kaspr_packages_webhook_admission_requests_total"
+
+_SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)')
+_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+
+
+def parse_metrics(text: str) -> list[tuple[str, dict[str, str], float]]:
+    samples = []
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        m = _SAMPLE.match(line)
+        if not m:
+            continue
+        labels = dict(_LABEL.findall(m.group(2) or ""))
+        try:
+            value = float(m.group(3))
+        except ValueError:
+            continue
+        samples.append((m.group(1), labels, value))
+    return samples
+
+
+def serve_help(binary: Path) -> str | None:
+    """The `serve --help` text, or None when the binary has no `serve` yet."""
+    if not binary.exists():
+        return None
+    proc = subprocess.run([str(binary), "serve", "--help"], capture_output=True, text=True, timeout=30)
+    return proc.stdout if proc.returncode == 0 else None
+
+
+class Webhook:
+    def __init__(self, cluster: ControlPlane, binary: Path, workdir: Path, *, least_privilege: bool = True):
+        self.cluster = cluster
+        self.binary = binary
+        self.workdir = workdir
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.least_privilege = least_privilege
+        self.process: Process | None = None
+        self.ca: KeyPair = make_ca(workdir, "webhook-ca", "kaspr-e2e-webhook-ca")
+        self.serving: KeyPair = make_cert(workdir, self.ca, "webhook", "kaspr-packages-webhook",
+                                          server_sans=["IP:127.0.0.1", "DNS:localhost"])
+        if least_privilege:
+            cluster.kubectl(["apply", "-f", str(MANIFESTS / "webhook-rbac.yaml")])
+            client = make_cert(workdir, cluster.ca, "webhook-client", "kaspr-packages-webhook", client=True)
+            self.kubeconfig = write_kubeconfig(workdir / "webhook.kubeconfig", cluster.server, cluster.ca.cert,
+                                               client, "kaspr-packages-webhook")
+        else:
+            self.kubeconfig = cluster.admin_kubeconfig
+
+    @property
+    def log_path(self) -> Path:
+        return self.cluster.logs / "webhook.log"
+
+    def start(self, timeout: float = 60) -> None:
+        if self.process and self.process.alive():
+            return
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "KUBECONFIG": str(self.kubeconfig),
+            "RUST_LOG": os.environ.get("KASPR_E2E_WEBHOOK_LOG", "info"),
+            "RUST_BACKTRACE": "1",
+        }
+        self.process = self.cluster.spawn("webhook", [
+            str(self.binary), "serve",
+            "--listen", WEBHOOK_LISTEN,
+            "--probe-listen", PROBE_LISTEN,
+            "--tls-cert", str(self.serving.cert),
+            "--tls-key", str(self.serving.key),
+        ], env=env)
+        proc = self.process
+
+        def ready() -> bool:
+            proc.ensure_alive()
+            status, _ = self.cluster.http_get(f"{PROBE_URL}/readyz", timeout=2)
+            return status == 200
+
+        wait_for("the webhook's /readyz", ready, timeout=timeout, interval=0.3,
+                 on_timeout=lambda: tail(self.log_path))
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.stop()
+            if self.process in self.cluster.processes:
+                self.cluster.processes.remove(self.process)
+            self.process = None
+
+    def metrics(self) -> list[tuple[str, dict[str, str], float]]:
+        status, body = self.cluster.http_get(f"{PROBE_URL}/metrics")
+        if status != 200:
+            raise E2EError(f"GET /metrics answered {status}: {body[:500]}")
+        return parse_metrics(body)
+
+    def admission_requests(self, **labels: str) -> float:
+        """Sum of the admission request counter over series matching `labels`."""
+        samples = [s for s in self.metrics() if s[0] == REQUESTS_METRIC]
+        return sum(v for _, lbls, v in samples if all(lbls.get(k) == want for k, want in labels.items()))
+
+    # -- registration --------------------------------------------------------------------------
+    def configurations(self) -> str:
+        template = string.Template((MANIFESTS / "webhook-configurations.yaml").read_text())
+        ca_bundle = base64.b64encode(self.ca.cert.read_bytes()).decode()
+        return template.substitute(CA_BUNDLE=ca_bundle, WEBHOOK_URL=WEBHOOK_URL)
+
+    def register(self) -> None:
+        self.cluster.kubectl(["apply", "-f", "-"], input=self.configurations())
+
+    def unregister(self) -> None:
+        for kind in ("mutatingwebhookconfiguration", "validatingwebhookconfiguration"):
+            self.cluster.kubectl(["delete", kind, "kaspr-packages-webhook", "--ignore-not-found"])
+
+    def registered(self) -> bool:
+        proc = self.cluster.kubectl(["get", "mutatingwebhookconfiguration", "kaspr-packages-webhook", "-o", "json"],
+                                    check=False)
+        return proc.returncode == 0 and bool(json.loads(proc.stdout).get("webhooks"))
