@@ -327,7 +327,13 @@ pub struct PreviewArgs {
     pub object: Option<String>,
 
     /// What to print.
-    #[arg(long, short, env = "KASPR_WEBHOOK_OUTPUT", value_enum, default_value = "yaml")]
+    #[arg(
+        long,
+        short,
+        env = "KASPR_WEBHOOK_OUTPUT",
+        value_enum,
+        default_value = "yaml"
+    )]
     pub output: PreviewOutputArg,
 
     /// Chart-level default resources for the init container, as JSON
@@ -368,8 +374,15 @@ fn preview(args: PreviewArgs) -> ExitCode {
             .map_err(|e| e.to_string())?;
         let object = match object {
             Some(path) => {
-                let name = if path == "-" { "stdin".to_owned() } else { path.clone() };
-                Some(crate::preview::parse_one(&read_input(&path)?, &name).map_err(|e| e.to_string())?)
+                let name = if path == "-" {
+                    "stdin".to_owned()
+                } else {
+                    path.clone()
+                };
+                Some(
+                    crate::preview::parse_one(&read_input(&path)?, &name)
+                        .map_err(|e| e.to_string())?,
+                )
             }
             None => None,
         };
@@ -402,8 +415,9 @@ fn validate(args: &ValidateArgs) -> ExitCode {
     let mut failed = false;
     for path in &args.files {
         let name = path.display().to_string();
-        let reports = read_input(&name)
-            .and_then(|text| crate::preview::validate_text(&text, &name).map_err(|e| e.to_string()));
+        let reports = read_input(&name).and_then(|text| {
+            crate::preview::validate_text(&text, &name).map_err(|e| e.to_string())
+        });
         match reports {
             Err(message) => {
                 eprintln!("error: {message}");
@@ -427,5 +441,9 @@ fn validate(args: &ValidateArgs) -> ExitCode {
             }
         }
     }
-    if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS }
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
 }

@@ -22,7 +22,10 @@ pub enum Output {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PreviewError {
     #[error("{source_name}: {message}")]
-    Unreadable { source_name: String, message: String },
+    Unreadable {
+        source_name: String,
+        message: String,
+    },
     #[error("{0}")]
     Invalid(String),
     #[error("{0}")]
@@ -157,7 +160,8 @@ pub fn operator_statefulset(kasprapp: &Value) -> Value {
         }
         sts["spec"]["volumeClaimTemplates"] = json!([claim]);
     } else {
-        sts["spec"]["template"]["spec"]["volumes"] = json!([{"name": "kaspr-data", "emptyDir": {}}]);
+        sts["spec"]["template"]["spec"]["volumes"] =
+            json!([{"name": "kaspr-data", "emptyDir": {}}]);
     }
     sts
 }
@@ -190,7 +194,9 @@ pub fn preview(
     };
     let outcome = result.map_err(|d| PreviewError::Denied(d.message))?;
     let text = match output {
-        Output::Patch => to_pretty_json(&serde_json::to_value(&outcome.patch).unwrap_or(Value::Null)),
+        Output::Patch => {
+            to_pretty_json(&serde_json::to_value(&outcome.patch).unwrap_or(Value::Null))
+        }
         Output::Json | Output::Yaml => {
             let mut mutated = object;
             json_patch::patch(&mut mutated, &outcome.patch).map_err(|e| {
@@ -260,8 +266,14 @@ mod tests {
         assert_eq!(sts["metadata"]["name"], "demo-app");
         assert_eq!(sts["metadata"]["namespace"], "team");
         assert_eq!(mutation::owning_app(&sts).as_deref(), Some("demo"));
-        assert_eq!(sts["spec"]["template"]["metadata"]["labels"]["kaspr.io/kind"], "KasprApp");
-        assert_eq!(sts["spec"]["template"]["spec"]["containers"][0]["name"], "kaspr");
+        assert_eq!(
+            sts["spec"]["template"]["metadata"]["labels"]["kaspr.io/kind"],
+            "KasprApp"
+        );
+        assert_eq!(
+            sts["spec"]["template"]["spec"]["containers"][0]["name"],
+            "kaspr"
+        );
     }
 
     #[test]
@@ -269,12 +281,16 @@ mod tests {
         let yaml = preview(&app(), None, Output::Yaml, &RenderConfig::default()).expect("ok");
         assert!(yaml.text.contains("name: kaspr-packages"));
         let json: Value = serde_json::from_str(
-            &preview(&app(), None, Output::Json, &RenderConfig::default()).expect("ok").text,
+            &preview(&app(), None, Output::Json, &RenderConfig::default())
+                .expect("ok")
+                .text,
         )
         .expect("json");
         assert_eq!(parse_one(&yaml.text, "out").expect("yaml"), json);
         let patch: Value = serde_json::from_str(
-            &preview(&app(), None, Output::Patch, &RenderConfig::default()).expect("ok").text,
+            &preview(&app(), None, Output::Patch, &RenderConfig::default())
+                .expect("ok")
+                .text,
         )
         .expect("json");
         assert!(patch.as_array().is_some_and(|ops| !ops.is_empty()));
@@ -283,9 +299,12 @@ mod tests {
     #[test]
     fn preview_of_an_invalid_app_lists_every_error() {
         let mut bad = app();
-        bad["spec"]["pythonPackages"] = json!({"packages": ["-e .", "x; y"], "installPolicy": {"retries": 99}});
+        bad["spec"]["pythonPackages"] =
+            json!({"packages": ["-e .", "x; y"], "installPolicy": {"retries": 99}});
         let err = preview(&bad, None, Output::Yaml, &RenderConfig::default()).expect_err("invalid");
-        let PreviewError::Invalid(message) = err else { panic!("{err:?}") };
+        let PreviewError::Invalid(message) = err else {
+            panic!("{err:?}")
+        };
         assert_eq!(message.lines().count(), 4, "{message}");
     }
 

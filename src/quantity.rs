@@ -56,7 +56,11 @@ pub fn parse(input: &str) -> Result<Quantity, String> {
         .map_err(|_| format!("{input:?} is not a valid quantity"))?;
     let multiplier = if suffix.is_empty() {
         1.0
-    } else if let Some((_, m)) = BINARY.iter().chain(DECIMAL).find(|(name, _)| *name == suffix) {
+    } else if let Some((_, m)) = BINARY
+        .iter()
+        .chain(DECIMAL)
+        .find(|(name, _)| *name == suffix)
+    {
         *m
     } else if let Some(exp) = suffix.strip_prefix(['e', 'E']) {
         let digits = exp.trim_start_matches(['+', '-']);

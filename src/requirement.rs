@@ -206,7 +206,9 @@ fn is_url_start(s: &str) -> bool {
 fn check_marker_separation<'a>(head: &'a str, marker: Option<&str>) -> Result<&'a str, String> {
     let url = head.trim_end_matches(' ');
     if marker.is_some() && url.len() == head.len() {
-        return Err("';' is not allowed in a URL (a marker after a URL needs a space before ';')".into());
+        return Err(
+            "';' is not allowed in a URL (a marker after a URL needs a space before ';')".into(),
+        );
     }
     Ok(url)
 }
@@ -288,7 +290,9 @@ fn check_specifiers(specs: &str) -> Result<Vec<(String, String)>, String> {
         }
         let valid = match op {
             // Arbitrary equality takes any string without separators.
-            "===" => version.chars().all(|c| c.is_ascii_graphic() && !"(),;".contains(c)),
+            "===" => version
+                .chars()
+                .all(|c| c.is_ascii_graphic() && !"(),;".contains(c)),
             "==" | "!=" => {
                 let base = version.strip_suffix(".*").unwrap_or(version);
                 VERSION.is_match(base) && !(version.ends_with(".*") && base.contains('+'))
@@ -299,7 +303,9 @@ fn check_specifiers(specs: &str) -> Result<Vec<(String, String)>, String> {
             return Err(format!("{spec:?} is not a valid version specifier"));
         }
         if op == "~=" && !version.contains('.') {
-            return Err(format!("{spec:?}: '~=' needs a version with at least two parts"));
+            return Err(format!(
+                "{spec:?}: '~=' needs a version with at least two parts"
+            ));
         }
         out.push((op.to_owned(), version.to_owned()));
     }
@@ -366,7 +372,10 @@ fn tokenize_marker(marker: &str) -> Result<Vec<Token>, String> {
                 "not" => {
                     // `not in`
                     let rest = marker[i..].trim_start();
-                    if rest.starts_with("in") && !rest[2..].starts_with(|ch: char| ch.is_ascii_alphanumeric() || ch == '_') {
+                    if rest.starts_with("in")
+                        && !rest[2..]
+                            .starts_with(|ch: char| ch.is_ascii_alphanumeric() || ch == '_')
+                    {
                         i = marker.len() - rest.len() + 2;
                         tokens.push(Token::Op);
                     } else {
@@ -530,7 +539,10 @@ mod tests {
     fn rejects(#[case] input: &str, #[case] reason: &str) {
         match parse(input) {
             Ok(r) => panic!("{input:?} accepted as {r:?}"),
-            Err(e) => assert!(e.contains(reason), "{input:?}: {e:?} should mention {reason:?}"),
+            Err(e) => assert!(
+                e.contains(reason),
+                "{input:?}: {e:?} should mention {reason:?}"
+            ),
         }
     }
 

@@ -195,7 +195,10 @@ mod tests {
     fn install_key_is_pinned_for_a_known_spec() {
         // The algorithm is part of the product's contract: this value must never change.
         let canonical = br#"{"extraIndexUrls":[],"indexUrl":null,"packages":["pandas>=2.0.0","requests"],"trustedHosts":[]}"#;
-        assert_eq!(spec(&["requests", "pandas>=2.0.0"]).install_key(), short_sha256(canonical));
+        assert_eq!(
+            spec(&["requests", "pandas>=2.0.0"]).install_key(),
+            short_sha256(canonical)
+        );
         assert_eq!(spec(&["requests", "pandas>=2.0.0"]).install_key().len(), 16);
     }
 

@@ -12,10 +12,9 @@ use serde_json::{Map, Value};
 use crate::quantity;
 use crate::requirement;
 use crate::spec::{
-    Cache, Credentials, DEFAULT_GCS_KEY, DEFAULT_GCS_PREFIX,
-    DEFAULT_MAX_ARCHIVE_SIZE, DEFAULT_PASSWORD_KEY, DEFAULT_RETRIES, DEFAULT_TIMEOUT_SECONDS,
-    DEFAULT_USERNAME_KEY, GcsCache, GcsKeySecret, InitContainerExtras, InstallPolicy, OnFailure,
-    PvcCache, PythonPackages,
+    Cache, Credentials, DEFAULT_GCS_KEY, DEFAULT_GCS_PREFIX, DEFAULT_MAX_ARCHIVE_SIZE,
+    DEFAULT_PASSWORD_KEY, DEFAULT_RETRIES, DEFAULT_TIMEOUT_SECONDS, DEFAULT_USERNAME_KEY, GcsCache,
+    GcsKeySecret, InitContainerExtras, InstallPolicy, OnFailure, PvcCache, PythonPackages,
 };
 
 /// Most packages one app may list.
@@ -118,7 +117,12 @@ impl Checker {
     }
 
     /// Reads an optional object; null counts as absent.
-    fn object<'a>(&mut self, parent: &'a Map<String, Value>, key: &str, path: &str) -> Option<&'a Map<String, Value>> {
+    fn object<'a>(
+        &mut self,
+        parent: &'a Map<String, Value>,
+        key: &str,
+        path: &str,
+    ) -> Option<&'a Map<String, Value>> {
         match parent.get(key) {
             None | Some(Value::Null) => None,
             Some(Value::Object(map)) => Some(map),
@@ -151,7 +155,13 @@ impl Checker {
         }
     }
 
-    fn integer(&mut self, parent: &Map<String, Value>, key: &str, path: &str, range: std::ops::RangeInclusive<i64>) -> Option<u32> {
+    fn integer(
+        &mut self,
+        parent: &Map<String, Value>,
+        key: &str,
+        path: &str,
+        range: std::ops::RangeInclusive<i64>,
+    ) -> Option<u32> {
         let value = parent.get(key)?;
         if value.is_null() {
             return None;
@@ -172,7 +182,12 @@ impl Checker {
         }
     }
 
-    fn string_list(&mut self, parent: &Map<String, Value>, key: &str, path: &str) -> Vec<(String, String)> {
+    fn string_list(
+        &mut self,
+        parent: &Map<String, Value>,
+        key: &str,
+        path: &str,
+    ) -> Vec<(String, String)> {
         match parent.get(key) {
             None | Some(Value::Null) => Vec::new(),
             Some(Value::Array(items)) => items
@@ -190,7 +205,10 @@ impl Checker {
                 })
                 .collect(),
             Some(other) => {
-                self.error(path, format!("must be a list of strings, got {}", show(other)));
+                self.error(
+                    path,
+                    format!("must be a list of strings, got {}", show(other)),
+                );
                 Vec::new()
             }
         }
@@ -234,7 +252,11 @@ pub fn validate_kasprapp(app: &Value) -> Report {
     }
 }
 
-fn python_packages(c: &mut Checker, map: &Map<String, Value>, init_container: InitContainerExtras) -> PythonPackages {
+fn python_packages(
+    c: &mut Checker,
+    map: &Map<String, Value>,
+    init_container: InitContainerExtras,
+) -> PythonPackages {
     c.unknown_fields(
         map,
         &[
@@ -309,7 +331,10 @@ fn packages(c: &mut Checker, map: &Map<String, Value>) -> Vec<String> {
         return Vec::new();
     };
     let Some(items) = value.as_array() else {
-        c.error(&path, format!("must be a list of strings, got {}", show(value)));
+        c.error(
+            &path,
+            format!("must be a list of strings, got {}", show(value)),
+        );
         return Vec::new();
     };
     if items.is_empty() {
@@ -318,7 +343,10 @@ fn packages(c: &mut Checker, map: &Map<String, Value>) -> Vec<String> {
     if items.len() > MAX_PACKAGES {
         c.error(
             &path,
-            format!("lists {} packages; at most {MAX_PACKAGES} are allowed", items.len()),
+            format!(
+                "lists {} packages; at most {MAX_PACKAGES} are allowed",
+                items.len()
+            ),
         );
     }
     let mut out = Vec::with_capacity(items.len());
@@ -391,7 +419,9 @@ fn check_host_port(host: &str) -> Result<(), String> {
             && name.split('.').all(|label| {
                 !label.is_empty()
                     && label.len() <= 63
-                    && label.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '-')
+                    && label
+                        .chars()
+                        .all(|ch| ch.is_ascii_alphanumeric() || ch == '-')
                     && !label.starts_with('-')
                     && !label.ends_with('-')
             });
@@ -408,7 +438,12 @@ fn check_host_port(host: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn warn_insecure_indexes(c: &mut Checker, index_url: Option<&str>, extra: &[String], trusted: &[String]) {
+fn warn_insecure_indexes(
+    c: &mut Checker,
+    index_url: Option<&str>,
+    extra: &[String],
+    trusted: &[String],
+) {
     let urls = index_url
         .map(|u| (format!("{ROOT}.indexUrl"), u.to_owned()))
         .into_iter()
@@ -481,7 +516,13 @@ fn secret_name(c: &mut Checker, map: &Map<String, Value>, path: &str) -> Option<
     }
 }
 
-fn secret_key(c: &mut Checker, map: &Map<String, Value>, field: &str, path: &str, default: &str) -> String {
+fn secret_key(
+    c: &mut Checker,
+    map: &Map<String, Value>,
+    field: &str,
+    path: &str,
+    default: &str,
+) -> String {
     let key_path = format!("{path}.{field}");
     match c.string(map, field, &key_path) {
         None => default.to_owned(),
@@ -504,10 +545,26 @@ fn credentials(c: &mut Checker, map: &Map<String, Value>) -> Option<Credentials>
         }
         return None;
     };
-    c.unknown_fields(secret_ref, &["name", "usernameKey", "passwordKey"], &ref_path);
+    c.unknown_fields(
+        secret_ref,
+        &["name", "usernameKey", "passwordKey"],
+        &ref_path,
+    );
     let name = secret_name(c, secret_ref, &ref_path);
-    let username_key = secret_key(c, secret_ref, "usernameKey", &ref_path, DEFAULT_USERNAME_KEY);
-    let password_key = secret_key(c, secret_ref, "passwordKey", &ref_path, DEFAULT_PASSWORD_KEY);
+    let username_key = secret_key(
+        c,
+        secret_ref,
+        "usernameKey",
+        &ref_path,
+        DEFAULT_USERNAME_KEY,
+    );
+    let password_key = secret_key(
+        c,
+        secret_ref,
+        "passwordKey",
+        &ref_path,
+        DEFAULT_PASSWORD_KEY,
+    );
     Some(Credentials {
         secret_name: name?,
         username_key,
@@ -515,14 +572,23 @@ fn credentials(c: &mut Checker, map: &Map<String, Value>) -> Option<Credentials>
     })
 }
 
-fn size_quantity(c: &mut Checker, map: &Map<String, Value>, field: &str, path: &str, default: &str) -> (String, u64) {
+fn size_quantity(
+    c: &mut Checker,
+    map: &Map<String, Value>,
+    field: &str,
+    path: &str,
+    default: &str,
+) -> (String, u64) {
     let field_path = format!("{path}.{field}");
     let raw = match map.get(field) {
         None | Some(Value::Null) => default.to_owned(),
         Some(Value::String(s)) => s.clone(),
         Some(Value::Number(n)) => n.to_string(),
         Some(other) => {
-            c.error(&field_path, format!("must be a quantity such as \"1Gi\", got {}", show(other)));
+            c.error(
+                &field_path,
+                format!("must be a quantity such as \"1Gi\", got {}", show(other)),
+            );
             return (default.to_owned(), 0);
         }
     };
@@ -546,39 +612,60 @@ fn cache(c: &mut Checker, map: &Map<String, Value>) -> Cache {
     };
     c.unknown_fields(
         cache,
-        &["type", "enabled", "storageClass", "size", "accessMode", "deleteClaim", "gcs"],
+        &[
+            "type",
+            "enabled",
+            "storageClass",
+            "size",
+            "accessMode",
+            "deleteClaim",
+            "gcs",
+        ],
         &path,
     );
     let type_path = format!("{path}.type");
-    let cache_type = c.string(cache, "type", &type_path).unwrap_or_else(|| "pvc".into());
+    let cache_type = c
+        .string(cache, "type", &type_path)
+        .unwrap_or_else(|| "pvc".into());
     let enabled = c.boolean(cache, "enabled", &format!("{path}.enabled"));
     let storage_class = c.string(cache, "storageClass", &format!("{path}.storageClass"));
-    if let Some(class) = &storage_class {
-        if !is_dns_subdomain(class) {
-            c.error(format!("{path}.storageClass"), format!("{class:?} is not a valid StorageClass name"));
-        }
+    if let Some(class) = &storage_class
+        && !is_dns_subdomain(class)
+    {
+        c.error(
+            format!("{path}.storageClass"),
+            format!("{class:?} is not a valid StorageClass name"),
+        );
     }
     let (size, _) = size_quantity(c, cache, "size", &path, crate::spec::DEFAULT_CACHE_SIZE);
     let access_path = format!("{path}.accessMode");
-    if let Some(mode) = c.string(cache, "accessMode", &access_path) {
-        if mode != "ReadWriteMany" {
-            c.error(
-                access_path,
-                format!("{mode:?} is not supported: the cache is shared by every pod of the app, so only \"ReadWriteMany\" is accepted"),
-            );
-        }
+    if let Some(mode) = c.string(cache, "accessMode", &access_path)
+        && mode != "ReadWriteMany"
+    {
+        c.error(
+            access_path,
+            format!("{mode:?} is not supported: the cache is shared by every pod of the app, so only \"ReadWriteMany\" is accepted"),
+        );
     }
-    let delete_claim = c.boolean(cache, "deleteClaim", &format!("{path}.deleteClaim")).unwrap_or(true);
+    let delete_claim = c
+        .boolean(cache, "deleteClaim", &format!("{path}.deleteClaim"))
+        .unwrap_or(true);
     let gcs_path = format!("{path}.gcs");
     let gcs = c.object(cache, "gcs", &gcs_path);
 
     match cache_type.as_str() {
         "gcs" => {
             if enabled.is_some() {
-                c.warn(format!("{path}.enabled"), "is ignored when cache.type is gcs");
+                c.warn(
+                    format!("{path}.enabled"),
+                    "is ignored when cache.type is gcs",
+                );
             }
             let Some(gcs) = gcs else {
-                c.error(format!("{gcs_path}.bucket"), "is required when cache.type is gcs");
+                c.error(
+                    format!("{gcs_path}.bucket"),
+                    "is required when cache.type is gcs",
+                );
                 return Cache::EmptyDir;
             };
             Cache::Gcs(gcs_cache(c, gcs, &gcs_path))
@@ -598,7 +685,10 @@ fn cache(c: &mut Checker, map: &Map<String, Value>) -> Cache {
             }
         }
         other => {
-            c.error(type_path, format!("{other:?} is not a cache type (use \"pvc\" or \"gcs\")"));
+            c.error(
+                type_path,
+                format!("{other:?} is not a cache type (use \"pvc\" or \"gcs\")"),
+            );
             Cache::EmptyDir
         }
     }
@@ -611,7 +701,10 @@ fn is_gcs_bucket(name: &str) -> bool {
     let ends_ok = name.starts_with(|ch: char| ch.is_ascii_lowercase() || ch.is_ascii_digit())
         && name.ends_with(|ch: char| ch.is_ascii_lowercase() || ch.is_ascii_digit());
     let len_ok = if name.contains('.') {
-        name.len() <= 222 && name.split('.').all(|part| !part.is_empty() && part.len() <= 63)
+        name.len() <= 222
+            && name
+                .split('.')
+                .all(|part| !part.is_empty() && part.len() <= 63)
     } else {
         (3..=63).contains(&name.len())
     };
@@ -625,7 +718,11 @@ fn is_gcs_bucket(name: &str) -> bool {
 }
 
 fn gcs_cache(c: &mut Checker, gcs: &Map<String, Value>, path: &str) -> GcsCache {
-    c.unknown_fields(gcs, &["bucket", "prefix", "maxArchiveSize", "secretRef"], path);
+    c.unknown_fields(
+        gcs,
+        &["bucket", "prefix", "maxArchiveSize", "secretRef"],
+        path,
+    );
     let bucket_path = format!("{path}.bucket");
     let bucket = match c.string(gcs, "bucket", &bucket_path) {
         None => {
@@ -643,20 +740,26 @@ fn gcs_cache(c: &mut Checker, gcs: &Map<String, Value>, path: &str) -> GcsCache 
     let mut prefix = c
         .string(gcs, "prefix", &prefix_path)
         .unwrap_or_else(|| DEFAULT_GCS_PREFIX.to_owned());
-    if prefix.starts_with('/') || prefix.contains("..") || prefix.contains(|ch: char| ch.is_control() || ch == '#' || ch == '?') {
+    if prefix.starts_with('/')
+        || prefix.contains("..")
+        || prefix.contains(|ch: char| ch.is_control() || ch == '#' || ch == '?')
+    {
         c.error(prefix_path, format!("{prefix:?} is not a valid object prefix (no leading '/', '..', '#', '?' or control characters)"));
     }
     if !prefix.is_empty() && !prefix.ends_with('/') {
         prefix.push('/');
     }
-    let (_, max_archive_size) = size_quantity(c, gcs, "maxArchiveSize", path, DEFAULT_MAX_ARCHIVE_SIZE);
+    let (_, max_archive_size) =
+        size_quantity(c, gcs, "maxArchiveSize", path, DEFAULT_MAX_ARCHIVE_SIZE);
     let ref_path = format!("{path}.secretRef");
-    let key_secret = c.object(gcs, "secretRef", &ref_path).and_then(|secret_ref| {
-        c.unknown_fields(secret_ref, &["name", "key"], &ref_path);
-        let name = secret_name(c, secret_ref, &ref_path);
-        let key = secret_key(c, secret_ref, "key", &ref_path, DEFAULT_GCS_KEY);
-        name.map(|name| GcsKeySecret { name, key })
-    });
+    let key_secret = c
+        .object(gcs, "secretRef", &ref_path)
+        .and_then(|secret_ref| {
+            c.unknown_fields(secret_ref, &["name", "key"], &ref_path);
+            let name = secret_name(c, secret_ref, &ref_path);
+            let key = secret_key(c, secret_ref, "key", &ref_path, DEFAULT_GCS_KEY);
+            name.map(|name| GcsKeySecret { name, key })
+        });
     GcsCache {
         bucket,
         prefix,
@@ -688,7 +791,10 @@ fn install_policy(c: &mut Checker, map: &Map<String, Value>) -> InstallPolicy {
             OnFailure::Allow
         }
         Some(other) => {
-            c.error(on_failure_path, format!("{other:?} is not a failure policy (use \"block\" or \"allow\")"));
+            c.error(
+                on_failure_path,
+                format!("{other:?} is not a failure policy (use \"block\" or \"allow\")"),
+            );
             OnFailure::Block
         }
     };
@@ -699,7 +805,12 @@ fn install_policy(c: &mut Checker, map: &Map<String, Value>) -> InstallPolicy {
     }
 }
 
-fn quantity_map(c: &mut Checker, map: &Map<String, Value>, field: &str, path: &str) -> Option<BTreeMap<String, (K8sQuantity, f64)>> {
+fn quantity_map(
+    c: &mut Checker,
+    map: &Map<String, Value>,
+    field: &str,
+    path: &str,
+) -> Option<BTreeMap<String, (K8sQuantity, f64)>> {
     let field_path = format!("{path}.{field}");
     let entries = c.object(map, field, &field_path)?;
     let mut out = BTreeMap::new();
@@ -709,7 +820,10 @@ fn quantity_map(c: &mut Checker, map: &Map<String, Value>, field: &str, path: &s
             Value::String(s) => s.clone(),
             Value::Number(n) => n.to_string(),
             other => {
-                c.error(entry_path, format!("must be a quantity, got {}", show(other)));
+                c.error(
+                    entry_path,
+                    format!("must be a quantity, got {}", show(other)),
+                );
                 continue;
             }
         };
@@ -727,20 +841,26 @@ fn quantity_map(c: &mut Checker, map: &Map<String, Value>, field: &str, path: &s
 fn resources(c: &mut Checker, map: &Map<String, Value>) -> Option<ResourceRequirements> {
     let path = format!("{ROOT}.resources");
     let resources = c.object(map, "resources", &path)?;
-    for key in resources.keys().filter(|k| *k != "requests" && *k != "limits") {
-        c.error(format!("{path}.{key}"), "unknown field (only requests and limits are allowed)");
+    for key in resources
+        .keys()
+        .filter(|k| *k != "requests" && *k != "limits")
+    {
+        c.error(
+            format!("{path}.{key}"),
+            "unknown field (only requests and limits are allowed)",
+        );
     }
     let requests = quantity_map(c, resources, "requests", &path);
     let limits = quantity_map(c, resources, "limits", &path);
     if let (Some(requests), Some(limits)) = (&requests, &limits) {
         for (name, (raw, value)) in requests {
-            if let Some((limit_raw, limit)) = limits.get(name) {
-                if value > limit {
-                    c.error(
-                        format!("{path}.requests.{name}"),
-                        format!("{:?} is more than the limit {:?}", raw.0, limit_raw.0),
-                    );
-                }
+            if let Some((limit_raw, limit)) = limits.get(name)
+                && value > limit
+            {
+                c.error(
+                    format!("{path}.requests.{name}"),
+                    format!("{:?} is more than the limit {:?}", raw.0, limit_raw.0),
+                );
             }
         }
     }
@@ -808,10 +928,16 @@ fn env_var(c: &mut Checker, item: &Value, path: &str) -> Option<EnvVar> {
         return None;
     };
     if !is_env_name(&name) {
-        c.error(&name_path, format!("{name:?} is not a valid environment variable name"));
+        c.error(
+            &name_path,
+            format!("{name:?} is not a valid environment variable name"),
+        );
     }
     if RESERVED_ENV.contains(&name.as_str()) {
-        c.error(&name_path, format!("{name:?} is set by kaspr-packages-webhook itself"));
+        c.error(
+            &name_path,
+            format!("{name:?} is set by kaspr-packages-webhook itself"),
+        );
     }
     let has_value = map.get("value").is_some_and(|v| !v.is_null());
     let has_value_from = map.get("valueFrom").is_some_and(|v| !v.is_null());
@@ -832,7 +958,10 @@ fn env_var(c: &mut Checker, item: &Value, path: &str) -> Option<EnvVar> {
             return None;
         }
     }
-    for key in map.keys().filter(|k| !["name", "value", "valueFrom"].contains(&k.as_str())) {
+    for key in map
+        .keys()
+        .filter(|k| !["name", "value", "valueFrom"].contains(&k.as_str()))
+    {
         c.warn(format!("{path}.{key}"), "unknown field; it is ignored");
     }
     let mut clean = Map::new();
@@ -880,7 +1009,10 @@ fn volume_mount(c: &mut Checker, item: &Value, path: &str) -> Option<VolumeMount
     if let Some(reserved) = overlaps {
         c.error(
             format!("{path}.mountPath"),
-            format!("{:?} overlaps {reserved}, which kaspr-packages-webhook mounts", mount.mount_path),
+            format!(
+                "{:?} overlaps {reserved}, which kaspr-packages-webhook mounts",
+                mount.mount_path
+            ),
         );
     }
     Some(mount)
@@ -892,14 +1024,17 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+    use crate::spec::DEFAULT_CACHE_SIZE;
 
     fn app(python_packages: Value) -> Value {
-        json!({
+        let mut app = json!({
             "apiVersion": "kaspr.io/v1alpha1",
             "kind": "KasprApp",
             "metadata": {"name": "my-app", "namespace": "default"},
-            "spec": {"pythonPackages": python_packages}
-        })
+            "spec": {}
+        });
+        app["spec"]["pythonPackages"] = python_packages;
+        app
     }
 
     fn errors(report: &Report) -> Vec<String> {
@@ -925,7 +1060,9 @@ mod tests {
 
     #[test]
     fn pvc_defaults() {
-        let report = validate_kasprapp(&app(json!({"packages": ["a==1"], "cache": {"enabled": true}})));
+        let report = validate_kasprapp(&app(
+            json!({"packages": ["a==1"], "cache": {"enabled": true}}),
+        ));
         assert_eq!(
             report.spec.expect("spec").cache,
             Cache::Pvc(PvcCache {
@@ -949,7 +1086,10 @@ mod tests {
                 bucket: "my-bucket".into(),
                 prefix: "pkgs/".into(),
                 max_archive_size: 1 << 30,
-                key_secret: Some(GcsKeySecret { name: "gcs-key".into(), key: "sa.json".into() }),
+                key_secret: Some(GcsKeySecret {
+                    name: "gcs-key".into(),
+                    key: "sa.json".into()
+                }),
             })
         );
     }
@@ -959,9 +1099,16 @@ mod tests {
         let report = validate_kasprapp(&app(json!({
             "packages": ["a==1"], "cache": {"type": "gcs", "enabled": true, "gcs": {"bucket": "my-bucket"}}
         })));
-        let Cache::Gcs(gcs) = report.spec.expect("spec").cache else { panic!("not gcs") };
+        let Cache::Gcs(gcs) = report.spec.expect("spec").cache else {
+            panic!("not gcs")
+        };
         assert_eq!(gcs.key_secret, None);
-        assert!(report.warnings.iter().any(|w| w.path == "spec.pythonPackages.cache.enabled"));
+        assert!(
+            report
+                .warnings
+                .iter()
+                .any(|w| w.path == "spec.pythonPackages.cache.enabled")
+        );
     }
 
     #[test]
@@ -989,7 +1136,10 @@ mod tests {
             "spec.pythonPackages.resources.requests.cpu: \"lots\" is not a valid quantity",
         ];
         for e in expect {
-            assert!(errs.iter().any(|got| got.starts_with(e)), "missing {e:?} in {errs:#?}");
+            assert!(
+                errs.iter().any(|got| got.starts_with(e)),
+                "missing {e:?} in {errs:#?}"
+            );
         }
         assert_eq!(errs.len(), expect.len(), "{errs:#?}");
         assert!(report.spec.is_none());
@@ -1026,7 +1176,10 @@ mod tests {
     fn rejects(#[case] packages: Value, #[case] expected: &str) {
         let report = validate_kasprapp(&app(packages));
         let errs = errors(&report);
-        assert!(errs.iter().any(|e| e.contains(expected)), "{expected:?} not in {errs:#?}");
+        assert!(
+            errs.iter().any(|e| e.contains(expected)),
+            "{expected:?} not in {errs:#?}"
+        );
         assert!(report.spec.is_none());
     }
 
@@ -1041,7 +1194,10 @@ mod tests {
         let report = validate_kasprapp(&app(packages));
         assert!(report.errors.is_empty(), "{:?}", report.errors);
         assert!(
-            report.warnings.iter().any(|w| w.path == path && w.message.contains(text)),
+            report
+                .warnings
+                .iter()
+                .any(|w| w.path == path && w.message.contains(text)),
             "{path} / {text:?} not in {:#?}",
             report.warnings
         );
@@ -1086,7 +1242,10 @@ mod tests {
             "spec.template.pythonPackagesInitContainer.env[2]: set either value or valueFrom",
             "spec.template.pythonPackagesInitContainer.volumeMounts[0].mountPath: \"/opt/kaspr/packages/site\" overlaps",
         ] {
-            assert!(errs.iter().any(|e| e.starts_with(expected)), "{expected:?} not in {errs:#?}");
+            assert!(
+                errs.iter().any(|e| e.starts_with(expected)),
+                "{expected:?} not in {errs:#?}"
+            );
         }
     }
 
@@ -1106,7 +1265,11 @@ mod tests {
         })));
         assert_eq!(
             report.spec.expect("spec").credentials,
-            Some(Credentials { secret_name: "pypi-creds".into(), username_key: "user".into(), password_key: "token".into() })
+            Some(Credentials {
+                secret_name: "pypi-creds".into(),
+                username_key: "user".into(),
+                password_key: "token".into()
+            })
         );
     }
 }

@@ -21,14 +21,20 @@ fn kasprapps() -> BTreeMap<AppRef, Arc<Value>> {
     let mut apps = BTreeMap::new();
     for entry in std::fs::read_dir(root().join("examples")).expect("examples") {
         let path = entry.expect("entry").path();
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
         if !name.starts_with("kasprapp-") {
             continue;
         }
         let text = std::fs::read_to_string(&path).expect("read");
         let app: Value = serde_yaml::from_str(&text).expect("yaml");
         let key = AppRef {
-            namespace: app["metadata"]["namespace"].as_str().unwrap_or("default").to_owned(),
+            namespace: app["metadata"]["namespace"]
+                .as_str()
+                .unwrap_or("default")
+                .to_owned(),
             name: app["metadata"]["name"].as_str().expect("name").to_owned(),
         };
         apps.insert(key, Arc::new(app));
@@ -48,13 +54,24 @@ fn answer(endpoint: Endpoint, body: &[u8], apps: &BTreeMap<AppRef, Arc<Value>>) 
         Some(found) => AppLookup::Found(found.clone()),
         None => AppLookup::NotFound,
     });
-    let decision = admission::decide(endpoint, &request, lookup.as_ref(), &RenderConfig::default());
+    let decision = admission::decide(
+        endpoint,
+        &request,
+        lookup.as_ref(),
+        &RenderConfig::default(),
+    );
     let review = decision.to_review();
     let patch = review["response"]["patch"].as_str().map(|b64| {
-        let bytes = base64::engine::general_purpose::STANDARD.decode(b64).expect("base64");
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .expect("base64");
         serde_json::from_slice::<json_patch::Patch>(&bytes).expect("an RFC 6902 patch")
     });
-    Answer { review, patch, object: request.object }
+    Answer {
+        review,
+        patch,
+        object: request.object,
+    }
 }
 
 fn apply(object: &Value, patch: &json_patch::Patch) -> Value {
@@ -77,7 +94,11 @@ fn redact(value: &mut Value) {
         }
         Value::Array(items) => {
             for item in items {
-                if item.get("path").and_then(Value::as_str).is_some_and(|p| p.ends_with("/command/2")) {
+                if item
+                    .get("path")
+                    .and_then(Value::as_str)
+                    .is_some_and(|p| p.ends_with("/command/2"))
+                {
                     item["value"] = json!("[installer]");
                 }
                 redact(item);
@@ -88,11 +109,20 @@ fn redact(value: &mut Value) {
 }
 
 fn fixture(name: &str) -> Vec<u8> {
-    std::fs::read(root().join("tests/fixtures/admission").join(format!("{name}.json"))).expect("fixture")
+    std::fs::read(
+        root()
+            .join("tests/fixtures/admission")
+            .join(format!("{name}.json")),
+    )
+    .expect("fixture")
 }
 
 fn endpoint_for(name: &str) -> Endpoint {
-    if name.starts_with("kasprapp-") { Endpoint::Validate } else { Endpoint::Mutate }
+    if name.starts_with("kasprapp-") {
+        Endpoint::Validate
+    } else {
+        Endpoint::Mutate
+    }
 }
 
 fn fixture_names() -> Vec<String> {
@@ -115,31 +145,53 @@ fn every_fixture_answers_as_snapshotted_and_keeps_the_invariants() {
     for name in &names {
         let body = fixture(name);
         let request: Value = serde_json::from_slice(&body).expect("json");
-        let Answer { review, patch, object } = answer(endpoint_for(name), &body, &apps);
+        let Answer {
+            review,
+            patch,
+            object,
+        } = answer(endpoint_for(name), &body, &apps);
 
         assert_eq!(review["apiVersion"], "admission.k8s.io/v1", "{name}");
         assert_eq!(review["kind"], "AdmissionReview", "{name}");
-        assert_eq!(review["response"]["uid"], request["request"]["uid"], "{name}: uid echoed");
+        assert_eq!(
+            review["response"]["uid"], request["request"]["uid"],
+            "{name}: uid echoed"
+        );
 
         if let Some(patch) = &patch {
             let object = object.as_ref().expect("object");
             let mutated = apply(object, patch);
             // Unknown fields survive.
-            if let Some(spec) = object.pointer("/spec/template/spec").or_else(|| object.get("spec")) {
+            if let Some(spec) = object
+                .pointer("/spec/template/spec")
+                .or_else(|| object.get("spec"))
+            {
                 if let Some(keep) = spec.get("hostnameOverride") {
                     let mutated_spec = mutated
                         .pointer("/spec/template/spec")
                         .or_else(|| mutated.get("spec"))
                         .expect("spec");
                     assert_eq!(mutated_spec.get("hostnameOverride"), Some(keep), "{name}");
-                    assert_eq!(mutated_spec["containers"][0]["futureField"], spec["containers"][0]["futureField"], "{name}");
+                    assert_eq!(
+                        mutated_spec["containers"][0]["futureField"],
+                        spec["containers"][0]["futureField"],
+                        "{name}"
+                    );
                 }
             }
             // Reviewing the result again gives no patch.
             let mut again = request.clone();
             again["request"]["object"] = mutated;
-            let second = answer(endpoint_for(name), &serde_json::to_vec(&again).expect("json"), &apps);
-            assert!(second.patch.is_none(), "{name}: second review patched: {:?}", second.patch);
+            let second = answer(
+                endpoint_for(name),
+                &serde_json::to_vec(&again).expect("json"),
+                &apps,
+            );
+            assert!(
+                second.patch.is_none(),
+                "{name}: second review patched: {:?}",
+                second.patch
+            );
             assert_eq!(second.review["response"]["allowed"], true, "{name}");
         }
 
@@ -156,9 +208,21 @@ fn every_fixture_answers_as_snapshotted_and_keeps_the_invariants() {
 
 /// Where two renderings first differ (the installer payload makes full dumps unreadable).
 fn first_difference(a: &str, b: &str) -> Option<String> {
-    let at = a.bytes().zip(b.bytes()).position(|(x, y)| x != y).or_else(|| (a.len() != b.len()).then(|| a.len().min(b.len())))?;
-    let window = |s: &str| s.get(at.saturating_sub(60)..(at + 60).min(s.len())).unwrap_or("").to_owned();
-    Some(format!("differ at byte {at}: {:?} vs {:?}", window(a), window(b)))
+    let at = a
+        .bytes()
+        .zip(b.bytes())
+        .position(|(x, y)| x != y)
+        .or_else(|| (a.len() != b.len()).then(|| a.len().min(b.len())))?;
+    let window = |s: &str| {
+        s.get(at.saturating_sub(60)..(at + 60).min(s.len()))
+            .unwrap_or("")
+            .to_owned()
+    };
+    Some(format!(
+        "differ at byte {at}: {:?} vs {:?}",
+        window(a),
+        window(b)
+    ))
 }
 
 fn update_review(create: &Value, object: &Value, old: &Value) -> Vec<u8> {
@@ -177,15 +241,28 @@ fn update_review(create: &Value, object: &Value, old: &Value) -> Vec<u8> {
 fn updates_are_idempotent_and_operator_rewrites_render_byte_for_byte() {
     let apps = kasprapps();
     let mut checked = 0;
-    for name in fixture_names().iter().filter(|n| n.ends_with("-statefulset-create") && !n.starts_with("unrelated")) {
+    for name in fixture_names()
+        .iter()
+        .filter(|n| n.ends_with("-statefulset-create") && !n.starts_with("unrelated"))
+    {
         let body = fixture(name);
         let create: Value = serde_json::from_slice(&body).expect("json");
         let original = create["request"]["object"].clone();
         let Answer { patch, .. } = answer(Endpoint::Mutate, &body, &apps);
-        let injected = apply(&original, &patch.unwrap_or_else(|| panic!("{name}: no patch")));
+        let injected = apply(
+            &original,
+            &patch.unwrap_or_else(|| panic!("{name}: no patch")),
+        );
 
-        let unchanged = answer(Endpoint::Mutate, &update_review(&create, &injected, &injected), &apps);
-        assert!(unchanged.patch.is_none(), "{name}: UPDATE of the injected object patched");
+        let unchanged = answer(
+            Endpoint::Mutate,
+            &update_review(&create, &injected, &injected),
+            &apps,
+        );
+        assert!(
+            unchanged.patch.is_none(),
+            "{name}: UPDATE of the injected object patched"
+        );
 
         let mut rewrites = vec![original.clone()];
         // The operator keeps our annotations but rewrites env, mounts and volumes.
@@ -194,7 +271,11 @@ fn updates_are_idempotent_and_operator_rewrites_render_byte_for_byte() {
             injected["spec"]["template"]["metadata"]["annotations"].clone();
         rewrites.push(kept_annotations);
         for rewrite in rewrites {
-            let rewritten = answer(Endpoint::Mutate, &update_review(&create, &rewrite, &injected), &apps);
+            let rewritten = answer(
+                Endpoint::Mutate,
+                &update_review(&create, &rewrite, &injected),
+                &apps,
+            );
             let result = apply(&rewrite, &rewritten.patch.expect("a patch"));
             let got = serde_json::to_string(&result["spec"]["template"]).expect("json");
             let want = serde_json::to_string(&injected["spec"]["template"]).expect("json");
@@ -213,13 +294,26 @@ fn removing_python_packages_restores_the_operators_template() {
     let body = fixture("emptydir-statefulset-create");
     let create: Value = serde_json::from_slice(&body).expect("json");
     let original = create["request"]["object"].clone();
-    let injected = apply(&original, &answer(Endpoint::Mutate, &body, &apps).patch.expect("patch"));
+    let injected = apply(
+        &original,
+        &answer(Endpoint::Mutate, &body, &apps).patch.expect("patch"),
+    );
 
-    let key = AppRef { namespace: "default".into(), name: "my-app".into() };
+    let key = AppRef {
+        namespace: "default".into(),
+        name: "my-app".into(),
+    };
     let mut app = (*apps[&key]).clone();
-    app["spec"].as_object_mut().expect("spec").remove("pythonPackages");
+    app["spec"]
+        .as_object_mut()
+        .expect("spec")
+        .remove("pythonPackages");
     apps.insert(key, Arc::new(app));
-    let Answer { patch, .. } = answer(Endpoint::Mutate, &update_review(&create, &injected, &injected), &apps);
+    let Answer { patch, .. } = answer(
+        Endpoint::Mutate,
+        &update_review(&create, &injected, &injected),
+        &apps,
+    );
     let stripped = apply(&injected, &patch.expect("a patch"));
     assert_eq!(stripped["spec"], original["spec"]);
 }
@@ -228,7 +322,12 @@ fn removing_python_packages_restores_the_operators_template() {
 fn a_missing_kasprapp_allows_unchanged_and_an_unreadable_one_denies() {
     let body = fixture("emptydir-statefulset-create");
     let request = admission::parse_review(&body).expect("review");
-    let decision = admission::decide(Endpoint::Mutate, &request, Some(&AppLookup::NotFound), &RenderConfig::default());
+    let decision = admission::decide(
+        Endpoint::Mutate,
+        &request,
+        Some(&AppLookup::NotFound),
+        &RenderConfig::default(),
+    );
     assert!(decision.allowed && decision.patch.is_none());
     let decision = admission::decide(
         Endpoint::Mutate,
@@ -238,7 +337,10 @@ fn a_missing_kasprapp_allows_unchanged_and_an_unreadable_one_denies() {
     );
     assert!(!decision.allowed);
     let message = decision.message.expect("message");
-    assert!(message.contains("could not read KasprApp default/my-app (connection refused)"), "{message}");
+    assert!(
+        message.contains("could not read KasprApp default/my-app (connection refused)"),
+        "{message}"
+    );
 }
 
 #[test]

@@ -81,11 +81,21 @@ pub fn mutate_statefulset(
     kasprapp: &Value,
     config: &RenderConfig,
 ) -> Result<MutationOutcome, Denial> {
-    mutate_object(statefulset, "/spec/template", "spec.template.spec", kasprapp, config)
+    mutate_object(
+        statefulset,
+        "/spec/template",
+        "spec.template.spec",
+        kasprapp,
+        config,
+    )
 }
 
 /// Mutates a Pod of `kasprapp`. A pod whose template was already injected is left as it is.
-pub fn mutate_pod(pod: &Value, kasprapp: &Value, config: &RenderConfig) -> Result<MutationOutcome, Denial> {
+pub fn mutate_pod(
+    pod: &Value,
+    kasprapp: &Value,
+    config: &RenderConfig,
+) -> Result<MutationOutcome, Denial> {
     let injected = pod
         .pointer("/metadata/annotations")
         .and_then(|a| a.get(names::TEMPLATE_HASH_ANNOTATION))
@@ -182,14 +192,27 @@ pub fn apply(
 
     check_collisions(pod_spec, field_prefix)?;
     let main_index = main_container_index(pod_spec).ok_or_else(|| {
-        Denial::new(format!("{field_prefix}.containers: the pod has no containers"))
+        Denial::new(format!(
+            "{field_prefix}.containers: the pod has no containers"
+        ))
     })?;
     check_extra_mounts(pod_spec, spec, field_prefix)?;
 
     let containers = list(pod_spec, "containers");
-    let main = containers[main_index].as_object().cloned().unwrap_or_default();
-    let main_name = main.get("name").and_then(Value::as_str).unwrap_or_default().to_owned();
-    if main.get("image").and_then(Value::as_str).is_none_or(str::is_empty) {
+    let main = containers[main_index]
+        .as_object()
+        .cloned()
+        .unwrap_or_default();
+    let main_name = main
+        .get("name")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned();
+    if main
+        .get("image")
+        .and_then(Value::as_str)
+        .is_none_or(str::is_empty)
+    {
         return Err(Denial::new(format!(
             "{field_prefix}.containers[{main_index}].image: the main container has no image to run the installer with"
         )));
@@ -227,13 +250,9 @@ pub fn apply(
         volume_mounts: mount_names,
         env: vec![names::PYTHONPATH.to_owned()],
     };
-    let metadata = template
-        .entry("metadata")
-        .or_insert_with(|| json!({}));
+    let metadata = template.entry("metadata").or_insert_with(|| json!({}));
     if let Some(metadata) = metadata.as_object_mut() {
-        let annotations = metadata
-            .entry("annotations")
-            .or_insert_with(|| json!({}));
+        let annotations = metadata.entry("annotations").or_insert_with(|| json!({}));
         if let Some(annotations) = annotations.as_object_mut() {
             annotations.insert(
                 names::TEMPLATE_HASH_ANNOTATION.into(),
@@ -243,7 +262,10 @@ pub fn apply(
                 names::INSTALL_KEY_ANNOTATION.into(),
                 json!(injection.install_key),
             );
-            annotations.insert(names::INJECTED_ANNOTATION.into(), json!(record.to_annotation()));
+            annotations.insert(
+                names::INJECTED_ANNOTATION.into(),
+                json!(record.to_annotation()),
+            );
         }
     }
     Ok(Vec::new())
@@ -255,7 +277,10 @@ fn remove_annotations(template: &mut Map<String, Value>) {
     let Some(metadata) = template.get_mut("metadata").and_then(Value::as_object_mut) else {
         return;
     };
-    let now_empty = match metadata.get_mut("annotations").and_then(Value::as_object_mut) {
+    let now_empty = match metadata
+        .get_mut("annotations")
+        .and_then(Value::as_object_mut)
+    {
         Some(annotations) => {
             let removed = names::ANNOTATIONS
                 .iter()
@@ -325,7 +350,10 @@ fn check_collisions(pod_spec: &Map<String, Value>, prefix: &str) -> Result<(), D
             .and_then(Value::as_array)
             .map_or(&[][..], Vec::as_slice);
         for (i, m) in mounts.iter().enumerate() {
-            let path = m.get("mountPath").and_then(Value::as_str).unwrap_or_default();
+            let path = m
+                .get("mountPath")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
             let path = path.trim_end_matches('/');
             let ours = [names::PACKAGES_PATH, names::CACHE_PATH]
                 .iter()
@@ -348,7 +376,11 @@ fn check_collisions(pod_spec: &Map<String, Value>, prefix: &str) -> Result<(), D
 }
 
 /// `pythonPackagesInitContainer.volumeMounts` must name volumes the pod declares.
-fn check_extra_mounts(pod_spec: &Map<String, Value>, spec: &PythonPackages, prefix: &str) -> Result<(), Denial> {
+fn check_extra_mounts(
+    pod_spec: &Map<String, Value>,
+    spec: &PythonPackages,
+    prefix: &str,
+) -> Result<(), Denial> {
     let volumes = list(pod_spec, "volumes");
     let missing: Vec<String> = spec
         .init_container
@@ -379,10 +411,7 @@ fn set_pythonpath(container: &mut Map<String, Value>) {
     let Some(env) = env.as_array_mut() else {
         return;
     };
-    let existing = env
-        .iter_mut()
-        .rev()
-        .find(|e| name_is(e, names::PYTHONPATH));
+    let existing = env.iter_mut().rev().find(|e| name_is(e, names::PYTHONPATH));
     match existing {
         None => env.push(json!({"name": names::PYTHONPATH, "value": site})),
         Some(entry) if entry.get("valueFrom").is_some_and(|v| !v.is_null()) => {
@@ -391,7 +420,10 @@ fn set_pythonpath(container: &mut Map<String, Value>) {
             env.push(json!({"name": names::PYTHONPATH, "value": format!("{site}:$({})", names::PYTHONPATH)}));
         }
         Some(entry) => {
-            let old = entry.get("value").and_then(Value::as_str).unwrap_or_default();
+            let old = entry
+                .get("value")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
             entry["value"] = json!(format!("{site}:{old}"));
         }
     }

@@ -70,12 +70,12 @@ pub fn strip(spec: &mut Map<String, Value>, record: &Record) {
             container.remove("volumeMounts");
         }
     }
-    if record.env.iter().any(|e| e == names::PYTHONPATH) {
-        if let Some(Value::Array(env)) = container.get_mut("env") {
-            strip_pythonpath(env);
-            if env.is_empty() {
-                container.remove("env");
-            }
+    if record.env.iter().any(|e| e == names::PYTHONPATH)
+        && let Some(Value::Array(env)) = container.get_mut("env")
+    {
+        strip_pythonpath(env);
+        if env.is_empty() {
+            container.remove("env");
         }
     }
 }

@@ -187,8 +187,16 @@ pub fn render(
         ..Default::default()
     }];
     if let Some(creds) = &spec.credentials {
-        env.push(secret_env(names::USERNAME_ENV, &creds.secret_name, &creds.username_key));
-        env.push(secret_env(names::PASSWORD_ENV, &creds.secret_name, &creds.password_key));
+        env.push(secret_env(
+            names::USERNAME_ENV,
+            &creds.secret_name,
+            &creds.username_key,
+        ));
+        env.push(secret_env(
+            names::PASSWORD_ENV,
+            &creds.secret_name,
+            &creds.password_key,
+        ));
     }
     env.extend(spec.init_container.env.iter().cloned());
 

@@ -4,12 +4,14 @@ use serde_json::{Value, json};
 use super::*;
 
 fn kasprapp(python_packages: Value) -> Value {
-    json!({
+    let mut app = json!({
         "apiVersion": "kaspr.io/v1alpha1",
         "kind": "KasprApp",
         "metadata": {"name": "my-app", "namespace": "apps", "uid": "0b6c"},
-        "spec": {"bootstrapServers": "kafka:9092", "pythonPackages": python_packages}
-    })
+        "spec": {"bootstrapServers": "kafka:9092"}
+    });
+    app["spec"]["pythonPackages"] = python_packages;
+    app
 }
 
 fn statefulset() -> Value {
@@ -74,7 +76,11 @@ fn main_container(sts: &Value) -> &Value {
 }
 
 fn env<'a>(container: &'a Value, name: &str) -> Option<&'a Value> {
-    container["env"].as_array()?.iter().rev().find(|e| e["name"] == name)
+    container["env"]
+        .as_array()?
+        .iter()
+        .rev()
+        .find(|e| e["name"] == name)
 }
 
 fn config_of(sts: &Value) -> Value {
@@ -125,26 +131,50 @@ fn emptydir_injection_has_the_documented_shape() {
         main["volumeMounts"],
         json!([{"name": "data", "mountPath": "/var/lib/kaspr"}, {"mountPath": "/opt/kaspr/packages", "name": "kaspr-packages", "readOnly": true}])
     );
-    assert_eq!(env(main, "PYTHONPATH"), Some(&json!({"name": "PYTHONPATH", "value": "/opt/kaspr/packages/site"})));
-    assert!(env(main, "KASPR_PACKAGES_CONFIG").is_none(), "config only on the init container");
+    assert_eq!(
+        env(main, "PYTHONPATH"),
+        Some(&json!({"name": "PYTHONPATH", "value": "/opt/kaspr/packages/site"}))
+    );
+    assert!(
+        env(main, "KASPR_PACKAGES_CONFIG").is_none(),
+        "config only on the init container"
+    );
 
     let config = config_of(&out);
     assert_eq!(config["mode"], "emptyDir");
     assert_eq!(config["app"], "my-app");
     assert_eq!(config["namespace"], "apps");
-    assert_eq!(config["packages"], json!(["requests==2.31.0", "pandas>=2.0.0"]));
+    assert_eq!(
+        config["packages"],
+        json!(["requests==2.31.0", "pandas>=2.0.0"])
+    );
     assert_eq!(config["retries"], 3);
     assert_eq!(config["timeoutSeconds"], 600);
     assert_eq!(config["onFailure"], "block");
     assert_eq!(config["target"], "/opt/kaspr/packages");
 
     let annotations = &template(&out)["metadata"]["annotations"];
-    let spec_key = validation::validate_kasprapp(&basic_app()).spec.expect("spec").install_key();
-    assert_eq!(annotations["packages.kaspr.io/install-key"], json!(spec_key));
+    let spec_key = validation::validate_kasprapp(&basic_app())
+        .spec
+        .expect("spec")
+        .install_key();
+    assert_eq!(
+        annotations["packages.kaspr.io/install-key"],
+        json!(spec_key)
+    );
     assert_eq!(config["installKey"], json!(spec_key));
-    assert_eq!(annotations["packages.kaspr.io/template-hash"].as_str().map(str::len), Some(16));
-    let record: Value =
-        serde_json::from_str(annotations["packages.kaspr.io/injected"].as_str().expect("record")).expect("json");
+    assert_eq!(
+        annotations["packages.kaspr.io/template-hash"]
+            .as_str()
+            .map(str::len),
+        Some(16)
+    );
+    let record: Value = serde_json::from_str(
+        annotations["packages.kaspr.io/injected"]
+            .as_str()
+            .expect("record"),
+    )
+    .expect("json");
     assert_eq!(
         record,
         json!({"initContainers": ["kaspr-packages"], "volumes": ["kaspr-packages"], "container": "kaspr",
@@ -155,7 +185,10 @@ fn emptydir_injection_has_the_documented_shape() {
 #[test]
 fn unknown_fields_survive() {
     let (out, _) = mutate(&statefulset(), &basic_app());
-    assert_eq!(template(&out)["spec"]["futurePodField"], json!({"keep": true}));
+    assert_eq!(
+        template(&out)["spec"]["futurePodField"],
+        json!({"keep": true})
+    );
     assert_eq!(main_container(&out)["futureContainerField"], "keep me");
 }
 
@@ -198,7 +231,7 @@ fn operator_rewrites_give_the_same_template() {
     assert_eq!(serde_json::to_vec(template(&out)).expect("json"), expected);
 
     // 3. Only the init containers rewritten.
-    let mut rewritten = injected.clone();
+    let mut rewritten = injected;
     rewritten["spec"]["template"]["spec"]["initContainers"] =
         json!([{"name": "wait-for-kafka", "image": "busybox:1.36"}]);
     let (out, _) = mutate(&rewritten, &app);
@@ -211,7 +244,10 @@ fn removing_python_packages_strips_exactly_what_was_injected() {
     original["spec"]["template"]["metadata"]["annotations"] = json!({"team": "data"});
     let (injected, _) = mutate(&original, &basic_app());
     let mut without = basic_app();
-    without["spec"].as_object_mut().expect("spec").remove("pythonPackages");
+    without["spec"]
+        .as_object_mut()
+        .expect("spec")
+        .remove("pythonPackages");
     let (stripped, outcome) = mutate(&injected, &without);
     assert!(outcome.warnings.is_empty());
     assert_eq!(stripped, original);
@@ -220,7 +256,10 @@ fn removing_python_packages_strips_exactly_what_was_injected() {
 #[test]
 fn no_python_packages_on_an_untouched_object_is_a_no_op() {
     let mut app = basic_app();
-    app["spec"].as_object_mut().expect("spec").remove("pythonPackages");
+    app["spec"]
+        .as_object_mut()
+        .expect("spec")
+        .remove("pythonPackages");
     let outcome = mutate_statefulset(&statefulset(), &app, &RenderConfig::default()).expect("ok");
     assert!(outcome.patch.0.is_empty());
 }
@@ -238,7 +277,10 @@ fn existing_plain_pythonpath_is_kept_after_ours_and_restored_on_removal() {
     let again = mutate_statefulset(&out, &basic_app(), &RenderConfig::default()).expect("ok");
     assert!(again.patch.0.is_empty());
     let mut without = basic_app();
-    without["spec"].as_object_mut().expect("spec").remove("pythonPackages");
+    without["spec"]
+        .as_object_mut()
+        .expect("spec")
+        .remove("pythonPackages");
     let (stripped, _) = mutate(&out, &without);
     assert_eq!(stripped, sts);
 }
@@ -259,7 +301,9 @@ fn pythonpath_from_a_secret_is_chained_not_overwritten() {
 
 #[test]
 fn pvc_mode_adds_the_shared_cache() {
-    let app = kasprapp(json!({"packages": ["requests==2.31.0"], "cache": {"enabled": true, "storageClass": "efs-sc"}}));
+    let app = kasprapp(
+        json!({"packages": ["requests==2.31.0"], "cache": {"enabled": true, "storageClass": "efs-sc"}}),
+    );
     let (out, _) = mutate(&statefulset(), &app);
     let volumes = &template(&out)["spec"]["volumes"];
     assert_eq!(
@@ -281,8 +325,10 @@ fn pvc_mode_adds_the_shared_cache() {
 
 #[test]
 fn gcs_mode_with_a_key_secret_mounts_it_in_the_init_container_only() {
-    let app = kasprapp(json!({"packages": ["requests==2.31.0"], "cache": {"type": "gcs",
-        "gcs": {"bucket": "my-packages-bucket", "secretRef": {"name": "gcs-sa-key"}}}}));
+    let app = kasprapp(
+        json!({"packages": ["requests==2.31.0"], "cache": {"type": "gcs",
+        "gcs": {"bucket": "my-packages-bucket", "secretRef": {"name": "gcs-sa-key"}}}}),
+    );
     let (out, _) = mutate(&statefulset(), &app);
     assert_eq!(
         template(&out)["spec"]["volumes"][2],
@@ -292,7 +338,12 @@ fn gcs_mode_with_a_key_secret_mounts_it_in_the_init_container_only() {
         init_container(&out)["volumeMounts"][1],
         json!({"mountPath": "/var/run/secrets/kaspr-packages/gcs", "name": "kaspr-packages-gcs-key", "readOnly": true})
     );
-    assert_eq!(main_container(&out)["volumeMounts"].as_array().map(Vec::len), Some(2));
+    assert_eq!(
+        main_container(&out)["volumeMounts"]
+            .as_array()
+            .map(Vec::len),
+        Some(2)
+    );
     let config = config_of(&out);
     assert_eq!(
         config["gcs"],
@@ -303,25 +354,36 @@ fn gcs_mode_with_a_key_secret_mounts_it_in_the_init_container_only() {
 
 #[test]
 fn gcs_mode_without_a_secret_uses_workload_identity() {
-    let app = kasprapp(json!({"packages": ["requests==2.31.0"], "cache": {"type": "gcs", "gcs": {"bucket": "my-packages-bucket"}}}));
+    let app = kasprapp(
+        json!({"packages": ["requests==2.31.0"], "cache": {"type": "gcs", "gcs": {"bucket": "my-packages-bucket"}}}),
+    );
     let (out, _) = mutate(&statefulset(), &app);
-    assert_eq!(template(&out)["spec"]["volumes"].as_array().map(Vec::len), Some(2));
+    assert_eq!(
+        template(&out)["spec"]["volumes"].as_array().map(Vec::len),
+        Some(2)
+    );
     assert!(config_of(&out)["gcs"].get("keyFile").is_none());
 }
 
 #[test]
 fn credentials_are_secret_references_on_the_init_container_only() {
-    let app = kasprapp(json!({"packages": ["private-lib==1.0"], "indexUrl": "https://pypi.example.com/simple",
-        "credentials": {"secretRef": {"name": "pypi-creds", "passwordKey": "token"}}}));
+    let app = kasprapp(
+        json!({"packages": ["private-lib==1.0"], "indexUrl": "https://pypi.example.com/simple",
+        "credentials": {"secretRef": {"name": "pypi-creds", "passwordKey": "token"}}}),
+    );
     let (out, _) = mutate(&statefulset(), &app);
     let ic = init_container(&out);
     assert_eq!(
         env(ic, "KASPR_PYPI_USERNAME"),
-        Some(&json!({"name": "KASPR_PYPI_USERNAME", "valueFrom": {"secretKeyRef": {"key": "username", "name": "pypi-creds", "optional": false}}}))
+        Some(
+            &json!({"name": "KASPR_PYPI_USERNAME", "valueFrom": {"secretKeyRef": {"key": "username", "name": "pypi-creds", "optional": false}}})
+        )
     );
     assert_eq!(
         env(ic, "KASPR_PYPI_PASSWORD"),
-        Some(&json!({"name": "KASPR_PYPI_PASSWORD", "valueFrom": {"secretKeyRef": {"key": "token", "name": "pypi-creds", "optional": false}}}))
+        Some(
+            &json!({"name": "KASPR_PYPI_PASSWORD", "valueFrom": {"secretKeyRef": {"key": "token", "name": "pypi-creds", "optional": false}}})
+        )
     );
     assert!(env(main_container(&out), "KASPR_PYPI_PASSWORD").is_none());
     assert_eq!(config_of(&out)["credentials"], true);
@@ -329,7 +391,8 @@ fn credentials_are_secret_references_on_the_init_container_only() {
 
 #[test]
 fn init_container_extras_are_added_to_the_init_container_only() {
-    let mut app = kasprapp(json!({"packages": ["mylib @ git+ssh://git@github.com/org/mylib.git@v1"]}));
+    let mut app =
+        kasprapp(json!({"packages": ["mylib @ git+ssh://git@github.com/org/mylib.git@v1"]}));
     app["spec"]["template"] = json!({"pythonPackagesInitContainer": {
         "env": [{"name": "GIT_SSH_COMMAND", "value": "ssh -i /etc/git-ssh/id_ed25519"}],
         "volumeMounts": [{"name": "git-ssh", "mountPath": "/etc/git-ssh", "readOnly": true}]
@@ -338,7 +401,9 @@ fn init_container_extras_are_added_to_the_init_container_only() {
     sts["spec"]["template"]["spec"]["volumes"]
         .as_array_mut()
         .expect("volumes")
-        .push(json!({"name": "git-ssh", "secret": {"secretName": "deploy-key", "defaultMode": 256}}));
+        .push(
+            json!({"name": "git-ssh", "secret": {"secretName": "deploy-key", "defaultMode": 256}}),
+        );
     let (out, _) = mutate(&sts, &app);
     let ic = init_container(&out);
     assert!(env(ic, "GIT_SSH_COMMAND").is_some());
@@ -346,25 +411,46 @@ fn init_container_extras_are_added_to_the_init_container_only() {
     assert!(env(main_container(&out), "GIT_SSH_COMMAND").is_none());
 
     // The volume must exist in the pod.
-    let denial = mutate_statefulset(&statefulset(), &app, &RenderConfig::default()).expect_err("denied");
-    assert!(denial.message.contains("volume \"git-ssh\" is not declared"), "{}", denial.message);
+    let denial =
+        mutate_statefulset(&statefulset(), &app, &RenderConfig::default()).expect_err("denied");
+    assert!(
+        denial
+            .message
+            .contains("volume \"git-ssh\" is not declared"),
+        "{}",
+        denial.message
+    );
 }
 
 #[test]
 fn resources_come_from_the_spec_else_the_chart_default() {
     let default = k8s_openapi::api::core::v1::ResourceRequirements {
-        requests: Some([("cpu".to_owned(), k8s_openapi::apimachinery::pkg::api::resource::Quantity("50m".into()))].into()),
+        requests: Some(
+            [(
+                "cpu".to_owned(),
+                k8s_openapi::apimachinery::pkg::api::resource::Quantity("50m".into()),
+            )]
+            .into(),
+        ),
         ..Default::default()
     };
-    let config = RenderConfig { default_resources: Some(default) };
+    let config = RenderConfig {
+        default_resources: Some(default),
+    };
     let outcome = mutate_statefulset(&statefulset(), &basic_app(), &config).expect("ok");
     let out = apply_patch(&statefulset(), &outcome.patch);
-    assert_eq!(init_container(&out)["resources"], json!({"requests": {"cpu": "50m"}}));
+    assert_eq!(
+        init_container(&out)["resources"],
+        json!({"requests": {"cpu": "50m"}})
+    );
 
     let app = kasprapp(json!({"packages": ["a==1"], "resources": {"limits": {"memory": "512Mi"}}}));
     let outcome = mutate_statefulset(&statefulset(), &app, &config).expect("ok");
     let out = apply_patch(&statefulset(), &outcome.patch);
-    assert_eq!(init_container(&out)["resources"], json!({"limits": {"memory": "512Mi"}}));
+    assert_eq!(
+        init_container(&out)["resources"],
+        json!({"limits": {"memory": "512Mi"}})
+    );
 }
 
 #[test]
@@ -372,12 +458,21 @@ fn template_hash_follows_every_rendered_change_and_install_key_only_content() {
     let hash = |app: &Value| {
         let (out, _) = mutate(&statefulset(), app);
         let a = &template(&out)["metadata"]["annotations"];
-        (a["packages.kaspr.io/template-hash"].clone(), a["packages.kaspr.io/install-key"].clone())
+        (
+            a["packages.kaspr.io/template-hash"].clone(),
+            a["packages.kaspr.io/install-key"].clone(),
+        )
     };
     let base = hash(&kasprapp(json!({"packages": ["a==1"]})));
-    let policy = hash(&kasprapp(json!({"packages": ["a==1"], "installPolicy": {"retries": 5}})));
-    let resources = hash(&kasprapp(json!({"packages": ["a==1"], "resources": {"limits": {"cpu": "1"}}})));
-    let cache = hash(&kasprapp(json!({"packages": ["a==1"], "cache": {"enabled": true}})));
+    let policy = hash(&kasprapp(
+        json!({"packages": ["a==1"], "installPolicy": {"retries": 5}}),
+    ));
+    let resources = hash(&kasprapp(
+        json!({"packages": ["a==1"], "resources": {"limits": {"cpu": "1"}}}),
+    ));
+    let cache = hash(&kasprapp(
+        json!({"packages": ["a==1"], "cache": {"enabled": true}}),
+    ));
     let packages = hash(&kasprapp(json!({"packages": ["a==2"]})));
     for other in [&policy, &resources, &cache] {
         assert_ne!(other.0, base.0);
@@ -387,9 +482,13 @@ fn template_hash_follows_every_rendered_change_and_install_key_only_content() {
     assert_ne!(packages.1, base.1);
 
     let mut other_image = statefulset();
-    other_image["spec"]["template"]["spec"]["containers"][0]["image"] = json!("kasprio/kaspr:0.6.0");
+    other_image["spec"]["template"]["spec"]["containers"][0]["image"] =
+        json!("kasprio/kaspr:0.6.0");
     let (out, _) = mutate(&other_image, &kasprapp(json!({"packages": ["a==1"]})));
-    assert_ne!(template(&out)["metadata"]["annotations"]["packages.kaspr.io/template-hash"], base.0);
+    assert_ne!(
+        template(&out)["metadata"]["annotations"]["packages.kaspr.io/template-hash"],
+        base.0
+    );
 }
 
 #[test]
@@ -399,9 +498,17 @@ fn the_operators_own_init_container_means_no_injection() {
         .as_array_mut()
         .expect("init")
         .push(json!({"name": "install-packages", "image": "kasprio/kaspr:0.5.0"}));
-    let outcome = mutate_statefulset(&sts, &basic_app(), &RenderConfig::default()).expect("allowed");
+    let outcome =
+        mutate_statefulset(&sts, &basic_app(), &RenderConfig::default()).expect("allowed");
     assert!(outcome.patch.0.is_empty());
-    assert!(outcome.warnings.iter().any(|w| w.contains("install-packages")), "{:?}", outcome.warnings);
+    assert!(
+        outcome
+            .warnings
+            .iter()
+            .any(|w| w.contains("install-packages")),
+        "{:?}",
+        outcome.warnings
+    );
 }
 
 #[test]
@@ -415,30 +522,54 @@ fn names_taken_by_the_user_are_denied() {
         .as_array_mut()
         .expect("mounts")
         .push(json!({"name": "config", "mountPath": "/opt/kaspr/packages"}));
-    let denial = mutate_statefulset(&sts, &basic_app(), &RenderConfig::default()).expect_err("denied");
-    assert!(denial.message.contains("spec.template.spec.volumes[1]: a volume named \"kaspr-packages\""), "{}", denial.message);
-    assert!(denial.message.contains("spec.template.spec.containers[0].volumeMounts[1]"), "{}", denial.message);
+    let denial =
+        mutate_statefulset(&sts, &basic_app(), &RenderConfig::default()).expect_err("denied");
+    assert!(
+        denial
+            .message
+            .contains("spec.template.spec.volumes[1]: a volume named \"kaspr-packages\""),
+        "{}",
+        denial.message
+    );
+    assert!(
+        denial
+            .message
+            .contains("spec.template.spec.containers[0].volumeMounts[1]"),
+        "{}",
+        denial.message
+    );
 }
 
 #[test]
 fn an_invalid_kasprapp_is_denied_naming_it() {
     let app = kasprapp(json!({"packages": ["requests; rm -rf /"]}));
-    let denial = mutate_statefulset(&statefulset(), &app, &RenderConfig::default()).expect_err("denied");
-    assert!(denial.message.starts_with("KasprApp apps/my-app has an invalid spec.pythonPackages:"), "{}", denial.message);
-    assert!(denial.message.contains("spec.pythonPackages.packages[0]: \"requests; rm -rf /\" is not a valid requirement"));
+    let denial =
+        mutate_statefulset(&statefulset(), &app, &RenderConfig::default()).expect_err("denied");
+    assert!(
+        denial
+            .message
+            .starts_with("KasprApp apps/my-app has an invalid spec.pythonPackages:"),
+        "{}",
+        denial.message
+    );
+    assert!(denial.message.contains(
+        "spec.pythonPackages.packages[0]: \"requests; rm -rf /\" is not a valid requirement"
+    ));
 }
 
 #[test]
 fn main_container_is_kaspr_else_the_first() {
     let mut sts = statefulset();
     let kaspr = sts["spec"]["template"]["spec"]["containers"][0].clone();
-    sts["spec"]["template"]["spec"]["containers"] = json!([{"name": "sidecar", "image": "envoy:1"}, kaspr]);
+    sts["spec"]["template"]["spec"]["containers"] =
+        json!([{"name": "sidecar", "image": "envoy:1"}, kaspr]);
     let (out, _) = mutate(&sts, &basic_app());
     let containers = &template(&out)["spec"]["containers"];
     assert!(env(&containers[1], "PYTHONPATH").is_some());
     assert!(containers[0].get("env").is_none());
 
-    sts["spec"]["template"]["spec"]["containers"] = json!([{"name": "app", "image": "python:3.12"}]);
+    sts["spec"]["template"]["spec"]["containers"] =
+        json!([{"name": "app", "image": "python:3.12"}]);
     let (out, _) = mutate(&sts, &basic_app());
     assert!(env(&template(&out)["spec"]["containers"][0], "PYTHONPATH").is_some());
     assert_eq!(init_container(&out)["image"], "python:3.12");
@@ -447,8 +578,7 @@ fn main_container_is_kaspr_else_the_first() {
 #[test]
 fn seccomp_of_the_main_container_or_pod_is_respected() {
     let mut sts = statefulset();
-    sts["spec"]["template"]["spec"]["containers"][0]["securityContext"] =
-        json!({"seccompProfile": {"type": "Localhost", "localhostProfile": "k.json"}, "privileged": true, "capabilities": {"add": ["NET_ADMIN"]}});
+    sts["spec"]["template"]["spec"]["containers"][0]["securityContext"] = json!({"seccompProfile": {"type": "Localhost", "localhostProfile": "k.json"}, "privileged": true, "capabilities": {"add": ["NET_ADMIN"]}});
     let (out, _) = mutate(&sts, &basic_app());
     assert_eq!(
         init_container(&out)["securityContext"],
@@ -456,9 +586,14 @@ fn seccomp_of_the_main_container_or_pod_is_respected() {
     );
 
     let mut sts = statefulset();
-    sts["spec"]["template"]["spec"]["securityContext"] = json!({"seccompProfile": {"type": "RuntimeDefault"}});
+    sts["spec"]["template"]["spec"]["securityContext"] =
+        json!({"seccompProfile": {"type": "RuntimeDefault"}});
     let (out, _) = mutate(&sts, &basic_app());
-    assert!(init_container(&out)["securityContext"].get("seccompProfile").is_none());
+    assert!(
+        init_container(&out)["securityContext"]
+            .get("seccompProfile")
+            .is_none()
+    );
 }
 
 fn pod() -> Value {
@@ -476,7 +611,13 @@ fn pods_are_injected_unless_their_template_already_was() {
     assert_eq!(pod_app(&pod()).as_deref(), Some("my-app"));
     let outcome = mutate_pod(&pod(), &basic_app(), &RenderConfig::default()).expect("ok");
     let out = apply_patch(&pod(), &outcome.patch);
-    assert!(out["spec"]["initContainers"].as_array().expect("init").iter().any(|c| c["name"] == "kaspr-packages"));
+    assert!(
+        out["spec"]["initContainers"]
+            .as_array()
+            .expect("init")
+            .iter()
+            .any(|c| c["name"] == "kaspr-packages")
+    );
     assert!(out["metadata"]["annotations"]["packages.kaspr.io/template-hash"].is_string());
     let again = mutate_pod(&out, &basic_app(), &RenderConfig::default()).expect("ok");
     assert!(again.patch.0.is_empty());
@@ -484,7 +625,8 @@ fn pods_are_injected_unless_their_template_already_was() {
     // A pod from an injected template carries the hash and is left alone.
     let (sts, _) = mutate(&statefulset(), &basic_app());
     let mut from_template = pod();
-    from_template["metadata"]["annotations"] = sts["spec"]["template"]["metadata"]["annotations"].clone();
+    from_template["metadata"]["annotations"] =
+        sts["spec"]["template"]["metadata"]["annotations"].clone();
     from_template["spec"] = sts["spec"]["template"]["spec"].clone();
     let outcome = mutate_pod(&from_template, &basic_app(), &RenderConfig::default()).expect("ok");
     assert!(outcome.patch.0.is_empty());
@@ -493,7 +635,8 @@ fn pods_are_injected_unless_their_template_already_was() {
 #[test]
 fn pod_app_falls_back_to_the_instance_label_and_needs_the_kind_label() {
     let mut p = pod();
-    p["metadata"]["labels"] = json!({"kaspr.io/kind": "KasprApp", "app.kubernetes.io/instance": "other"});
+    p["metadata"]["labels"] =
+        json!({"kaspr.io/kind": "KasprApp", "app.kubernetes.io/instance": "other"});
     assert_eq!(pod_app(&p).as_deref(), Some("other"));
     p["metadata"]["labels"] = json!({"kaspr.io/app": "my-app"});
     assert_eq!(pod_app(&p), None);
