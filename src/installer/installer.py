@@ -502,10 +502,11 @@ def normalize(name: str) -> str:
 # --------------------------------------------------------------------------------------------
 
 class PipResult:
-    def __init__(self, returncode: int, lines: List[str], report: str):
+    def __init__(self, returncode: int, lines: List[str], report: str, seconds: float):
         self.returncode = returncode
         self.lines = lines
         self.report = report
+        self.seconds = seconds
 
 
 def run_pip(
@@ -524,7 +525,8 @@ def run_pip(
         report_r, report_w = os.pipe()
         args = [a.replace("{report}", "/dev/fd/%d" % report_w) for a in args]
     argv = [sys.executable, "-m", "pip"] + args
-    remaining = deadline - time.monotonic()
+    started = time.monotonic()
+    remaining = deadline - started
     if remaining <= 0:
         raise InstallError("timeout", "attempt exceeded its time limit before pip started")
     try:
@@ -565,7 +567,8 @@ def run_pip(
         thread.join(timeout=5)
     if timed_out:
         raise InstallError("timeout", "pip did not finish within the attempt's time limit; its process group was killed")
-    return PipResult(proc.returncode, lines, b"".join(report_chunks).decode("utf-8", "replace"))
+    return PipResult(proc.returncode, lines, b"".join(report_chunks).decode("utf-8", "replace"),
+                     time.monotonic() - started)
 
 
 def kill_group(proc: subprocess.Popen) -> None:
@@ -868,6 +871,7 @@ def install_attempt(ctx: "Context", dest: str, deadline: float) -> Plan:
         if error.category == "package_not_found":
             error = diagnose_not_found(ctx, result.lines, deadline) or error
         raise error
+    log("pip resolve took %.2fs" % result.seconds)
     plan = plan_from_report(result.report, ctx.expanded, ctx.installed)
     for override in plan.overrides:
         log("override: " + override)
@@ -882,6 +886,7 @@ def install_attempt(ctx: "Context", dest: str, deadline: float) -> Plan:
     )
     if result.returncode != 0:
         raise pip_failure(result, "install")
+    log("pip install took %.2fs" % result.seconds)
     return plan
 
 

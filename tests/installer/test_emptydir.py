@@ -312,3 +312,23 @@ def test_variable_expansion_value_never_leaks(image_python, wheels, tmp_path, en
     assert token.encode() not in all_files_text(target)
     direct = json.loads((target / "site" / "kasprtok-1.0.dist-info" / "direct_url.json").read_text())
     assert "***" in direct["url"]
+
+
+def test_full_volume_is_disk_full(image_python, pypi, wheels, tmp_path, env, termlog):
+    """A target volume too small for the package: pip hits ENOSPC."""
+    import base64
+    import subprocess
+    root, _ = wheels
+    # ~1.3 MB of incompressible module text: larger than the 512 KiB volume below.
+    make_wheel(root, "kasprbig", "1.0", module_text="DATA = %r\n" % base64.b64encode(os.urandom(1 << 20)).decode())
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(volume)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here: %s" % mounted.stderr.decode().strip())
+    try:
+        cfg = config(volume / "packages", pypi.url, ["kasprbig==1.0"], credentials=True)
+        run = run_installer(image_python, cfg, with_creds(env), termlog)
+    finally:
+        subprocess.run(["umount", "-l", str(volume)], check=False)
+    assert_failed(run, termlog, "disk_full")
