@@ -913,7 +913,7 @@ def install_with_retries(ctx: "Context", dest: str) -> Plan:
             return plan
         except InstallError as exc:
             log("attempt %d/%d failed after %.1fs: %s: %s"
-                % (attempt, attempts, time.monotonic() - started, exc.category, exc.message))
+                % (attempt, attempts, time.monotonic() - started, exc.category, ctx.redactor(exc.message)))
             if attempt == attempts or not exc.retryable:
                 raise
             delay = backoff_delay(attempt, ctx.environ)
