@@ -15,7 +15,6 @@ Environment:
 from __future__ import annotations
 
 import atexit
-import json
 import os
 import secrets
 import shlex
@@ -30,7 +29,6 @@ import pytest
 
 from e2e_cluster import ControlPlane, Tools, tail, wait_for
 from e2e_index import PackageIndex, start_index
-from e2e_objects import init_container, kasprapp, operator_statefulset
 from e2e_webhook import MANIFESTS, Webhook, serve_help
 from pod_runner import PodRunner
 
@@ -129,7 +127,8 @@ def cluster(tools: Tools, e2e_workdir: Path) -> ControlPlane:
         raise
     yield cp
     if KEEP:
-        sys.stderr.write(
+        # Past pytest's output capture, so it shows whatever the outcome.
+        sys.__stderr__.write(
             f"\nKASPR_E2E_KEEP=1: cluster left running in network namespace {cp.netns.name}\n"
             f"  source {cp.workdir}/env.sh   # then: kubectl get pods -A\n"
             f"  logs in {cp.logs}\n"
@@ -200,34 +199,13 @@ def webhook(cluster: ControlPlane, webhook_binary: Path, e2e_workdir: Path) -> W
     try:
         hook.start()
         hook.register()
-        _wait_webhook_effective(cluster)
+        hook.wait_effective()
     except BaseException:
         sys.stderr.write(tail(hook.log_path, 80) + "\n")
         raise
     yield hook
     if not KEEP:
         hook.stop()
-
-
-def _wait_webhook_effective(cluster: ControlPlane) -> None:
-    """The API server picks registrations up asynchronously: wait until a dry run is mutated."""
-    ns = "e2e-probe"
-    if cluster.kubectl(["get", "namespace", ns], check=False).returncode != 0:
-        cluster.kubectl(["create", "namespace", ns])
-    cluster.wait_namespace_ready(ns)
-    app = cluster.create(kasprapp("probe", {"packages": ["kasprdemo==1.0"]}), namespace=ns) \
-        if cluster.kubectl(["get", "kasprapp", "probe", "-n", ns], check=False).returncode != 0 \
-        else cluster.get_json("kasprapp", "probe", namespace=ns)
-    sts = operator_statefulset("probe", app["metadata"]["uid"], replicas=1)
-
-    def mutated() -> bool:
-        proc = cluster.kubectl(["create", "--dry-run=server", "-o", "json", "-n", ns, "-f", "-"],
-                               input=json.dumps(sts), check=False)
-        if proc.returncode != 0:
-            return False
-        return init_container(json.loads(proc.stdout)["spec"]["template"]["spec"]) is not None
-
-    wait_for("the webhook registration to take effect", mutated, timeout=60, interval=0.5)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -78,7 +78,6 @@ class Webhook:
         env = {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
             "KUBECONFIG": str(self.kubeconfig),
-            "RUST_LOG": os.environ.get("KASPR_E2E_WEBHOOK_LOG", "info"),
             "RUST_BACKTRACE": "1",
         }
         self.process = self.cluster.spawn("webhook", [
@@ -87,6 +86,8 @@ class Webhook:
             "--probe-listen", PROBE_LISTEN,
             "--tls-cert", str(self.serving.cert),
             "--tls-key", str(self.serving.key),
+            "--log-format", "plain",
+            "--log-filter", os.environ.get("KASPR_E2E_WEBHOOK_LOG", "info"),
         ], env=env)
         proc = self.process
 
@@ -128,6 +129,32 @@ class Webhook:
     def unregister(self) -> None:
         for kind in ("mutatingwebhookconfiguration", "validatingwebhookconfiguration"):
             self.cluster.kubectl(["delete", kind, "kaspr-packages-webhook", "--ignore-not-found"])
+
+    def wait_effective(self, active: bool = True, timeout: float = 60) -> None:
+        """The API server applies (un)registrations asynchronously: wait until a server-side dry
+        run of an owned StatefulSet in a probe namespace is mutated (or no longer is)."""
+        from e2e_objects import init_container, kasprapp, operator_statefulset
+
+        cluster = self.cluster
+        ns = "e2e-probe"
+        if cluster.kubectl(["get", "namespace", ns], check=False).returncode != 0:
+            cluster.kubectl(["create", "namespace", ns])
+            cluster.wait_namespace_ready(ns)
+        if cluster.kubectl(["get", "kasprapp", "probe", "-n", ns], check=False).returncode != 0:
+            cluster.apply(kasprapp("probe", {"packages": ["kasprdemo==1.0"]}), namespace=ns)
+        app = cluster.get_json("kasprapp", "probe", namespace=ns)
+        sts = json.dumps(operator_statefulset("probe", app["metadata"]["uid"], replicas=1))
+
+        def settled() -> bool:
+            proc = cluster.kubectl(["create", "--dry-run=server", "-o", "json", "-n", ns, "-f", "-"],
+                                   input=sts, check=False)
+            if proc.returncode != 0:
+                return False
+            mutated = init_container(json.loads(proc.stdout)["spec"]["template"]["spec"]) is not None
+            return mutated == active
+
+        wait_for(f"the webhook registration to be {'active' if active else 'gone'}", settled,
+                 timeout=timeout, interval=0.5, on_timeout=lambda: tail(self.log_path))
 
     def registered(self) -> bool:
         proc = self.cluster.kubectl(["get", "mutatingwebhookconfiguration", "kaspr-packages-webhook", "-o", "json"],
