@@ -736,8 +736,18 @@ class Plan:
         self.overrides = overrides
 
 
-def is_direct_reference(requirement: str) -> bool:
-    return "://" in requirement or requirement.startswith("git@") or " @ " in requirement or "@ " in requirement
+NAMED_URL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*\s*(\[[^\]]*\])?\s*@\s*(\S.*)$")
+
+
+def requirement_url(requirement: str) -> Optional[str]:
+    """The URL of a direct reference (``name @ url``, a bare URL, ``git@host:path``), else None."""
+    head = requirement.split(";", 1)[0].strip()
+    match = NAMED_URL_RE.match(head)
+    if match and ("://" in match.group(2) or match.group(2).startswith("git@")):
+        return match.group(2).strip()
+    if "://" in head or head.startswith("git@"):
+        return head
+    return None
 
 
 def url_identity(url: str) -> str:
@@ -756,14 +766,6 @@ def url_identity(url: str) -> str:
     return "%s://%s%s" % (parts.scheme, host, path.rstrip("/"))
 
 
-def requirement_url(requirement: str) -> str:
-    """The URL of a direct-reference requirement (with or without ``name @``)."""
-    text = requirement.split(";", 1)[0].strip()
-    if "@ " in text or " @" in text:
-        text = text.split("@", 1)[1].strip() if not text.startswith("git@") else text
-    return text
-
-
 def plan_from_report(
     report_text: str, expanded: List[str], installed: Dict[str, str]
 ) -> Plan:
@@ -779,8 +781,9 @@ def plan_from_report(
         raise InstallError("unknown", "pip's dry-run report could not be read")
     direct_by_identity = {}
     for req in expanded:
-        if is_direct_reference(req):
-            direct_by_identity.setdefault(url_identity(requirement_url(req)), req)
+        url = requirement_url(req)
+        if url is not None:
+            direct_by_identity.setdefault(url_identity(url), req)
     lines, names, overrides = [], [], []
     for item in items:
         meta = item.get("metadata") or {}

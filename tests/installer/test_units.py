@@ -86,6 +86,17 @@ def test_url_identity_ignores_userinfo_revision_and_fragment(requirement, identi
     assert installer.url_identity(installer.requirement_url(requirement)) == identity
 
 
+@pytest.mark.parametrize("requirement, url", [
+    ("requests==2.31.0", None),
+    ('mylib[extra]>=1.2; python_version >= "3.9"', None),
+    ("x[a,b] @ https://h/x.whl ; python_version > '3'", "https://h/x.whl"),
+    ("git@github.com:org/x.git", "git@github.com:org/x.git"),
+    ("x @ git@github.com:org/x.git", "git@github.com:org/x.git"),
+])
+def test_requirement_url(requirement, url):
+    assert installer.requirement_url(requirement) == url
+
+
 def test_plan_pins_index_packages_and_keeps_direct_requirements():
     report = {"install": [
         {"metadata": {"name": "basedep", "version": "2.0"}, "is_direct": False, "download_info": {"url": "https://i/basedep-2.0.whl"}},
@@ -103,3 +114,17 @@ def test_config_defaults_and_unknown_keys():
         "version": 1, "mode": "emptyDir", "app": "a", "namespace": "ns", "installKey": "0" * 16,
         "packages": ["x"], "target": "/t", "brandNew": 1})})
     assert (cfg.retries, cfg.timeout, cfg.on_failure, cfg.index_url) == (3, 600.0, "block", None)
+
+
+def test_source_is_python_3_9_syntax():
+    import ast
+    ast.parse(INSTALLER.read_text(), feature_version=(3, 9))
+
+
+def test_program_uses_only_the_standard_library():
+    import ast
+    import sys
+    tree = ast.parse(INSTALLER.read_text())
+    modules = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    modules |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+    assert modules <= set(sys.stdlib_module_names), modules - set(sys.stdlib_module_names)
