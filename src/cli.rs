@@ -172,7 +172,18 @@ pub struct ServeArgs {
     )]
     pub max_body_bytes: usize,
 
-    /// After SIGTERM/SIGINT, how long in-flight requests may take to finish.
+    /// After SIGTERM/SIGINT, how long the webhook port keeps accepting while /readyz already
+    /// fails, so endpoints drop the pod before its listener closes (e.g. 5s in a cluster).
+    #[arg(
+        long,
+        env = "KASPR_WEBHOOK_SHUTDOWN_DELAY",
+        value_name = "DURATION",
+        default_value = "0s",
+        value_parser = parse_duration
+    )]
+    pub shutdown_delay: std::time::Duration,
+
+    /// After the listener closes, how long in-flight requests may take to finish.
     #[arg(long, env = "KASPR_WEBHOOK_SHUTDOWN_TIMEOUT", value_name = "DURATION", default_value = "20s", value_parser = parse_duration)]
     pub shutdown_timeout: std::time::Duration,
 
@@ -241,6 +252,7 @@ impl ServeArgs {
             log_format: _,
             log_filter: _,
             max_body_bytes,
+            shutdown_delay,
             shutdown_timeout,
             request_timeout,
             header_timeout,
@@ -269,6 +281,7 @@ impl ServeArgs {
                 max_body_bytes,
                 request_timeout,
                 header_timeout,
+                shutdown_delay,
                 shutdown_timeout,
                 render: crate::config::RenderConfig {
                     default_resources: init_container_resources,

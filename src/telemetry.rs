@@ -30,8 +30,11 @@ pub fn init(format: LogFormat, filter: &str) -> Result<(), TelemetryError> {
         filter: filter.to_owned(),
         source,
     })?;
+    // Colours only for a person at a terminal, never into log files or collectors.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(env_filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     let installed = match format {
         LogFormat::Json => builder

@@ -44,7 +44,10 @@ pub struct Settings {
     pub request_timeout: Duration,
     /// Deadline for a TLS handshake and for a new connection's first request headers.
     pub header_timeout: Duration,
-    /// How long in-flight requests may take to finish after a shutdown signal.
+    /// After a shutdown signal, how long the webhook port keeps accepting (while `/readyz`
+    /// already fails) so that endpoints drop the pod before its listener closes.
+    pub shutdown_delay: Duration,
+    /// How long in-flight requests may take to finish once the listener is closed.
     pub shutdown_timeout: Duration,
     /// Chart-level rendering settings.
     pub render: RenderConfig,
@@ -58,6 +61,7 @@ impl Default for Settings {
             max_body_bytes: 3 * 1024 * 1024,
             request_timeout: Duration::from_secs(8),
             header_timeout: Duration::from_secs(5),
+            shutdown_delay: Duration::ZERO,
             shutdown_timeout: Duration::from_secs(20),
             render: RenderConfig::default(),
         }
@@ -226,8 +230,9 @@ impl Running {
 }
 
 /// Binds both ports, spawns the servers and background tasks, and returns at once. Everything
-/// stops when `shutdown` fires: the webhook port stops accepting, in-flight requests get
-/// `settings.shutdown_timeout` to finish, then the probe port and the tasks stop.
+/// stops when `shutdown` fires: `/readyz` fails at once, the webhook port stops accepting after
+/// `settings.shutdown_delay`, in-flight requests get `settings.shutdown_timeout` to finish, then
+/// the probe port and the tasks stop.
 pub async fn start(
     settings: Settings,
     services: Services,
@@ -239,6 +244,7 @@ pub async fn start(
         max_body_bytes,
         request_timeout,
         header_timeout,
+        shutdown_delay,
         shutdown_timeout,
         render,
     } = settings;
@@ -338,8 +344,13 @@ pub async fn start(
                 });
             }
         }
-        // Readiness turns false first, so endpoints stop sending while we drain.
+        // Readiness turns false first; the listener stays open for `shutdown_delay` so that
+        // requests routed before the endpoint update still find it.
         shutdown.trigger();
+        if failure.is_none() && !shutdown_delay.is_zero() {
+            tracing::info!(delay = %humantime::format_duration(shutdown_delay), "not ready; still accepting before draining");
+            tokio::time::sleep(shutdown_delay).await;
+        }
         handle.graceful_shutdown(Some(shutdown_timeout));
         if !webhook_ended {
             // Bounded: axum-server closes what is left once the grace period is over.

@@ -132,6 +132,11 @@ pub fn server_config(resolver: Arc<CertResolver>) -> Result<rustls::ServerConfig
         .with_no_client_auth()
         .with_cert_resolver(resolver);
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // No session resumption: a resumed session skips the certificate, so after a rotation it
+    // would keep presenting the old one. Clients keep connections alive instead (the API
+    // server's webhook client does not resume sessions anyway), and no session cache is held.
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
     Ok(config)
 }
 
@@ -194,7 +199,14 @@ impl CertReloader {
 
     /// Reads both files; when their content differs from the last look, parses and serves them.
     pub async fn reload(&self) -> Reload {
-        let (cert, key) = match self.read_consistent().await {
+        let mut files = self.read_consistent().await;
+        if files.is_err() {
+            // A Secret volume update removes the old version right after the swap; a read that
+            // raced it succeeds a moment later.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            files = self.read_consistent().await;
+        }
+        let (cert, key) = match files {
             Ok(files) => files,
             Err(error) => {
                 // Report a missing file once, not every tick.
@@ -367,6 +379,25 @@ pub fn not_after(cert_der: &[u8]) -> Option<i64> {
     }
 }
 
+/// The civil date (year, month, day) of a Unix time (Howard Hinnant's algorithm, inverted).
+fn civil_date(unix_seconds: i64) -> (i64, u8, u8) {
+    let z = unix_seconds.div_euclid(86_400) + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    // Both fit: day is 1..=31 and month 1..=12 by construction.
+    (
+        year,
+        u8::try_from(month).unwrap_or(1),
+        u8::try_from(day).unwrap_or(1),
+    )
+}
+
 /// `MMDDHHMMSSZ` of `year` as Unix seconds.
 fn unix_time(year: i64, rest: &str) -> Option<i64> {
     if !rest.ends_with('Z') || !rest.is_ascii() {
@@ -402,7 +433,7 @@ pub struct SelfSigned {
 
 /// Generates a CA and a serving certificate for `localhost`, `127.0.0.1` and `::1`, signed by
 /// that CA, and writes `ca.crt`, `tls.crt` (leaf then CA) and `tls.key` into `dir` (created
-/// with mode 0700; the key file 0600). A fresh pair on every start: nothing to expire or leak.
+/// with mode 0700; the key file 0600). A fresh pair on every start, valid from yesterday for a year.
 pub fn write_self_signed(dir: &Path) -> Result<SelfSigned, TlsError> {
     use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
     use std::os::unix::fs::PermissionsExt;
@@ -415,8 +446,18 @@ pub fn write_self_signed(dir: &Path) -> Result<SelfSigned, TlsError> {
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
         .map_err(write_err(dir))?;
 
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(0));
+    let (year, month, day) = civil_date(now - 86_400);
+    let not_before = rcgen::date_time_ymd(i32::try_from(year).unwrap_or(2026), month, day);
+    let (year, month, day) = civil_date(now + 365 * 86_400);
+    let not_after = rcgen::date_time_ymd(i32::try_from(year).unwrap_or(2027), month, day);
+
     let ca_key = KeyPair::generate()?;
     let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+    ca_params.not_before = not_before;
+    ca_params.not_after = not_after;
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     ca_params
         .distinguished_name
@@ -434,6 +475,8 @@ pub fn write_self_signed(dir: &Path) -> Result<SelfSigned, TlsError> {
     leaf_params
         .distinguished_name
         .push(DnType::CommonName, "localhost");
+    leaf_params.not_before = not_before;
+    leaf_params.not_after = not_after;
     leaf_params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
     let leaf_cert = leaf_params.signed_by(&leaf_key, &issuer)?;
 
@@ -482,6 +525,15 @@ mod tests {
     }
 
     #[test]
+    fn civil_dates_round_trip() {
+        for t in [0, 951_868_800, 2_147_483_648, 1_790_000_000, -86_400] {
+            let (y, m, d) = civil_date(t);
+            let midnight = unix_time(y, &format!("{m:02}{d:02}000000Z")).expect("valid");
+            assert_eq!(midnight, t - t.rem_euclid(86_400), "{t}");
+        }
+    }
+
+    #[test]
     fn reads_not_after_of_generated_certificates() {
         let key = rcgen::KeyPair::generate().expect("key");
         let mut params =
@@ -509,7 +561,13 @@ mod tests {
         let key = std::fs::read(&out.key_path).expect("key");
         let pair = parse_pair(&cert, &key, &out.cert_path, &out.key_path).expect("pair");
         assert_eq!(pair.cert.len(), 2);
-        assert!(not_after(pair.cert[0].as_ref()).is_some());
+        let expiry = not_after(pair.cert[0].as_ref()).expect("expiry");
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_secs();
+        let days = (expiry - i64::try_from(now).expect("now")) / 86_400;
+        assert!((363..=366).contains(&days), "{days}");
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(&out.key_path)
             .expect("meta")
