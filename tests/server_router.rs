@@ -399,3 +399,89 @@ mod any_body {
         }
     }
 }
+
+/// Collects log output in memory.
+#[derive(Clone, Default)]
+struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("lock").extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn one_structured_log_line_per_admission_without_objects() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .json()
+        .flatten_event(true)
+        .with_env_filter("info")
+        .with_writer(move || writer.clone())
+        .finish();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    tracing::subscriber::with_default(subscriber, || {
+        runtime.block_on(async {
+            let apps = MemoryKasprApps::new()
+                .with_app(fixture_yaml("kasprapp-demo.yaml"))
+                .with_lookup(
+                    "apps",
+                    "down",
+                    AppLookup::Unavailable("connection refused".into()),
+                );
+            let (router, _) = router_with(Arc::new(apps), Duration::from_secs(8));
+            let mut dry = statefulset_review("uid-log-1", "apps", "demo");
+            dry["request"]["dryRun"] = json!(true);
+            call(&router, post("/mutate", dry.to_string())).await;
+            call(
+                &router,
+                post(
+                    "/mutate",
+                    statefulset_review("uid-log-2", "apps", "down").to_string(),
+                ),
+            )
+            .await;
+        });
+    });
+    let text = String::from_utf8(captured.0.lock().expect("lock").clone()).expect("utf-8");
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON log line"))
+        .collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    let first = &lines[0];
+    assert_eq!(first["message"], "admission");
+    assert_eq!(first["level"], "INFO");
+    for (field, value) in [
+        ("uid", json!("uid-log-1")),
+        ("kind", json!("StatefulSet")),
+        ("namespace", json!("apps")),
+        ("name", json!("demo-app")),
+        ("operation", json!("CREATE")),
+        ("dry_run", json!(true)),
+        ("allowed", json!(true)),
+        ("outcome", json!("patched")),
+    ] {
+        assert_eq!(first[field], value, "{field} in {first}");
+    }
+    assert!(first["patch_bytes"].as_u64().is_some_and(|n| n > 0));
+    assert!(first["warnings"].is_u64() && first["duration_us"].is_u64());
+    assert!(first.get("reason").is_none());
+    let second = &lines[1];
+    assert_eq!(second["outcome"], "unavailable");
+    assert!(
+        second["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("could not read KasprApp"))
+    );
+    // No object content at info.
+    assert!(!text.contains("kasprio/kaspr"), "{text}");
+}

@@ -133,7 +133,7 @@ async fn admit(state: &Inner, endpoint: Endpoint, request: Request) -> Response 
             },
             started.elapsed().as_secs_f64(),
         );
-        tracing::info!(endpoint = endpoint_label, status = status.as_u16(), %message, "admission request rejected");
+        tracing::info!(endpoint = endpoint_label, status = status.as_u16(), reason = %message, "admission request rejected");
         text(status, format!("{message}\n"))
     };
 
@@ -238,22 +238,32 @@ async fn admit(state: &Inner, endpoint: Endpoint, request: Request) -> Response 
         },
         elapsed.as_secs_f64(),
     );
-    tracing::info!(
-        uid = %review.uid,
-        endpoint = endpoint_label,
-        kind = %review.kind,
-        namespace = %review.namespace,
-        name = %review.name,
-        operation = %review.operation,
-        dry_run = review.dry_run,
-        allowed = decision.allowed,
-        outcome,
-        patch_bytes = decision.patch_len(),
-        warnings = decision.warnings.len(),
-        message = decision.message.as_deref().unwrap_or(""),
-        duration_us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
-        "admission"
-    );
+    // One line per admission; `reason` (the denial message) only on denials. Not `message`:
+    // that key holds the event's own text in JSON logs.
+    macro_rules! admission_line {
+        ($($reason:tt)*) => {
+            tracing::info!(
+                uid = %review.uid,
+                endpoint = endpoint_label,
+                kind = %review.kind,
+                namespace = %review.namespace,
+                name = %review.name,
+                operation = %review.operation,
+                dry_run = review.dry_run,
+                allowed = decision.allowed,
+                outcome,
+                patch_bytes = decision.patch_len(),
+                warnings = decision.warnings.len(),
+                duration_us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
+                $($reason)*
+                "admission"
+            )
+        };
+    }
+    match decision.message.as_deref() {
+        Some(reason) if !decision.allowed => admission_line!(reason,),
+        _ => admission_line!(),
+    }
     if tracing::enabled!(tracing::Level::DEBUG) {
         debug_details(&review, &decision);
     }
