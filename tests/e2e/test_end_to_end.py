@@ -39,9 +39,11 @@ def _python_packages(index: PackageIndex, packages: list[str], on_failure: str =
     }
 
 
-def _deploy(cluster: ControlPlane, namespace: str, name: str, python_packages: dict, replicas: int) -> list[dict]:
+def _deploy(cluster: ControlPlane, namespace: str, name: str, python_packages: dict, replicas: int,
+            restricted: bool = False) -> list[dict]:
     app = cluster.create(kasprapp(name, python_packages), namespace=namespace)
-    cluster.create(operator_statefulset(name, app["metadata"]["uid"], replicas=replicas), namespace=namespace)
+    cluster.create(operator_statefulset(name, app["metadata"]["uid"], replicas=replicas, restricted=restricted),
+                   namespace=namespace)
     return cluster.wait_pods(namespace, f"kaspr.io/app={name}", replicas)
 
 
@@ -117,3 +119,18 @@ def test_wrong_credentials_fail_as_authentication(
     assert installer.exit_code != 0, result.describe()
     assert "authentication" in installer.termination_message, result.describe()
     assert "not-the-password" not in installer.stdout + installer.stderr + installer.termination_message
+
+
+def test_restricted_app_installs_and_imports_as_non_root(
+    cluster: ControlPlane, webhook: Webhook, namespace: str, package_index: PackageIndex,
+    nonroot_pod_runner: PodRunner,
+):
+    """Pod Security `restricted` admits the pod, and it still works as the non-root user it runs as."""
+    cluster.kubectl(["label", "namespace", namespace, "pod-security.kubernetes.io/enforce=restricted"])
+    _credentials_secret(cluster, namespace, package_index)
+    (pod,) = _deploy(cluster, namespace, "locked", _python_packages(package_index, ["kasprdemo==1.0"]),
+                     replicas=1, restricted=True)
+    check = ["python3", "-c", "import os, kasprdemo; print(os.getuid(), kasprdemo.__version__)"]
+    result = nonroot_pod_runner.run(pod, main_argv=check)
+    assert not result.init_failed, result.describe()
+    assert result.main is not None and result.main.stdout.split() == ["1000", "1.0"], result.describe()
