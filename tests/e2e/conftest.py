@@ -15,6 +15,7 @@ Environment:
 from __future__ import annotations
 
 import atexit
+import fcntl
 import os
 import secrets
 import shlex
@@ -159,14 +160,19 @@ def image_python() -> str:
     version = f"{sys.version_info.major}.{sys.version_info.minor}.{sys.version_info.micro}"
     target = CACHE_DIR / "e2e-image-python" / version
     python = target / "bin" / "python3"
-    check = [str(python), "-m", "pip", "--version"]
-    if not (python.exists() and subprocess.run(check, capture_output=True).returncode == 0):
-        shutil.rmtree(target, ignore_errors=True)
+
+    def usable() -> bool:
+        return python.exists() and subprocess.run([str(python), "-m", "pip", "--version"],
+                                                  capture_output=True).returncode == 0
+
+    if not usable():
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=target.parent))
-        subprocess.run([str(base), "-m", "venv", str(tmp)], check=True, capture_output=True, timeout=300)
-        tmp.rename(target)
-        # venv's scripts hard-code their path; only `python3 -m pip` is used, which is fine.
+        # Two suites starting at once must not build the same virtualenv side by side.
+        with open(target.parent / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not usable():
+                shutil.rmtree(target, ignore_errors=True)
+                subprocess.run([str(base), "-m", "venv", str(target)], check=True, capture_output=True, timeout=300)
     return str(python)
 
 
