@@ -143,7 +143,7 @@ pub async fn serve(options: ServeOptions, shutdown: Shutdown) -> anyhow::Result<
         apps,
         reload_interval,
     } = options;
-    let registry = metrics::new_registry();
+    let mut registry = metrics::new_registry();
     let mut tasks = Vec::new();
 
     let (cert_path, key_path) = match certs {
@@ -194,9 +194,9 @@ pub async fn serve(options: ServeOptions, shutdown: Shutdown) -> anyhow::Result<
             (Arc::new(cache), Some(client))
         }
     };
-    // The controller (§4, §5) starts here when `client` is present:
-    // `tasks.push(controller::task(client, Arc::clone(&apps), &mut registry, shutdown.clone()))`.
-    let _ = client;
+    if let Some(client) = client {
+        tasks.extend(cluster_tasks(&client, &apps, &mut registry, &shutdown));
+    }
 
     let services = Services {
         apps,
@@ -212,6 +212,19 @@ pub async fn serve(options: ServeOptions, shutdown: Shutdown) -> anyhow::Result<
         "serving"
     );
     running.wait().await
+}
+
+/// Background work that needs the cluster, started beside the server: the place where the
+/// controller (PVC lifecycle, rollout trigger) joins, sharing the server's kube client, KasprApp
+/// source, metrics registry and shutdown signal. Not called with `--kasprapps`.
+fn cluster_tasks(
+    client: &kube::Client,
+    apps: &Arc<dyn KasprApps>,
+    registry: &mut Registry,
+    shutdown: &Shutdown,
+) -> Vec<BackgroundTask> {
+    let _ = (client, apps, registry, shutdown);
+    Vec::new()
 }
 
 /// A started server.

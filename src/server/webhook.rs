@@ -170,13 +170,27 @@ async fn admit(state: &Inner, endpoint: Endpoint, request: Request) -> Response 
             );
         }
     };
-    let review = match admission::parse_review(&body) {
-        Ok(review) => review,
-        Err(error) => return reject(StatusCode::BAD_REQUEST, "bad_request", error.to_string()),
+    // The pure core runs under `catch_unwind`: a defect there becomes an answer the API server
+    // can show, instead of a dropped connection.
+    let parsed = std::panic::catch_unwind(|| {
+        let review = admission::parse_review(&body)?;
+        let app = admission::required_app(endpoint, &review);
+        Ok::<_, admission::ReviewError>((review, app))
+    });
+    let (review, app) = match parsed {
+        Ok(Ok(parsed)) => parsed,
+        Ok(Err(error)) => return reject(StatusCode::BAD_REQUEST, "bad_request", error.to_string()),
+        Err(_) => {
+            return reject(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "error",
+                "internal error while reading the AdmissionReview".to_owned(),
+            );
+        }
     };
     drop(body);
 
-    let lookup = match admission::required_app(endpoint, &review) {
+    let lookup = match app {
         None => None,
         Some(app) => Some(
             match tokio::time::timeout_at(deadline, cache::lookup(state.apps.as_ref(), &app)).await
@@ -190,8 +204,6 @@ async fn admit(state: &Inner, endpoint: Endpoint, request: Request) -> Response 
         ),
     };
 
-    // `decide` is pure; a panic there is a defect, answered as a denial instead of a dropped
-    // connection so the API server shows a reason.
     let decided = std::panic::catch_unwind(AssertUnwindSafe(|| {
         admission::decide(endpoint, &review, lookup.as_ref(), &state.render)
     }));
