@@ -576,6 +576,50 @@ mod tests {
         assert_eq!(mode & 0o777, 0o600);
     }
 
+    #[tokio::test]
+    async fn reload_swaps_good_pairs_and_keeps_the_last_good_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let a = write_self_signed(&dir.path().join("a")).expect("a");
+        let b = write_self_signed(&dir.path().join("b")).expect("b");
+        let cert = dir.path().join("tls.crt");
+        let key = dir.path().join("tls.key");
+        let reloader = CertReloader::new(cert.clone(), key.clone());
+        let served = |r: &CertReloader| r.resolver().current().map(|p| p.cert[0].clone());
+
+        assert!(matches!(
+            reloader.reload().await,
+            Reload::Rejected(TlsError::Read { .. })
+        ));
+        assert!(
+            matches!(reloader.reload().await, Reload::Unchanged),
+            "same error reported once"
+        );
+        assert!(!reloader.is_loaded() && served(&reloader).is_none());
+
+        std::fs::copy(&a.cert_path, &cert).expect("copy");
+        std::fs::copy(&a.key_path, &key).expect("copy");
+        assert!(matches!(
+            reloader.reload().await,
+            Reload::Loaded { not_after: Some(_) }
+        ));
+        assert!(matches!(reloader.reload().await, Reload::Unchanged));
+        let first = served(&reloader).expect("served");
+
+        // A key of another certificate: rejected once, the first pair stays.
+        std::fs::copy(&b.key_path, &key).expect("copy");
+        assert!(matches!(
+            reloader.reload().await,
+            Reload::Rejected(TlsError::Mismatch { .. })
+        ));
+        assert!(matches!(reloader.reload().await, Reload::Unchanged));
+        assert_eq!(served(&reloader), Some(first.clone()));
+        assert!(reloader.is_loaded());
+
+        std::fs::copy(&b.cert_path, &cert).expect("copy");
+        assert!(matches!(reloader.reload().await, Reload::Loaded { .. }));
+        assert_ne!(served(&reloader), Some(first));
+    }
+
     #[test]
     fn a_key_of_another_certificate_is_a_mismatch() {
         let dir = tempfile::tempdir().expect("tempdir");
