@@ -28,9 +28,17 @@ static BOOTSTRAP: LazyLock<String> = LazyLock::new(|| {
     )
 });
 
+static DIGEST: LazyLock<String> =
+    LazyLock::new(|| crate::spec::short_sha256(bootstrap().as_bytes()));
+
 /// The `python3 -c` argument that runs the installer.
 pub fn bootstrap() -> &'static str {
     &BOOTSTRAP
+}
+
+/// A short digest of [`bootstrap`], so hashes over rendered pods need not read the whole program.
+pub fn digest() -> &'static str {
+    &DIGEST
 }
 
 #[cfg(test)]
@@ -39,10 +47,7 @@ mod tests {
 
     #[test]
     fn bootstrap_decodes_to_the_source() {
-        let b64 = bootstrap()
-            .split('\'')
-            .nth(1)
-            .expect("quoted payload");
+        let b64 = bootstrap().split('\'').nth(1).expect("quoted payload");
         let compressed = base64::engine::general_purpose::STANDARD
             .decode(b64)
             .expect("base64");

@@ -207,10 +207,11 @@ pub fn render(
             .get("imagePullPolicy")
             .and_then(Value::as_str)
             .map(str::to_owned),
+        // The program is put in after hashing; its digest stands in for it until then.
         command: Some(vec![
             "python3".to_owned(),
             "-c".to_owned(),
-            crate::installer::bootstrap().to_owned(),
+            crate::installer::digest().to_owned(),
         ]),
         env: Some(env),
         volume_mounts: Some(init_mounts),
@@ -228,8 +229,13 @@ pub fn render(
 
     let volumes: Vec<Value> = volumes.iter().map(to_json).collect();
     let main_mounts: Vec<Value> = main_mounts.iter().map(to_json).collect();
-    let rendered = json!([init_container, volumes, main_mounts, names::SITE_PATH]);
-    let template_hash = short_sha256(rendered.to_string().as_bytes());
+    let template_hash = {
+        let rendered = json!([init_container, volumes, main_mounts, names::SITE_PATH]);
+        short_sha256(rendered.to_string().as_bytes())
+    };
+    if let Some(program) = init_container.pointer_mut("/command/2") {
+        *program = Value::String(crate::installer::bootstrap().to_owned());
+    }
     Injection {
         init_container,
         volumes,

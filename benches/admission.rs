@@ -1,0 +1,111 @@
+//! The cost of the pure core: mutation of an operator-rendered StatefulSet in each cache mode,
+//! idempotent re-mutation, and the full AdmissionReview path (parse → lookup → validate → render
+//! → patch → serialize).
+//!
+//! Run: `cargo bench --bench admission`. Results and the machine are recorded in BENCHMARKS.md.
+
+use std::collections::HashMap;
+use std::hint::black_box;
+use std::sync::Arc;
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use kaspr_packages_webhook::admission::{self, AppLookup, AppRef, Endpoint};
+use kaspr_packages_webhook::config::RenderConfig;
+use kaspr_packages_webhook::mutation;
+use serde_json::Value;
+
+fn read(path: &str) -> String {
+    std::fs::read_to_string(format!("{}/{path}", env!("CARGO_MANIFEST_DIR"))).expect("fixture")
+}
+
+fn yaml(path: &str) -> Value {
+    serde_yaml::from_str(&read(path)).expect("yaml")
+}
+
+fn review_body(name: &str) -> Vec<u8> {
+    read(&format!("tests/fixtures/admission/{name}.json")).into_bytes()
+}
+
+fn apps() -> HashMap<AppRef, Arc<Value>> {
+    ["emptydir", "pvc", "gcs", "private-index", "ssh-deploy-key"]
+        .iter()
+        .map(|mode| {
+            let app = yaml(&format!("examples/kasprapp-{mode}.yaml"));
+            let key = AppRef {
+                namespace: "default".into(),
+                name: app["metadata"]["name"].as_str().expect("name").to_owned(),
+            };
+            (key, Arc::new(app))
+        })
+        .collect()
+}
+
+fn mutate_per_mode(c: &mut Criterion) {
+    let config = RenderConfig::default();
+    let mut group = c.benchmark_group("mutate_statefulset");
+    group.throughput(Throughput::Elements(1));
+    for mode in ["emptydir", "pvc", "gcs", "private-index"] {
+        let body: Value =
+            serde_json::from_slice(&review_body(&format!("{mode}-statefulset-create")))
+                .expect("json");
+        let sts = body["request"]["object"].clone();
+        let app = yaml(&format!("examples/kasprapp-{mode}.yaml"));
+        group.bench_function(mode, |b| {
+            b.iter(|| mutation::mutate_statefulset(black_box(&sts), black_box(&app), &config))
+        });
+    }
+    group.finish();
+}
+
+fn remutate(c: &mut Criterion) {
+    let config = RenderConfig::default();
+    let body: Value =
+        serde_json::from_slice(&review_body("emptydir-statefulset-create")).expect("json");
+    let sts = body["request"]["object"].clone();
+    let app = yaml("examples/kasprapp-emptydir.yaml");
+    let outcome = mutation::mutate_statefulset(&sts, &app, &config).expect("allowed");
+    let mut injected = sts;
+    json_patch::patch(&mut injected, &outcome.patch).expect("applies");
+    c.bench_function("remutate_injected_statefulset", |b| {
+        b.iter(|| {
+            let out =
+                mutation::mutate_statefulset(black_box(&injected), &app, &config).expect("allowed");
+            assert!(out.patch.0.is_empty());
+            out
+        })
+    });
+}
+
+fn full_review(c: &mut Criterion) {
+    let config = RenderConfig::default();
+    let apps = apps();
+    let mut group = c.benchmark_group("admission_review");
+    group.throughput(Throughput::Elements(1));
+    for name in [
+        "emptydir-statefulset-create",
+        "emptydir-pod-create",
+        "kasprapp-update-valid",
+    ] {
+        let body = review_body(name);
+        let endpoint = if name.starts_with("kasprapp") {
+            Endpoint::Validate
+        } else {
+            Endpoint::Mutate
+        };
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                let request = admission::parse_review(black_box(&body)).expect("review");
+                let lookup = admission::required_app(endpoint, &request).map(|app| {
+                    apps.get(&app)
+                        .map_or(AppLookup::NotFound, |a| AppLookup::Found(a.clone()))
+                });
+                let decision = admission::decide(endpoint, &request, lookup.as_ref(), &config);
+                serde_json::to_vec(&decision.to_review()).expect("json")
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, mutate_per_mode, remutate, full_review);
+criterion_main!(benches);
