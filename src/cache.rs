@@ -426,6 +426,8 @@ pub struct KubeKasprApps {
     client: Client,
     stores: Stores,
     synced: Arc<AtomicBool>,
+    /// The API server does not serve KasprApps at all (404 on list).
+    not_served: Arc<AtomicBool>,
 }
 
 impl KubeKasprApps {
@@ -433,10 +435,15 @@ impl KubeKasprApps {
     /// must be spawned for the cache to sync. `namespaces` empty means every namespace.
     pub fn new(client: Client, namespaces: &[String]) -> (Self, BoxFuture<'static, ()>) {
         let synced = Arc::new(AtomicBool::new(false));
+        let not_served = Arc::new(AtomicBool::new(false));
         let mut runners: Vec<BoxFuture<'static, ()>> = Vec::new();
         let mut readers = Vec::new();
         let stores = if namespaces.is_empty() {
-            let (reader, runner) = reflect(Api::all(client.clone()), "*".to_owned());
+            let (reader, runner) = reflect(
+                Api::all(client.clone()),
+                "*".to_owned(),
+                Arc::clone(&not_served),
+            );
             readers.push(reader.clone());
             runners.push(runner);
             Stores::All(reader)
@@ -447,7 +454,7 @@ impl KubeKasprApps {
                     continue;
                 }
                 let api = Api::namespaced(client.clone(), namespace);
-                let (reader, runner) = reflect(api, namespace.clone());
+                let (reader, runner) = reflect(api, namespace.clone(), Arc::clone(&not_served));
                 readers.push(reader.clone());
                 runners.push(runner);
                 map.insert(namespace.clone(), reader);
@@ -471,6 +478,7 @@ impl KubeKasprApps {
                 client,
                 stores,
                 synced,
+                not_served,
             },
             run,
         )
@@ -487,6 +495,7 @@ impl KubeKasprApps {
 fn reflect(
     api: Api<KasprAppObject>,
     scope: String,
+    not_served: Arc<AtomicBool>,
 ) -> (Store<KasprAppObject>, BoxFuture<'static, ()>) {
     let (reader, writer) = reflector::store();
     let runner = async move {
@@ -495,9 +504,28 @@ fn reflect(
             .reflect(writer)
             .boxed();
         while let Some(event) = events.next().await {
-            if let Err(error) = event {
-                // The backoff spaces these out; the store keeps serving its last state.
-                tracing::warn!(namespace = %scope, %error, "KasprApp watch failed; retrying");
+            match event {
+                Ok(_) => {
+                    if not_served.swap(false, Ordering::AcqRel) {
+                        tracing::info!("the KasprApp resource is served now");
+                    }
+                }
+                // The CRD is not installed (yet): there are no KasprApps, which is a state the
+                // webhook can serve in (misses are read, and answer "not found").
+                Err(watcher::Error::InitialListFailed(kube::Error::Api(status)))
+                    if status.code == 404 =>
+                {
+                    if !not_served.swap(true, Ordering::AcqRel) {
+                        tracing::info!(
+                            "kasprapps.kaspr.io is not served by the API server (CRD not installed?); \
+                             treating it as no KasprApps until it is"
+                        );
+                    }
+                }
+                Err(error) => {
+                    // The backoff spaces these out; the store keeps serving its last state.
+                    tracing::warn!(namespace = %scope, %error, "KasprApp watch failed; retrying");
+                }
             }
         }
         tracing::warn!(namespace = %scope, "KasprApp watch ended");
@@ -553,7 +581,7 @@ impl KasprApps for KubeKasprApps {
     }
 
     fn is_synced(&self) -> bool {
-        self.synced.load(Ordering::Acquire)
+        self.synced.load(Ordering::Acquire) || self.not_served.load(Ordering::Acquire)
     }
 }
 

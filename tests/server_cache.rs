@@ -222,3 +222,20 @@ async fn an_unreachable_api_server_is_unavailable_and_never_ready() {
     assert!(!apps.is_synced());
     runner.abort();
 }
+
+#[tokio::test]
+async fn without_the_crd_there_are_no_apps_and_the_cache_is_ready() {
+    // Every path answers 404, as an API server without kasprapps.kaspr.io does.
+    let service = tower::service_fn(|_: hyper::Request<kube::client::Body>| async {
+        Ok::<_, Infallible>(reply(404, &status(404, "NotFound")))
+    });
+    let (apps, runner) = KubeKasprApps::new(kube::Client::new(service, "default"), &[]);
+    let runner = tokio::spawn(runner);
+    wait_synced(&apps).await;
+    assert_eq!(apps.len(), 0);
+    assert!(matches!(
+        cache::lookup(&apps, &app_ref("apps", "demo")).await,
+        AppLookup::NotFound
+    ));
+    runner.abort();
+}
