@@ -127,19 +127,25 @@ fn mutate_object(
             warnings: report.warning_lines(),
         });
     }
-    let mut mutated = object.clone();
-    let Some(template) = mutated.pointer_mut(template_pointer) else {
+    let Some(original) = object.pointer(template_pointer) else {
         return Ok(MutationOutcome {
             patch: json_patch::Patch(Vec::new()),
             warnings: Vec::new(),
         });
     };
+    let mut template = original.clone();
     let app = AppContext {
         name: app_name,
         namespace,
     };
     let mut warnings = report.warning_lines();
-    match apply(template, report.spec.as_ref(), app, field_prefix, config) {
+    match apply(
+        &mut template,
+        report.spec.as_ref(),
+        app,
+        field_prefix,
+        config,
+    ) {
         Ok(applied) => warnings.extend(applied),
         Err(mut denial) => {
             denial.warnings = warnings;
@@ -147,7 +153,7 @@ fn mutate_object(
         }
     }
     Ok(MutationOutcome {
-        patch: json_patch::diff(object, &mutated),
+        patch: crate::patch::diff_at(template_pointer, original, &template),
         warnings,
     })
 }
