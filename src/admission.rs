@@ -158,7 +158,9 @@ pub fn parse_review(body: &[u8]) -> Result<AdmissionRequest, ReviewError> {
     let review: Value =
         serde_json::from_slice(body).map_err(|e| ReviewError::NotJson(e.to_string()))?;
     if review.get("kind").and_then(Value::as_str) != Some("AdmissionReview") {
-        return Err(ReviewError::NotAReview("kind is not AdmissionReview".into()));
+        return Err(ReviewError::NotAReview(
+            "kind is not AdmissionReview".into(),
+        ));
     }
     let request = review
         .get("request")
@@ -175,7 +177,11 @@ pub fn parse_review(body: &[u8]) -> Result<AdmissionRequest, ReviewError> {
             .as_ref()
             .map(|o| {
                 let name = str_at(o, "/metadata/name");
-                if name.is_empty() { str_at(o, "/metadata/generateName") } else { name }
+                if name.is_empty() {
+                    str_at(o, "/metadata/generateName")
+                } else {
+                    name
+                }
             })
             .unwrap_or("")
             .to_owned(),
@@ -189,7 +195,10 @@ pub fn parse_review(body: &[u8]) -> Result<AdmissionRequest, ReviewError> {
         namespace: str_at(request, "/namespace").to_owned(),
         name,
         operation: str_at(request, "/operation").to_owned(),
-        dry_run: request.get("dryRun").and_then(Value::as_bool).unwrap_or(false),
+        dry_run: request
+            .get("dryRun")
+            .and_then(Value::as_bool)
+            .unwrap_or(false),
         object,
     })
 }
@@ -262,7 +271,9 @@ pub fn decide(
             }
         }
         Target::StatefulSet | Target::Pod => {
-            let app_name = required_app(endpoint, request).map(|a| a.name).unwrap_or_default();
+            let app_name = required_app(endpoint, request)
+                .map(|a| a.name)
+                .unwrap_or_default();
             match app {
                 None | Some(AppLookup::NotFound) => Decision::allow(uid, Outcome::Ignored),
                 Some(AppLookup::Unavailable(reason)) => Decision::deny(
@@ -284,7 +295,13 @@ pub fn decide(
     }
 }
 
-fn mutate(uid: &str, object: &Value, kasprapp: &Value, is_pod: bool, config: &RenderConfig) -> Decision {
+fn mutate(
+    uid: &str,
+    object: &Value,
+    kasprapp: &Value,
+    is_pod: bool,
+    config: &RenderConfig,
+) -> Decision {
     let result = if is_pod {
         mutation::mutate_pod(object, kasprapp, config)
     } else {

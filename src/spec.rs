@@ -194,12 +194,20 @@ mod tests {
     #[test]
     fn install_key_is_pinned_for_a_known_spec() {
         // The algorithm is part of the product's contract: this value must never change.
-        let canonical = br#"{"extraIndexUrls":[],"indexUrl":null,"packages":["pandas>=2.0.0","requests"],"trustedHosts":[]}"#;
+        // sha256(`{"extraIndexUrls":[],"indexUrl":null,"packages":["pandas>=2.0.0","requests"],"trustedHosts":[]}`)
         assert_eq!(
             spec(&["requests", "pandas>=2.0.0"]).install_key(),
-            short_sha256(canonical)
+            "28e3005a1d528463"
         );
-        assert_eq!(spec(&["requests", "pandas>=2.0.0"]).install_key().len(), 16);
+        let mut indexed = spec(&["a==1"]);
+        indexed.index_url = Some("https://pypi.example.com/simple".into());
+        indexed.extra_index_urls = vec![
+            "https://b.example.com/simple".into(),
+            "https://a.example.com/simple".into(),
+        ];
+        indexed.trusted_hosts = vec!["b.example.com".into(), "a.example.com".into()];
+        let canonical = r#"{"extraIndexUrls":["https://a.example.com/simple","https://b.example.com/simple"],"indexUrl":"https://pypi.example.com/simple","packages":["a==1"],"trustedHosts":["a.example.com","b.example.com"]}"#;
+        assert_eq!(indexed.install_key(), short_sha256(canonical.as_bytes()));
     }
 
     #[test]
