@@ -134,3 +134,35 @@ def test_restricted_app_installs_and_imports_as_non_root(
     result = nonroot_pod_runner.run(pod, main_argv=check)
     assert not result.init_failed, result.describe()
     assert result.main is not None and result.main.stdout.split() == ["1000", "1.0"], result.describe()
+
+
+def test_pvc_cache_build_is_shared_between_pods(
+    cluster: ControlPlane, webhook: Webhook, namespace: str, package_index: PackageIndex, pod_runner: PodRunner
+):
+    """PVC mode: the first pod builds into the shared claim, the next one uses that build as is."""
+    _credentials_secret(cluster, namespace, package_index)
+    python_packages = {**_python_packages(package_index, ["kasprdemo==1.0"]), "cache": {"enabled": True}}
+    # The claim the controller keeps (SPEC §5); applied here so this test needs only the webhook.
+    cluster.apply({
+        "apiVersion": "v1", "kind": "PersistentVolumeClaim",
+        "metadata": {"name": "warm-python-packages", "labels": {"kaspr.io/app": "warm"}},
+        "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "256Mi"}}},
+    }, namespace=namespace)
+    pods = _deploy(cluster, namespace, "warm", python_packages, replicas=2)
+    for pod in pods:
+        volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+        assert volumes["kaspr-packages-cache"]["persistentVolumeClaim"]["claimName"] == "warm-python-packages"
+        main_mounts = {m["name"]: m for m in container(pod["spec"], "kaspr")["volumeMounts"]}
+        assert main_mounts["kaspr-packages-cache"]["readOnly"] is True
+
+    where = ["python3", "-c", "import os, kasprdemo; print(kasprdemo.__version__, os.path.realpath(kasprdemo.__file__))"]
+    first, second = (pod_runner.run(pod, main_argv=where) for pod in pods)
+    for result in (first, second):
+        assert not result.init_failed, result.describe()
+        assert result.main is not None and result.main.exit_code == 0, result.describe()
+    version, path = first.main.stdout.split()
+    assert version == "1.0"
+    assert path.startswith("/opt/kaspr/packages-cache/"), path  # the build lives in the claim
+    assert second.main.stdout.split() == [version, path], (first.describe(), second.describe())
+    assert "pip:" in first.init(INIT_CONTAINER).stdout, first.describe()
+    assert "pip:" not in second.init(INIT_CONTAINER).stdout, second.describe()  # no pip run at all
