@@ -29,6 +29,7 @@ from pathlib import Path
 import pytest
 
 from e2e_cluster import ControlPlane, Tools, tail, wait_for
+from e2e_gcs import GcsStandIn, start_gcs
 from e2e_index import PackageIndex, start_index
 from e2e_webhook import MANIFESTS, Webhook, serve_help
 from pod_runner import PodRunner
@@ -179,6 +180,11 @@ def image_python() -> str:
 @pytest.fixture(scope="session")
 def package_index(cluster: ControlPlane, test_venv: Path, e2e_workdir: Path) -> PackageIndex:
     return start_index(cluster, test_venv, e2e_workdir / "index")
+
+
+@pytest.fixture(scope="session")
+def gcs(cluster: ControlPlane, e2e_workdir: Path) -> GcsStandIn:
+    return start_gcs(cluster, e2e_workdir / "gcs")
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,7 @@ import json
 import pytest
 
 from e2e_cluster import ControlPlane
+from e2e_gcs import GcsStandIn
 from e2e_index import PackageIndex
 from e2e_objects import INIT_CONTAINER, container, env_value, init_container, kasprapp, operator_statefulset
 from e2e_webhook import Webhook
@@ -166,3 +167,45 @@ def test_pvc_cache_build_is_shared_between_pods(
     assert second.main.stdout.split() == [version, path], (first.describe(), second.describe())
     assert "pip:" in first.init(INIT_CONTAINER).stdout, first.describe()
     assert "pip:" not in second.init(INIT_CONTAINER).stdout, second.describe()  # no pip run at all
+
+
+def test_gcs_cache_archive_shared_between_pods(
+    cluster: ControlPlane, webhook: Webhook, namespace: str, package_index: PackageIndex, pod_runner: PodRunner,
+    gcs: GcsStandIn,
+):
+    """GCS mode with a key Secret: the first pod installs and uploads, the next downloads."""
+    bucket = f"kaspr-{namespace}"[:63]
+    gcs.create_bucket(bucket)
+    _credentials_secret(cluster, namespace, package_index)
+    cluster.create({
+        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "gcs-key"},
+        "stringData": {"sa.json": gcs.key_json, "unrelated": "must not be mounted"},
+    }, namespace=namespace)
+    python_packages = {
+        **_python_packages(package_index, ["kasprdemo==1.0"]),
+        "cache": {"type": "gcs", "gcs": {"bucket": bucket, "secretRef": {"name": "gcs-key"}}},
+    }
+    # Users point the init container at a GCS-compatible store the documented way.
+    template = {"pythonPackagesInitContainer": {"env": [{"name": "STORAGE_EMULATOR_HOST", "value": gcs.url}]}}
+    app = cluster.create(kasprapp("gcsapp", python_packages, template=template), namespace=namespace)
+    cluster.create(operator_statefulset("gcsapp", app["metadata"]["uid"], replicas=2), namespace=namespace)
+    pods = cluster.wait_pods(namespace, "kaspr.io/app=gcsapp", 2)
+
+    init = init_container(pods[0]["spec"])
+    key_volume = {v["name"]: v for v in pods[0]["spec"]["volumes"]}["kaspr-packages-gcs-key"]["secret"]
+    assert key_volume["defaultMode"] == 0o400
+    assert [item["key"] for item in key_volume["items"]] == ["sa.json"]
+    assert any(m["name"] == "kaspr-packages-gcs-key" and m.get("readOnly") for m in init["volumeMounts"])
+    assert not any(m["name"] == "kaspr-packages-gcs-key" for m in container(pods[0]["spec"], "kaspr")["volumeMounts"])
+
+    first, second = (pod_runner.run(pod, main_argv=CHECK_IMPORT) for pod in pods)
+    for result in (first, second):
+        assert not result.init_failed, result.describe()
+        assert result.main is not None and result.main.stdout.strip() == "1.0", result.describe()
+    objects = gcs.objects(bucket)
+    assert len(objects) == 1, objects
+    assert objects[0].startswith(f"kaspr-packages/{namespace}/gcsapp/"), objects
+    assert "pip:" in first.init(INIT_CONTAINER).stdout, first.describe()
+    assert "pip:" not in second.init(INIT_CONTAINER).stdout, second.describe()  # served from the archive
+    exchanges = gcs.exchanges()
+    assert exchanges and all(not e["problems"] for e in exchanges), exchanges
