@@ -7,6 +7,7 @@ import base64
 import json
 import os
 import re
+import shutil
 import string
 import subprocess
 from pathlib import Path
@@ -57,9 +58,16 @@ class Webhook:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.least_privilege = least_privilege
         self.process: Process | None = None
-        self.ca: KeyPair = make_ca(workdir, "webhook-ca", "kaspr-e2e-webhook-ca")
-        self.serving: KeyPair = make_cert(workdir, self.ca, "webhook", "kaspr-packages-webhook",
-                                          server_sans=["IP:127.0.0.1", "DNS:localhost"])
+        self.generation = 0
+        self.ca: KeyPair = make_ca(workdir, "webhook-ca-0", "kaspr-e2e-webhook-ca-0")
+        self.trusted: list[KeyPair] = [self.ca]  # what the registrations' caBundle holds
+        # The serving pair is laid out like a Kubernetes Secret volume: files behind a `..data`
+        # symlink that an update swaps atomically.
+        self.tls_dir = workdir / "tls"
+        self.tls_dir.mkdir()
+        self._publish(self._serving_pair(self.ca))
+        for name in ("tls.crt", "tls.key"):
+            (self.tls_dir / name).symlink_to(f"..data/{name}")
         if least_privilege:
             cluster.kubectl(["apply", "-f", str(MANIFESTS / "webhook-rbac.yaml")])
             client = make_cert(workdir, cluster.ca, "webhook-client", "kaspr-packages-webhook", client=True)
@@ -67,6 +75,42 @@ class Webhook:
                                                client, "kaspr-packages-webhook")
         else:
             self.kubeconfig = cluster.admin_kubeconfig
+
+    def _serving_pair(self, ca: KeyPair) -> KeyPair:
+        return make_cert(self.workdir, ca, f"webhook-{self.generation}", "kaspr-packages-webhook",
+                         server_sans=["IP:127.0.0.1", "DNS:localhost"])
+
+    def _publish(self, pair: KeyPair) -> None:
+        """Swap the `..data` symlink to a new timestamped directory, as the kubelet does."""
+        version = self.tls_dir / f"..{self.generation:04d}"
+        version.mkdir()
+        shutil.copy(pair.cert, version / "tls.crt")
+        shutil.copy(pair.key, version / "tls.key")
+        staging = self.tls_dir / "..data_tmp"
+        staging.symlink_to(version.name)
+        os.replace(staging, self.tls_dir / "..data")
+
+    def served_issuer(self) -> str:
+        """The issuer CN of the certificate the webhook port presents right now."""
+        proc = self.cluster.netns.run(["sh", "-c",
+                                       f"openssl s_client -connect {WEBHOOK_LISTEN} -servername localhost"
+                                       " </dev/null 2>/dev/null | openssl x509 -noout -issuer"], check=False)
+        return proc.stdout.strip()
+
+    def rotate(self) -> None:
+        """Rotate to a new CA and serving pair without a restart: trust both CAs, swap the
+        Secret-style symlink, wait until the new certificate is served, then trust only the new CA."""
+        self.generation += 1
+        new_ca = make_ca(self.workdir, f"webhook-ca-{self.generation}", f"kaspr-e2e-webhook-ca-{self.generation}")
+        self.trusted = [self.ca, new_ca]
+        self.register()
+        self._publish(self._serving_pair(new_ca))
+        wait_for("the webhook to serve the new certificate",
+                 lambda: f"kaspr-e2e-webhook-ca-{self.generation}" in self.served_issuer(),
+                 timeout=30, interval=0.5, on_timeout=lambda: tail(self.log_path))
+        self.ca = new_ca
+        self.trusted = [new_ca]
+        self.register()
 
     @property
     def log_path(self) -> Path:
@@ -84,8 +128,8 @@ class Webhook:
             str(self.binary), "serve",
             "--listen", WEBHOOK_LISTEN,
             "--probe-listen", PROBE_LISTEN,
-            "--tls-cert", str(self.serving.cert),
-            "--tls-key", str(self.serving.key),
+            "--tls-cert", str(self.tls_dir / "tls.crt"),
+            "--tls-key", str(self.tls_dir / "tls.key"),
             "--log-format", "plain",
             "--log-filter", os.environ.get("KASPR_E2E_WEBHOOK_LOG", "info"),
         ], env=env)
@@ -120,7 +164,7 @@ class Webhook:
     # -- registration --------------------------------------------------------------------------
     def configurations(self) -> str:
         template = string.Template((MANIFESTS / "webhook-configurations.yaml").read_text())
-        ca_bundle = base64.b64encode(self.ca.cert.read_bytes()).decode()
+        ca_bundle = base64.b64encode(b"".join(ca.cert.read_bytes() for ca in self.trusted)).decode()
         return template.substitute(CA_BUNDLE=ca_bundle, WEBHOOK_URL=WEBHOOK_URL)
 
     def register(self) -> None:

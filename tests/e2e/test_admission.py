@@ -251,3 +251,33 @@ def test_statefulset_from_before_registration_gets_mutated_pods(cluster: Control
     # The StatefulSet itself was not touched: only the Pod path did the work.
     spec, annotations = _template(cluster.get_json("statefulset", "legacy-app", namespace=namespace))
     assert init_container(spec) is None and TEMPLATE_HASH_ANNOTATION not in annotations
+
+
+# kube-system ----------------------------------------------------------------------------------
+def test_kube_system_is_never_sent_to_the_webhook(cluster: ControlPlane, webhook: Webhook):
+    before = webhook.admission_requests()
+    uid = _app(cluster, "kube-system", "system-app")
+    try:
+        shown = json.loads(cluster.kubectl(
+            ["create", "--dry-run=server", "-o", "json", "-n", "kube-system", "-f", "-"],
+            input=json.dumps(operator_statefulset("system-app", uid, replicas=1))).stdout)
+        assert init_container(shown["spec"]["template"]["spec"]) is None
+        # Only the KasprApp itself was validated (that webhook has no namespace selector).
+        assert webhook.admission_requests() == before + 1
+    finally:
+        cluster.kubectl(["delete", "kasprapp", "system-app", "-n", "kube-system", "--ignore-not-found"])
+
+
+# certificates ---------------------------------------------------------------------------------
+def test_certificate_rotation_by_secret_symlink_swap(cluster: ControlPlane, webhook: Webhook, namespace: str):
+    """The API server keeps calling the webhook across a CA and certificate rotation done the
+    way a Secret volume updates (a `..data` symlink swap), with no restart."""
+    pid = webhook.process.popen.pid
+    webhook.rotate()
+    # The registrations now trust only the new CA: a mutation proves the new pair is served.
+    webhook.wait_effective()
+    uid = _app(cluster, namespace, "rotated")
+    cluster.create(operator_statefulset("rotated", uid, replicas=1), namespace=namespace)
+    spec, annotations = _template(cluster.get_json("statefulset", "rotated-app", namespace=namespace))
+    assert_injected(spec, annotations)
+    assert webhook.process.popen.pid == pid and webhook.process.alive()
