@@ -200,6 +200,91 @@ pub struct ServeArgs {
     /// '{"requests":{"cpu":"100m","memory":"256Mi"},"limits":{"memory":"1Gi"}}'.
     #[arg(long, env = "KASPR_WEBHOOK_INIT_CONTAINER_RESOURCES", value_name = "JSON", value_parser = parse_resources)]
     pub init_container_resources: Option<k8s_openapi::api::core::v1::ResourceRequirements>,
+
+    /// Issue and rotate the serving certificate in-process: a CA and certificate kept in the
+    /// Secret --cert-secret, the CA bundle written into the --webhook-configs (see docs/certificates.md).
+    #[arg(
+        long,
+        env = "KASPR_WEBHOOK_SELF_MANAGED_CERTS",
+        conflicts_with_all = ["tls_cert", "self_signed_dir", "kasprapps"],
+        requires = "cert_secret"
+    )]
+    pub self_managed_certs: bool,
+
+    /// Secret that holds the self-managed certificates.
+    #[arg(
+        long,
+        env = "KASPR_WEBHOOK_CERT_SECRET",
+        value_name = "NAME",
+        requires = "self_managed_certs"
+    )]
+    pub cert_secret: Option<String>,
+
+    /// Namespace of --cert-secret [default: the pod's own namespace].
+    #[arg(
+        long,
+        env = "KASPR_WEBHOOK_CERT_NAMESPACE",
+        value_name = "NS",
+        requires = "self_managed_certs"
+    )]
+    pub cert_namespace: Option<String>,
+
+    /// Mutating and validating webhook configurations whose caBundle is kept in step (comma-separated).
+    #[arg(
+        long,
+        env = "KASPR_WEBHOOK_WEBHOOK_CONFIGS",
+        value_name = "NAME,...",
+        value_delimiter = ',',
+        requires = "self_managed_certs"
+    )]
+    pub webhook_configs: Vec<String>,
+
+    /// Service in front of the webhook; NAME, NAME.NS, NAME.NS.svc and NAME.NS.svc.cluster.local
+    /// go into the certificate.
+    #[arg(
+        long,
+        env = "KASPR_WEBHOOK_SERVICE_NAME",
+        value_name = "NAME",
+        requires = "self_managed_certs"
+    )]
+    pub service_name: Option<String>,
+
+    /// More DNS names or IP addresses for the self-managed certificate (comma-separated).
+    #[arg(
+        long,
+        env = "KASPR_WEBHOOK_CERT_EXTRA_NAMES",
+        value_name = "NAME,...",
+        value_delimiter = ',',
+        requires = "self_managed_certs"
+    )]
+    pub cert_extra_names: Vec<String>,
+
+    /// Directory where the self-managed serving pair is written for the server to read
+    /// [default: kaspr-packages-webhook-certs in the system temp dir].
+    #[arg(
+        long,
+        env = "KASPR_WEBHOOK_CERT_DIR",
+        value_name = "DIR",
+        requires = "self_managed_certs"
+    )]
+    pub cert_dir: Option<std::path::PathBuf>,
+
+    /// Lifetime of each self-managed CA and certificate.
+    #[arg(long, env = "KASPR_WEBHOOK_CERT_VALIDITY", value_name = "DURATION", default_value = "365d", value_parser = parse_duration)]
+    pub cert_validity: std::time::Duration,
+
+    /// Start a rotation this long before the served certificate expires.
+    #[arg(long, env = "KASPR_WEBHOOK_CERT_RENEW_BEFORE", value_name = "DURATION", default_value = "30d", value_parser = parse_duration)]
+    pub cert_renew_before: std::time::Duration,
+
+    /// During a rotation, how long a new CA is trusted before it is served, and the old one
+    /// after it stopped being served.
+    #[arg(long, env = "KASPR_WEBHOOK_CERT_OVERLAP", value_name = "DURATION", default_value = "5m", value_parser = parse_duration)]
+    pub cert_overlap: std::time::Duration,
+
+    /// How often each replica reads the certificate Secret and the webhook configurations.
+    #[arg(long, env = "KASPR_WEBHOOK_CERT_CHECK_INTERVAL", value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub cert_check_interval: std::time::Duration,
 }
 
 fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
@@ -257,9 +342,40 @@ impl ServeArgs {
             request_timeout,
             header_timeout,
             init_container_resources,
+            self_managed_certs,
+            cert_secret,
+            cert_namespace,
+            webhook_configs,
+            service_name,
+            cert_extra_names,
+            cert_dir,
+            cert_validity,
+            cert_renew_before,
+            cert_overlap,
+            cert_check_interval,
         } = self;
         let certs = match (tls_cert, tls_key) {
             (Some(cert), Some(key)) => crate::server::CertSource::Files { cert, key },
+            _ if self_managed_certs => {
+                crate::server::CertSource::SelfManaged(crate::certs::SelfManagedCerts {
+                    secret: cert_secret.unwrap_or_default(),
+                    namespace: cert_namespace,
+                    webhook_configs: webhook_configs
+                        .into_iter()
+                        .map(|n| n.trim().to_owned())
+                        .filter(|n| !n.is_empty())
+                        .collect(),
+                    service: service_name,
+                    extra_names: cert_extra_names,
+                    dir: cert_dir.unwrap_or_else(|| {
+                        std::env::temp_dir().join("kaspr-packages-webhook-certs")
+                    }),
+                    validity: cert_validity,
+                    renew_before: cert_renew_before,
+                    overlap: cert_overlap,
+                    check_interval: cert_check_interval,
+                })
+            }
             _ => crate::server::CertSource::SelfSigned {
                 dir: self_signed_dir.unwrap_or_else(crate::server::tls::default_self_signed_dir),
             },
@@ -561,6 +677,62 @@ mod serve_args_tests {
         let requests = resources.requests.expect("requests");
         assert_eq!(requests["cpu"].0, "100m");
         assert_eq!(resources.limits.expect("limits")["memory"].0, "1Gi");
+    }
+
+    #[test]
+    fn self_managed_certificate_flags_turn_into_options() {
+        let options = serve_args(&[
+            "--self-managed-certs",
+            "--cert-secret",
+            "hook-certs",
+            "--cert-namespace",
+            "system",
+            "--webhook-configs",
+            "hook, other",
+            "--service-name",
+            "hook",
+            "--cert-extra-names",
+            "127.0.0.1",
+            "--cert-dir",
+            "/run/certs",
+            "--cert-validity",
+            "90s",
+            "--cert-renew-before",
+            "60s",
+            "--cert-overlap",
+            "10s",
+            "--cert-check-interval",
+            "1s",
+        ])
+        .expect("parse")
+        .into_options();
+        let crate::server::CertSource::SelfManaged(certs) = options.certs else {
+            panic!("not self-managed: {:?}", options.certs);
+        };
+        assert_eq!(certs.secret, "hook-certs");
+        assert_eq!(certs.webhook_configs, ["hook", "other"]);
+        assert_eq!(certs.dir, std::path::PathBuf::from("/run/certs"));
+        assert_eq!(certs.overlap, std::time::Duration::from_secs(10));
+        assert!(
+            serve_args(&["--self-managed-certs"]).is_err(),
+            "needs --cert-secret"
+        );
+        assert!(
+            serve_args(&["--cert-secret", "x"]).is_err(),
+            "needs --self-managed-certs"
+        );
+        assert!(
+            serve_args(&[
+                "--self-managed-certs",
+                "--cert-secret",
+                "x",
+                "--tls-cert",
+                "/c",
+                "--tls-key",
+                "/k"
+            ])
+            .is_err()
+        );
     }
 
     #[test]

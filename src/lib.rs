@@ -6,6 +6,7 @@
 
 pub mod admission;
 pub mod cache;
+pub mod certs;
 pub mod cli;
 pub mod config;
 pub mod installer;

@@ -75,6 +75,8 @@ pub enum CertSource {
     Files { cert: PathBuf, key: PathBuf },
     /// A pair generated at start into this directory, for local use.
     SelfSigned { dir: PathBuf },
+    /// Issued and rotated by the webhook itself through a Secret (`crate::certs`).
+    SelfManaged(crate::certs::SelfManagedCerts),
 }
 
 /// Where KasprApps come from.
@@ -146,8 +148,18 @@ pub async fn serve(options: ServeOptions, shutdown: Shutdown) -> anyhow::Result<
     let mut registry = metrics::new_registry();
     let mut tasks = Vec::new();
 
+    let mut self_managed = None;
     let (cert_path, key_path) = match certs {
         CertSource::Files { cert, key } => (cert, key),
+        CertSource::SelfManaged(mut config) => {
+            let policy = config.prepare()?;
+            let paths = (
+                config.dir.join(crate::certs::authority::TLS_CERT),
+                config.dir.join(crate::certs::authority::TLS_KEY),
+            );
+            self_managed = Some((config, policy));
+            paths
+        }
         CertSource::SelfSigned { dir } => {
             let generated = tokio::task::spawn_blocking(move || tls::write_self_signed(&dir))
                 .await
@@ -194,6 +206,15 @@ pub async fn serve(options: ServeOptions, shutdown: Shutdown) -> anyhow::Result<
             (Arc::new(cache), Some(client))
         }
     };
+    if let Some((config, policy)) = self_managed {
+        let client = client
+            .clone()
+            .context("self-managed certificates need the API server (not --kasprapps)")?;
+        tasks.push(BackgroundTask::new(
+            "self-managed-certificates",
+            crate::certs::run(client, config, policy, Arc::clone(&certs)),
+        ));
+    }
     if let Some(client) = client {
         tasks.extend(cluster_tasks(&client, &apps, &mut registry, &shutdown));
     }
