@@ -12,6 +12,7 @@ import json
 import os
 import secrets
 import signal
+import sys
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -359,7 +360,7 @@ class ControlPlane:
         def healthy() -> bool:
             proc.ensure_alive()
             probe = self.netns.run([
-                "python3", "-c",
+                sys.executable, "-c",
                 "import urllib.request,sys;"
                 f"sys.stdout.write(urllib.request.urlopen('http://127.0.0.1:{ETCD_CLIENT_PORT}/health',timeout=2).read().decode())",
             ], check=False)
@@ -461,7 +462,7 @@ class ControlPlane:
             "except Exception as e:\n"
             "    print(0); sys.stdout.write(repr(e))\n"
         )
-        proc = self.netns.run(["python3", "-c", script, url], check=False, timeout=timeout + 10)
+        proc = self.netns.run([sys.executable, "-c", script, url], check=False, timeout=timeout + 10)
         first, _, rest = proc.stdout.partition("\n")
         return (int(first) if first.strip().isdigit() else 0), rest
 

@@ -35,7 +35,7 @@ class GcsStandIn:
             " headers={'Content-Type': 'application/json'})\n"
             "print(urllib.request.urlopen(req, timeout=10).read().decode() or '{}')\n"
         )
-        out = self.cluster.netns.run(["python3", "-c", script, method, self.url + path,
+        out = self.cluster.netns.run([sys.executable, "-c", script, method, self.url + path,
                                       json.dumps(body) if body is not None else ""]).stdout
         return json.loads(out)
 

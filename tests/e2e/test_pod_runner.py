@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import sys
 
 from e2e_cluster import ControlPlane
 from e2e_index import PackageIndex
@@ -152,6 +153,6 @@ def test_index_requires_basic_auth_and_serves_the_wheel(cluster: ControlPlane, p
         "req.add_header('Authorization', 'Basic ' + token)\n"
         "print(urllib.request.urlopen(req, timeout=5).read().decode())\n"
     )
-    page = cluster.netns.run(["python3", "-c", script, package_index.url + "kasprdemo/",
+    page = cluster.netns.run([sys.executable, "-c", script, package_index.url + "kasprdemo/",
                               package_index.username, package_index.password]).stdout
     assert "kasprdemo-1.0-py3-none-any.whl" in page
