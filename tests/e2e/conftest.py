@@ -39,6 +39,16 @@ CACHE_DIR = Path(os.environ.get("KASPR_CACHE_DIR", Path.home() / ".cache" / "kas
 KEEP = os.environ.get("KASPR_E2E_KEEP") == "1"
 
 
+_KEPT: list[str] = []
+
+
+def pytest_terminal_summary(terminalreporter):
+    # After capture has ended, so the note shows whatever the tests' outcome.
+    for note in _KEPT:
+        terminalreporter.write_sep("=", "kept cluster")
+        terminalreporter.write_line(note)
+
+
 def _sigterm(signum, frame):  # noqa: ARG001
     # Turn SIGTERM into an interrupt so fixture finalizers tear the cluster down.
     raise KeyboardInterrupt
@@ -110,15 +120,22 @@ def _write_debug_helpers(cluster: ControlPlane) -> None:
 @pytest.fixture(scope="session")
 def cluster(tools: Tools, e2e_workdir: Path) -> ControlPlane:
     cp = ControlPlane.new(tools, e2e_workdir)
+    if KEEP:
+        _KEPT.append(
+            f"KASPR_E2E_KEEP=1: cluster left running in network namespace {cp.netns.name}\n"
+            f"  source {cp.workdir}/env.sh   # then: kubectl get pods -A\n"
+            f"  logs in {cp.logs}\n"
+            f"  {cp.workdir}/teardown.sh   # when done"
+        )
 
     def stop():
         if not KEEP:
             cp.stop()
 
     atexit.register(stop)  # also on an interrupted session
+    _write_debug_helpers(cp)  # before anything starts, so teardown.sh can clean up any failure
     try:
         cp.start()
-        _write_debug_helpers(cp)
         cp.kubectl(["apply", "-f", str(MANIFESTS / "kasprapp-crd.yaml")])
         cp.kubectl(["wait", "--for=condition=Established", "--timeout=60s", "crd/kasprapps.kaspr.io"], timeout=90)
         wait_for("the kasprapps API", lambda: cp.kubectl(["get", "kasprapps", "-A"], check=False).returncode == 0,
@@ -128,14 +145,6 @@ def cluster(tools: Tools, e2e_workdir: Path) -> ControlPlane:
         stop()
         raise
     yield cp
-    if KEEP:
-        # Past pytest's output capture, so it shows whatever the outcome.
-        sys.__stderr__.write(
-            f"\nKASPR_E2E_KEEP=1: cluster left running in network namespace {cp.netns.name}\n"
-            f"  source {cp.workdir}/env.sh   # then: kubectl get pods -A\n"
-            f"  logs in {cp.logs}\n"
-            f"  {cp.workdir}/teardown.sh   # when done\n"
-        )
     stop()
 
 
