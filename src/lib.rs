@@ -9,6 +9,7 @@ pub mod cache;
 pub mod certs;
 pub mod cli;
 pub mod config;
+pub mod controller;
 pub mod installer;
 pub mod metrics;
 pub mod mutation;

@@ -1,0 +1,294 @@
+//! The rollout trigger: whether an app's StatefulSet carries the injection the webhook would
+//! render for it now, and the patch that makes the API server send it through the webhook.
+//!
+//! The desired state is not rendered here: [`sync_state`] runs the webhook's own
+//! [`mutation::apply`] on a copy of the StatefulSet's pod template and compares our annotations
+//! (template hash, install key, record) before and after. Because the webhook strips and
+//! re-injects, a template that already carries the current injection comes out with the same
+//! annotations; anything else (a changed spec, removed `pythonPackages`, a template admitted
+//! while the webhook was bypassed) does not.
+
+use serde_json::{Value, json};
+
+use crate::config::RenderConfig;
+use crate::mutation::names::{self, ANNOTATIONS, TEMPLATE_HASH_ANNOTATION};
+use crate::mutation::record::{Record, name_is};
+use crate::mutation::{self, AppContext};
+use crate::spec::PythonPackages;
+
+/// Where a StatefulSet stands against the KasprApp's spec.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SyncState {
+    InSync,
+    /// The webhook would render something else; `current` and `desired` are the template
+    /// hashes (absent when there is no injection).
+    OutOfSync {
+        current: Option<String>,
+        desired: Option<String>,
+    },
+    /// The webhook would refuse this StatefulSet (for example a name collision); an UPDATE
+    /// cannot help, so nothing is patched.
+    Blocked(String),
+}
+
+impl SyncState {
+    pub fn in_sync(&self) -> bool {
+        matches!(self, SyncState::InSync)
+    }
+}
+
+fn annotation<'a>(template: &'a Value, key: &str) -> Option<&'a str> {
+    template
+        .pointer("/metadata/annotations")
+        .and_then(|a| a.get(key))
+        .and_then(Value::as_str)
+}
+
+fn list<'a>(value: Option<&'a Value>, key: &str) -> &'a [Value] {
+    value
+        .and_then(|v| v.get(key))
+        .and_then(Value::as_array)
+        .map_or(&[], Vec::as_slice)
+}
+
+/// Whether everything the record lists is still in the pod spec. A rewrite that passed the
+/// webhook is repaired by it; one that bypassed it (`failurePolicy: Ignore`, webhook down) can
+/// drop parts of the injection while keeping our annotations.
+fn injection_present(template: &Value, record: &Record) -> bool {
+    let spec = template.get("spec");
+    let has = |key: &str, name: &String| list(spec, key).iter().any(|item| name_is(item, name));
+    if !record
+        .init_containers
+        .iter()
+        .all(|n| has("initContainers", n))
+        || !record.volumes.iter().all(|n| has("volumes", n))
+    {
+        return false;
+    }
+    let Some(container) = list(spec, "containers")
+        .iter()
+        .find(|c| name_is(c, &record.container))
+    else {
+        return record.volume_mounts.is_empty() && record.env.is_empty();
+    };
+    let mounts = list(Some(container), "volumeMounts");
+    if !record
+        .volume_mounts
+        .iter()
+        .all(|n| mounts.iter().any(|m| name_is(m, n)))
+    {
+        return false;
+    }
+    let pythonpath_first = list(Some(container), "env").iter().any(|e| {
+        name_is(e, names::PYTHONPATH)
+            && e.get("value")
+                .and_then(Value::as_str)
+                .is_some_and(|v| v.split(':').next() == Some(names::SITE_PATH))
+    });
+    !record.env.iter().any(|n| n == names::PYTHONPATH) || pythonpath_first
+}
+
+/// Compares a StatefulSet's pod template with what the webhook would make of it.
+pub fn sync_state(
+    template: &Value,
+    spec: Option<&PythonPackages>,
+    app: AppContext<'_>,
+    config: &RenderConfig,
+) -> SyncState {
+    let mut rendered = template.clone();
+    if let Err(denial) = mutation::apply(&mut rendered, spec, app, "spec.template.spec", config) {
+        return SyncState::Blocked(denial.message);
+    }
+    fn ours(template: &Value) -> Vec<Option<&str>> {
+        ANNOTATIONS
+            .iter()
+            .map(|key| annotation(template, key))
+            .collect()
+    }
+    let current = annotation(template, TEMPLATE_HASH_ANNOTATION).map(str::to_owned);
+    let desired = annotation(&rendered, TEMPLATE_HASH_ANNOTATION).map(str::to_owned);
+    let present = spec.is_none()
+        || desired.is_none()
+        || injection_present(template, &Record::read(rendered.get("metadata")));
+    if ours(template) == ours(&rendered) && present {
+        return SyncState::InSync;
+    }
+    SyncState::OutOfSync { current, desired }
+}
+
+/// The merge patch that sends a StatefulSet through the webhook again: it removes the template
+/// hash annotation, which only the webhook sets.
+///
+/// Removing rather than writing the new hash keeps the hash an honest witness: if the UPDATE
+/// bypasses the webhook (`failurePolicy: Ignore` while it is down), the StatefulSet ends up
+/// without a hash and stays visibly out of sync, instead of carrying the new hash over an old
+/// injection. When the webhook renders exactly what is stored (its cache not yet updated),
+/// the API server sees no change and writes nothing, so no new ControllerRevision appears.
+pub fn resync_patch() -> Value {
+    json!({"spec": {"template": {"metadata": {"annotations": {TEMPLATE_HASH_ANNOTATION: null}}}}})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::{Cache, InitContainerExtras, InstallPolicy};
+    use rstest::rstest;
+
+    fn spec(packages: &[&str]) -> PythonPackages {
+        PythonPackages {
+            packages: packages.iter().map(|p| (*p).to_owned()).collect(),
+            index_url: None,
+            extra_index_urls: vec![],
+            trusted_hosts: vec![],
+            credentials: None,
+            cache: Cache::EmptyDir,
+            install_policy: InstallPolicy::default(),
+            resources: None,
+            init_container: InitContainerExtras::default(),
+        }
+    }
+
+    const APP: AppContext<'static> = AppContext {
+        name: "demo",
+        namespace: "apps",
+    };
+
+    fn operator_template() -> Value {
+        json!({
+            "metadata": {"labels": {"kaspr.io/app": "demo", "kaspr.io/kind": "KasprApp"}},
+            "spec": {
+                "containers": [{
+                    "name": "kaspr", "image": "kaspr:1", "imagePullPolicy": "IfNotPresent",
+                    "env": [{"name": "PYTHONPATH", "value": "/app/lib"}],
+                    "volumeMounts": [{"name": "data", "mountPath": "/data"}],
+                }],
+                "volumes": [{"name": "data", "emptyDir": {}}],
+            }
+        })
+    }
+
+    /// The template as the webhook stores it for `spec`.
+    fn injected(spec: &PythonPackages) -> Value {
+        let mut template = operator_template();
+        mutation::apply(
+            &mut template,
+            Some(spec),
+            APP,
+            "spec.template.spec",
+            &RenderConfig::default(),
+        )
+        .expect("inject");
+        template
+    }
+
+    fn state(template: &Value, spec: Option<&PythonPackages>) -> SyncState {
+        sync_state(template, spec, APP, &RenderConfig::default())
+    }
+
+    fn hash(template: &Value) -> Option<String> {
+        annotation(template, TEMPLATE_HASH_ANNOTATION).map(str::to_owned)
+    }
+
+    #[test]
+    fn the_current_injection_is_in_sync() {
+        let one = spec(&["a==1"]);
+        assert_eq!(state(&injected(&one), Some(&one)), SyncState::InSync);
+    }
+
+    #[test]
+    fn no_packages_and_no_injection_is_in_sync() {
+        assert_eq!(state(&operator_template(), None), SyncState::InSync);
+    }
+
+    #[test]
+    fn a_package_change_is_out_of_sync_with_both_hashes() {
+        let (one, two) = (spec(&["a==1"]), spec(&["a==2"]));
+        let stored = injected(&one);
+        assert_eq!(
+            state(&stored, Some(&two)),
+            SyncState::OutOfSync {
+                current: hash(&stored),
+                desired: hash(&injected(&two)),
+            }
+        );
+    }
+
+    #[test]
+    fn removed_packages_with_our_annotations_still_present_are_out_of_sync() {
+        let stored = injected(&spec(&["a==1"]));
+        assert_eq!(
+            state(&stored, None),
+            SyncState::OutOfSync {
+                current: hash(&stored),
+                desired: None,
+            }
+        );
+    }
+
+    #[test]
+    fn a_template_admitted_without_the_webhook_is_out_of_sync() {
+        let one = spec(&["a==1"]);
+        assert_eq!(
+            state(&operator_template(), Some(&one)),
+            SyncState::OutOfSync {
+                current: None,
+                desired: hash(&injected(&one)),
+            }
+        );
+    }
+
+    #[rstest]
+    #[case::init_container_dropped("/spec/initContainers")]
+    #[case::volumes_rewritten("/spec/volumes")]
+    #[case::mounts_rewritten("/spec/containers/0/volumeMounts")]
+    #[case::env_rewritten("/spec/containers/0/env")]
+    fn a_partly_lost_injection_with_our_annotations_is_out_of_sync(#[case] pointer: &str) {
+        let one = spec(&["a==1"]);
+        let mut stored = injected(&one);
+        let operator = operator_template();
+        let replacement = operator.pointer(pointer).cloned().unwrap_or(json!([]));
+        *stored.pointer_mut(pointer).expect("field") = replacement;
+        assert!(matches!(
+            state(&stored, Some(&one)),
+            SyncState::OutOfSync { current, desired } if current == desired
+        ));
+    }
+
+    #[test]
+    fn a_name_collision_is_blocked_not_patched() {
+        let mut template = operator_template();
+        template["spec"]["initContainers"] = json!([{"name": "kaspr-packages", "image": "x"}]);
+        assert!(matches!(
+            state(&template, Some(&spec(&["a==1"]))),
+            SyncState::Blocked(message) if message.contains("kaspr-packages")
+        ));
+    }
+
+    #[test]
+    fn the_operators_own_installer_is_left_alone() {
+        let mut template = operator_template();
+        template["spec"]["initContainers"] = json!([{"name": "install-packages", "image": "x"}]);
+        assert_eq!(state(&template, Some(&spec(&["a==1"]))), SyncState::InSync);
+    }
+
+    #[test]
+    fn the_resync_patch_removes_only_the_hash() {
+        let one = spec(&["a==1"]);
+        let mut statefulset = json!({"spec": {"template": injected(&one)}});
+        json_patch::merge(&mut statefulset, &resync_patch());
+        let stored = statefulset["spec"]["template"].clone();
+        assert_eq!(hash(&stored), None);
+        assert!(annotation(&stored, names::INJECTED_ANNOTATION).is_some());
+        // What the webhook then does with the patched object restores the injection exactly.
+        let mut again = stored;
+        mutation::apply(
+            &mut again,
+            Some(&one),
+            APP,
+            "spec.template.spec",
+            &RenderConfig::default(),
+        )
+        .expect("inject");
+        assert_eq!(again, injected(&one));
+    }
+}
