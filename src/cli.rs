@@ -51,6 +51,10 @@ and GET /metrics (Prometheus).
 KasprApps are read from the API server (KUBECONFIG or the in-cluster service account) through a \
 watch cache, or with --kasprapps DIR from YAML/JSON files, which needs no cluster.
 
+With the API server, the same process runs the controller: it keeps the PVC cache of apps in PVC \
+mode (--controller-pvc) and rolls StatefulSets whose injection is out of date after a KasprApp \
+change (--controller-rollout). It is not part of readiness and needs no leader election.
+
 The certificate and key are re-read every --reload-interval and swapped without a restart, which \
 also follows a Kubernetes Secret volume's symlink swap. Without --tls-cert/--tls-key, a \
 self-signed pair for localhost is generated and the path of its CA is logged.
@@ -285,6 +289,16 @@ pub struct ServeArgs {
     /// How often each replica reads the certificate Secret and the webhook configurations.
     #[arg(long, env = "KASPR_WEBHOOK_CERT_CHECK_INTERVAL", value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     pub cert_check_interval: std::time::Duration,
+
+    /// Keep the PVC cache of apps in PVC mode: create, grow, own and delete
+    /// <app>-python-packages (see docs/controller.md). Off with --kasprapps.
+    #[arg(long, env = "KASPR_WEBHOOK_CONTROLLER_PVC", value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
+    pub controller_pvc: bool,
+
+    /// Roll StatefulSets whose python-packages injection is out of date by sending them through
+    /// the webhook again (see docs/controller.md). Off with --kasprapps.
+    #[arg(long, env = "KASPR_WEBHOOK_CONTROLLER_ROLLOUT", value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
+    pub controller_rollout: bool,
 }
 
 fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
@@ -353,6 +367,8 @@ impl ServeArgs {
             cert_renew_before,
             cert_overlap,
             cert_check_interval,
+            controller_pvc,
+            controller_rollout,
         } = self;
         let certs = match (tls_cert, tls_key) {
             (Some(cert), Some(key)) => crate::server::CertSource::Files { cert, key },
@@ -406,6 +422,10 @@ impl ServeArgs {
             certs,
             apps,
             reload_interval,
+            controller: crate::controller::ControllerOptions {
+                pvc: controller_pvc,
+                rollout: controller_rollout,
+            },
         }
     }
 }
@@ -630,6 +650,28 @@ mod serve_args_tests {
             options.apps,
             crate::server::AppSource::Cluster { ref namespaces } if namespaces.is_empty()
         ));
+        assert_eq!(
+            options.controller,
+            crate::controller::ControllerOptions {
+                pvc: true,
+                rollout: true
+            }
+        );
+    }
+
+    #[test]
+    fn controller_parts_can_be_switched_off() {
+        let options = serve_args(&["--controller-pvc=false", "--controller-rollout", "false"])
+            .expect("parse")
+            .into_options();
+        assert_eq!(
+            options.controller,
+            crate::controller::ControllerOptions {
+                pvc: false,
+                rollout: false
+            }
+        );
+        assert!(serve_args(&["--controller-pvc=maybe"]).is_err());
     }
 
     #[test]

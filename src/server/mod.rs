@@ -96,6 +96,8 @@ pub struct ServeOptions {
     pub apps: AppSource,
     /// How often certificate files (and `--kasprapps` files) are re-read.
     pub reload_interval: Duration,
+    /// Which parts of the controller run (never with KasprApps from files).
+    pub controller: crate::controller::ControllerOptions,
 }
 
 /// A future that runs beside the server for the life of the process. If one ends on its own,
@@ -144,6 +146,7 @@ pub async fn serve(options: ServeOptions, shutdown: Shutdown) -> anyhow::Result<
         certs,
         apps,
         reload_interval,
+        controller,
     } = options;
     let mut registry = metrics::new_registry();
     let mut tasks = Vec::new();
@@ -183,6 +186,7 @@ pub async fn serve(options: ServeOptions, shutdown: Shutdown) -> anyhow::Result<
         Arc::clone(&certs).watch(reload_interval),
     ));
 
+    let mut watched_namespaces = Vec::new();
     let (apps, client): (Arc<dyn KasprApps>, Option<kube::Client>) = match apps {
         AppSource::Files { dir } => {
             let loaded = tokio::task::spawn_blocking(move || FileKasprApps::load(&dir))
@@ -202,6 +206,7 @@ pub async fn serve(options: ServeOptions, shutdown: Shutdown) -> anyhow::Result<
                 .await
                 .context("cannot configure a Kubernetes client (KUBECONFIG or in-cluster service account); use --kasprapps DIR to run without a cluster")?;
             let (cache, runner) = KubeKasprApps::new(client.clone(), &namespaces);
+            watched_namespaces = namespaces;
             tasks.push(BackgroundTask::new("kasprapp-cache", runner));
             (Arc::new(cache), Some(client))
         }
@@ -216,7 +221,12 @@ pub async fn serve(options: ServeOptions, shutdown: Shutdown) -> anyhow::Result<
         ));
     }
     if let Some(client) = client {
-        tasks.extend(cluster_tasks(&client, &apps, &mut registry, &shutdown));
+        let cluster = ClusterTasks {
+            namespaces: &watched_namespaces,
+            controller,
+            render: &settings.render,
+        };
+        tasks.extend(cluster_tasks(&client, &cluster, &mut registry));
     }
 
     let services = Services {
@@ -235,17 +245,32 @@ pub async fn serve(options: ServeOptions, shutdown: Shutdown) -> anyhow::Result<
     running.wait().await
 }
 
-/// Background work that needs the cluster, started beside the server: the place where the
-/// controller (PVC lifecycle, rollout trigger) joins, sharing the server's kube client, KasprApp
-/// source, metrics registry and shutdown signal. Not called with `--kasprapps`.
+/// What the cluster tasks need beyond the client and the registry.
+struct ClusterTasks<'a> {
+    /// The namespaces KasprApps are watched in (empty: all).
+    namespaces: &'a [String],
+    controller: crate::controller::ControllerOptions,
+    render: &'a RenderConfig,
+}
+
+/// Background work that needs the cluster, started beside the server: the controller (PVC
+/// lifecycle, rollout trigger), sharing the server's kube client and metrics registry. It has
+/// its own KasprApp watch (its triggers need the watch events, not just a store) and is not
+/// part of readiness. Not called with `--kasprapps`.
 fn cluster_tasks(
     client: &kube::Client,
-    apps: &Arc<dyn KasprApps>,
+    cluster: &ClusterTasks<'_>,
     registry: &mut Registry,
-    shutdown: &Shutdown,
 ) -> Vec<BackgroundTask> {
-    let _ = (client, apps, registry, shutdown);
-    Vec::new()
+    let ClusterTasks {
+        namespaces,
+        controller,
+        render,
+    } = cluster;
+    crate::controller::run(client, namespaces, *controller, (*render).clone(), registry)
+        .map(|future| BackgroundTask::new("controller", future))
+        .into_iter()
+        .collect()
 }
 
 /// A started server.
