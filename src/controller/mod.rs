@@ -251,10 +251,11 @@ impl ControllerMetrics {
 
 /// A failed API call.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot {action} {object}: {source}")]
+#[error("cannot {action} {object}: {detail}")]
 pub struct ControllerError {
     action: &'static str,
     object: String,
+    detail: String,
     #[source]
     source: kube::Error,
 }
@@ -263,7 +264,18 @@ fn api_error(action: &'static str, object: String) -> impl FnOnce(kube::Error) -
     move |source| ControllerError {
         action,
         object,
+        detail: describe(&source),
         source,
+    }
+}
+
+/// The API server's own message rather than the whole Status, for logs and Events.
+fn describe(error: &kube::Error) -> String {
+    match error {
+        kube::Error::Api(status) => {
+            format!("{} ({} {})", status.message, status.code, status.reason)
+        }
+        other => other.to_string(),
     }
 }
 
@@ -776,7 +788,8 @@ async fn reconcile_rollout(
                 "StatefulSetOutOfSync",
                 format!(
                     "{object} lacks the current python-packages injection and could not be sent \
-                     through the webhook again; retrying with backoff: {error}"
+                     through the webhook again; retrying with backoff: {}",
+                    describe(&error)
                 ),
             );
             context.report(app, Part::Rollout, vec![notice]).await;
