@@ -51,12 +51,19 @@ def serve_help(binary: Path) -> str | None:
 
 
 class Webhook:
-    def __init__(self, cluster: ControlPlane, binary: Path, workdir: Path, *, least_privilege: bool = True):
+    def __init__(self, cluster: ControlPlane, binary: Path, workdir: Path, *, least_privilege: bool = True,
+                 name: str = "webhook", listen: str = WEBHOOK_LISTEN, probe_listen: str = PROBE_LISTEN):
+        """`name` names the log file; a second instance (say, another controller replica) needs its
+        own `listen` and `probe_listen`."""
         self.cluster = cluster
         self.binary = binary
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.least_privilege = least_privilege
+        self.name = name
+        self.listen = listen
+        self.probe_url = f"http://{probe_listen}"
+        self.extra_args: list[str] = []
         self.process: Process | None = None
         self.generation = 0
         self.ca: KeyPair = make_ca(workdir, "webhook-ca-0", "kaspr-e2e-webhook-ca-0")
@@ -93,7 +100,7 @@ class Webhook:
     def served_issuer(self) -> str:
         """The issuer CN of the certificate the webhook port presents right now."""
         proc = self.cluster.netns.run(["sh", "-c",
-                                       f"openssl s_client -connect {WEBHOOK_LISTEN} -servername localhost"
+                                       f"openssl s_client -connect {self.listen} -servername localhost"
                                        " </dev/null 2>/dev/null | openssl x509 -noout -issuer"], check=False)
         return proc.stdout.strip()
 
@@ -114,9 +121,13 @@ class Webhook:
 
     @property
     def log_path(self) -> Path:
-        return self.cluster.logs / "webhook.log"
+        return self.cluster.logs / f"{self.name}.log"
 
-    def start(self, timeout: float = 60) -> None:
+    def start(self, timeout: float = 60, extra_args: list[str] | None = None) -> None:
+        """Start `serve` (no-op when running). `extra_args` (e.g. `--controller-rollout=false`)
+        stay in effect for later restarts until given again."""
+        if extra_args is not None:
+            self.extra_args = list(extra_args)
         if self.process and self.process.alive():
             return
         env = {
@@ -124,20 +135,21 @@ class Webhook:
             "KUBECONFIG": str(self.kubeconfig),
             "RUST_BACKTRACE": "1",
         }
-        self.process = self.cluster.spawn("webhook", [
+        self.process = self.cluster.spawn(self.name, [
             str(self.binary), "serve",
-            "--listen", WEBHOOK_LISTEN,
-            "--probe-listen", PROBE_LISTEN,
+            "--listen", self.listen,
+            "--probe-listen", self.probe_url.removeprefix("http://"),
             "--tls-cert", str(self.tls_dir / "tls.crt"),
             "--tls-key", str(self.tls_dir / "tls.key"),
             "--log-format", "plain",
             "--log-filter", os.environ.get("KASPR_E2E_WEBHOOK_LOG", "info"),
+            *self.extra_args,
         ], env=env)
         proc = self.process
 
         def ready() -> bool:
             proc.ensure_alive()
-            status, _ = self.cluster.http_get(f"{PROBE_URL}/readyz", timeout=2)
+            status, _ = self.cluster.http_get(f"{self.probe_url}/readyz", timeout=2)
             return status == 200
 
         wait_for("the webhook's /readyz", ready, timeout=timeout, interval=0.3,
@@ -151,7 +163,7 @@ class Webhook:
             self.process = None
 
     def metrics(self) -> list[tuple[str, dict[str, str], float]]:
-        status, body = self.cluster.http_get(f"{PROBE_URL}/metrics")
+        status, body = self.cluster.http_get(f"{self.probe_url}/metrics")
         if status != 200:
             raise E2EError(f"GET /metrics answered {status}: {body[:500]}")
         return parse_metrics(body)
@@ -161,11 +173,16 @@ class Webhook:
         samples = [s for s in self.metrics() if s[0] == REQUESTS_METRIC]
         return sum(v for _, lbls, v in samples if all(lbls.get(k) == want for k, want in labels.items()))
 
+    def metric(self, name: str, **labels: str) -> float:
+        """Sum of metric `name` over series matching `labels`."""
+        return sum(v for n, lbls, v in self.metrics()
+                   if n == name and all(lbls.get(k) == want for k, want in labels.items()))
+
     # -- registration --------------------------------------------------------------------------
     def configurations(self) -> str:
         template = string.Template((MANIFESTS / "webhook-configurations.yaml").read_text())
         ca_bundle = base64.b64encode(b"".join(ca.cert.read_bytes() for ca in self.trusted)).decode()
-        return template.substitute(CA_BUNDLE=ca_bundle, WEBHOOK_URL=WEBHOOK_URL)
+        return template.substitute(CA_BUNDLE=ca_bundle, WEBHOOK_URL=f"https://{self.listen}")
 
     def register(self) -> None:
         self.cluster.kubectl(["apply", "-f", "-"], input=self.configurations())
