@@ -454,6 +454,14 @@ pub fn run(
                         Ok((app, _)) => tracing::debug!(%app, "reconciled"),
                         // Logged with its context by `error_policy`.
                         Err(controller::Error::ReconcilerFailed(..)) => {}
+                        // The CRD is not installed (yet): nothing to reconcile, as for the cache.
+                        Err(controller::Error::QueueError(watcher::Error::InitialListFailed(
+                            kube::Error::Api(status),
+                        ))) if status.code == 404 => {
+                            tracing::debug!(
+                                "kasprapps.kaspr.io is not served; the controller waits"
+                            );
+                        }
                         Err(controller::Error::QueueError(error)) => {
                             tracing::warn!(%error, "controller watch failed; retrying");
                         }
