@@ -8,7 +8,7 @@ import copy
 
 KASPR_IMAGE = "registry.example/kaspr/kaspr:0.1"
 
-# What the webhook adds (SPEC §3).
+# What the webhook adds.
 INIT_CONTAINER = "kaspr-packages"
 PACKAGES_VOLUME = "kaspr-packages"
 PACKAGES_MOUNT = "/opt/kaspr/packages"
@@ -136,7 +136,7 @@ def env_value(c: dict, name: str) -> dict | None:
 
 
 def assert_injected(pod_spec: dict, annotations: dict, *, image: str = KASPR_IMAGE) -> dict:
-    """Check the SPEC §3 injection on a pod (template) spec; returns the init container."""
+    """Check the injection on a pod (template) spec; returns the init container."""
     init = init_container(pod_spec)
     assert init is not None, f"no {INIT_CONTAINER} init container in {pod_spec.get('initContainers')}"
     assert init["image"] == image

@@ -1,4 +1,4 @@
-"""Admission on a real control plane (SPEC §2, §3, §4, §7, §10, §11): what the API server stores
+"""Admission on a real control plane: what the API server stores
 and what the StatefulSet controller creates once the webhook is registered."""
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def test_owned_statefulset_pods_come_out_mutated(cluster: ControlPlane, webhook:
 
 # 2 ---------------------------------------------------------------------------------------------
 def test_server_dry_run_shows_injection_and_creates_nothing(cluster: ControlPlane, webhook: Webhook, namespace: str):
-    # A lower-bound-only requirement and onFailure allow both earn warnings (SPEC §7).
+    # A lower-bound-only requirement and onFailure allow both earn warnings.
     uid = _app(cluster, namespace, "preview",
                {"packages": ["kasprdemo>=1.0"], "installPolicy": {"onFailure": "allow"}})
     sts = operator_statefulset("preview", uid, replicas=2)

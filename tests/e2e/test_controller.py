@@ -1,4 +1,4 @@
-"""The controller that `serve` runs beside the webhook (SPEC §4 rollout trigger, §5 PVC cache).
+"""The controller that `serve` runs beside the webhook.
 
 Unlike test_lifecycle.py, nothing here plays the operator: a KasprApp edit alone must reach the
 StatefulSet, and the PVC must follow the KasprApp. There is no volume provisioner, so claims stay
@@ -122,7 +122,7 @@ def second_replica(cluster: ControlPlane, webhook_binary, e2e_workdir, webhook: 
 
 
 # ---------------------------------------------------------------------------------------------
-# §4 rollout trigger
+# Rollout trigger
 
 
 def test_kasprapp_edit_alone_rolls_and_strips_the_statefulset(cluster: ControlPlane, webhook: Webhook,
@@ -275,7 +275,7 @@ def test_two_controller_replicas_converge_without_conflicts(cluster: ControlPlan
 
 
 # ---------------------------------------------------------------------------------------------
-# §5 PVC cache
+# PVC cache
 
 
 def _rwx_storage(cluster: ControlPlane, namespace: str) -> str:

@@ -1,4 +1,4 @@
-"""End to end (SPEC §11): KasprApp → operator-style StatefulSet → pods from the real
+"""End to end: KasprApp → operator-style StatefulSet → pods from the real
 controller-manager → the pod runner plays the kubelet → the package imports in the app.
 
 The package comes from a private index on loopback that requires basic auth; the credentials
@@ -143,7 +143,7 @@ def test_pvc_cache_build_is_shared_between_pods(
     """PVC mode: the first pod builds into the shared claim, the next one uses that build as is."""
     _credentials_secret(cluster, namespace, package_index)
     python_packages = {**_python_packages(package_index, ["kasprdemo==1.0"]), "cache": {"enabled": True}}
-    # The claim the controller keeps (SPEC §5); applied here so this test needs only the webhook.
+    # The claim the controller keeps; applied here so this test needs only the webhook.
     cluster.apply({
         "apiVersion": "v1", "kind": "PersistentVolumeClaim",
         "metadata": {"name": "warm-python-packages", "labels": {"kaspr.io/app": "warm"}},

@@ -1,4 +1,4 @@
-"""The Helm chart against the real API server (SPEC §10, §11).
+"""The Helm chart against the real API server.
 
 - `helm lint --strict` and `helm template` with the default values and each `ci/*-values.yaml`
   (every certificate mode, non-default values); every rendered manifest passes a server-side

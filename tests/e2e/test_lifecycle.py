@@ -1,4 +1,4 @@
-"""Changes over an app's life (SPEC §4, §11): a package change rolls the StatefulSet to pods that
+"""Changes over an app's life: a package change rolls the StatefulSet to pods that
 import the new version, and removing `pythonPackages` strips exactly what was injected.
 
 The Kaspr operator rewrites its StatefulSet every few seconds; `_operator_update` plays that
