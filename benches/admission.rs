@@ -100,7 +100,7 @@ fn full_review(c: &mut Criterion) {
                         .map_or(AppLookup::NotFound, |a| AppLookup::Found(a.clone()))
                 });
                 let decision = admission::decide(endpoint, &request, lookup.as_ref(), &config);
-                serde_json::to_vec(&decision.to_review()).expect("json")
+                decision.to_review_bytes().expect("json")
             })
         });
     }

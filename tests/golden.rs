@@ -61,6 +61,11 @@ fn answer(endpoint: Endpoint, body: &[u8], apps: &BTreeMap<AppRef, Arc<Value>>) 
         &RenderConfig::default(),
     );
     let review = decision.to_review();
+    // What the server sends: the same JSON, byte for byte.
+    assert_eq!(
+        decision.to_review_bytes().expect("serializes"),
+        serde_json::to_vec(&review).expect("json")
+    );
     let patch = review["response"]["patch"].as_str().map(|b64| {
         let bytes = base64::engine::general_purpose::STANDARD
             .decode(b64)

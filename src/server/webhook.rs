@@ -229,7 +229,7 @@ async fn admit(state: &Inner, endpoint: Endpoint, request: Request) -> Response 
         }
     };
 
-    let answer = match serde_json::to_vec(&decision.to_review()) {
+    let answer = match decision.to_review_bytes() {
         Ok(answer) => answer,
         Err(error) => {
             return reject(
