@@ -7,9 +7,10 @@
       Turns our Pod CREATE review into the same Pod as vault-k8s expects it: Vault agent
       annotations (init container only, like ours) and the service-account token volume the API
       server adds before webhooks run.
-  tools.py ready --url URL [--cacert FILE] [--timeout S] [--hold S] -- COMMAND...
+  tools.py ready --url URL [--cacert FILE] [--timeout S] [--hold S] [--later S] -- COMMAND...
       Starts COMMAND, polls URL every millisecond until it answers 2xx, prints one JSON line
-      {ready_ms, rss_kib, hwm_kib} (RSS read --hold seconds after ready), then stops COMMAND.
+      {ready_ms, rss_kib, hwm_kib} (RSS read --hold seconds after ready; with --later, also
+      later_rss_kib and later_cpu_s, S seconds after that), then stops COMMAND.
   tools.py proc PID
       Prints one JSON line {rss_kib, hwm_kib, cpu_s} of a running process.
   tools.py summary OHA_JSON PROC_BEFORE PROC_AFTER LABEL RATE LOADAVG
@@ -111,7 +112,7 @@ def vault_review(source, target):
 
 
 def ready(args):
-    url, cacert, timeout, hold = None, None, 10.0, 0.0
+    url, cacert, timeout, hold, later = None, None, 10.0, 0.0, 0.0
     while args and args[0] != "--":
         flag, value, args = args[0], args[1], args[2:]
         if flag == "--url":
@@ -122,6 +123,8 @@ def ready(args):
             timeout = float(value)
         elif flag == "--hold":
             hold = float(value)
+        elif flag == "--later":
+            later = float(value)
         else:
             sys.exit(f"ready: unknown flag {flag}")
     command = args[1:]
@@ -142,6 +145,10 @@ def ready(args):
         if ready_ms is not None and hold:
             time.sleep(hold)
         sample = proc_sample(child.pid) if child.poll() is None else {}
+        late = {}
+        if ready_ms is not None and later and child.poll() is None:
+            time.sleep(later)
+            late = proc_sample(child.pid) if child.poll() is None else {}
     finally:
         if child.poll() is None:
             child.send_signal(signal.SIGTERM)
@@ -156,6 +163,15 @@ def ready(args):
                 "ready_ms": round(ready_ms, 1) if ready_ms is not None else None,
                 "rss_kib": sample.get("rss_kib"),
                 "hwm_kib": sample.get("hwm_kib"),
+                **(
+                    {
+                        "later_s": later,
+                        "later_rss_kib": late.get("rss_kib"),
+                        "later_cpu_s": round(late["cpu_s"] - sample["cpu_s"], 2),
+                    }
+                    if late
+                    else {}
+                ),
             }
         )
     )
@@ -204,12 +220,20 @@ def table(path):
     ready_rows = [r for r in rows if r["kind"] == "ready"]
     load_rows = [r for r in rows if r["kind"] == "load"]
     if ready_rows:
-        print("| KasprApps | time to ready (ms) | RSS after ready (MiB) | peak RSS (MiB) |")
-        print("|---:|---:|---:|---:|")
+        print(
+            "| KasprApps | time to ready (ms) | RSS after ready (MiB) | peak RSS (MiB) "
+            "| later: after (s) | RSS (MiB) | CPU in that time (s) |"
+        )
+        print("|---:|---:|---:|---:|---:|---:|---:|")
         for r in ready_rows:
             rss = r["rss_kib"] / 1024 if r["rss_kib"] else float("nan")
             hwm = r["hwm_kib"] / 1024 if r["hwm_kib"] else float("nan")
-            print(f"| {r['apps']} | {r['ready_ms']} | {rss:.1f} | {hwm:.1f} |")
+            later = (
+                f"{r['later_s']:g} | {r['later_rss_kib'] / 1024:.1f} | {r['later_cpu_s']}"
+                if r.get("later_rss_kib")
+                else "– | – | –"
+            )
+            print(f"| {r['apps']} | {r['ready_ms']} | {rss:.1f} | {hwm:.1f} | {later} |")
         print()
     if load_rows:
         print(
