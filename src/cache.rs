@@ -189,16 +189,30 @@ type AppMap = HashMap<AppRef, Arc<Value>>;
 pub struct FileKasprApps {
     dir: PathBuf,
     apps: ArcSwap<AppMap>,
+    /// What the files looked like when last parsed; an unchanged directory is not parsed again.
+    stamp: std::sync::Mutex<Vec<FileStamp>>,
+}
+
+/// Path, size, modification time and inode of one file (following symlinks, so a ConfigMap
+/// volume's `..data` swap counts as a change).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct FileStamp {
+    path: PathBuf,
+    len: u64,
+    modified: Option<std::time::SystemTime>,
+    inode: u64,
 }
 
 impl FileKasprApps {
     /// Reads the directory once. Fails on an unreadable or unparsable file, so a typo is seen
     /// at start rather than as a silently missing app.
     pub fn load(dir: &Path) -> Result<Self, CacheError> {
-        let apps = read_dir_apps(dir)?;
+        let files = list_files(dir)?;
+        let apps = read_apps(&files)?;
         Ok(FileKasprApps {
             dir: dir.to_owned(),
             apps: ArcSwap::from_pointee(apps),
+            stamp: std::sync::Mutex::new(files),
         })
     }
 
@@ -209,7 +223,16 @@ impl FileKasprApps {
     /// Reads the directory again. On error the previous set is kept. Returns whether anything
     /// changed.
     pub fn reload(&self) -> Result<bool, CacheError> {
-        let fresh = read_dir_apps(&self.dir)?;
+        let files = list_files(&self.dir)?;
+        let mut stamp = self
+            .stamp
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if *stamp == files {
+            return Ok(false);
+        }
+        let fresh = read_apps(&files)?;
+        *stamp = files;
         if *self.apps.load_full() == fresh {
             return Ok(false);
         }
@@ -258,27 +281,48 @@ impl KasprApps for FileKasprApps {
     }
 }
 
-fn read_dir_apps(dir: &Path) -> Result<AppMap, CacheError> {
-    let read_err = |path: &Path, source| CacheError::Read {
+fn read_err(path: &Path, source: std::io::Error) -> CacheError {
+    CacheError::Read {
         path: path.to_owned(),
         source,
-    };
-    let mut paths = Vec::new();
+    }
+}
+
+/// The `*.yaml`, `*.yml` and `*.json` files of `dir`, sorted so the duplicate error names files
+/// in a stable order.
+fn list_files(dir: &Path) -> Result<Vec<FileStamp>, CacheError> {
+    use std::os::unix::fs::MetadataExt as _;
+    let mut files = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(|e| read_err(dir, e))? {
         let path = entry.map_err(|e| read_err(dir, e))?.path();
         let wanted = path
             .extension()
             .and_then(|e| e.to_str())
             .is_some_and(|e| matches!(e, "yaml" | "yml" | "json"));
-        if wanted && path.is_file() {
-            paths.push(path);
+        if !wanted {
+            continue;
+        }
+        let Ok(meta) = std::fs::metadata(&path) else {
+            continue;
+        };
+        if meta.is_file() {
+            files.push(FileStamp {
+                path,
+                len: meta.len(),
+                modified: meta.modified().ok(),
+                inode: meta.ino(),
+            });
         }
     }
-    // Sorted so the duplicate error names files in a stable order.
-    paths.sort();
+    files.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok(files)
+}
+
+fn read_apps(files: &[FileStamp]) -> Result<AppMap, CacheError> {
     let mut apps = AppMap::new();
     let mut origin: HashMap<AppRef, PathBuf> = HashMap::new();
-    for path in paths {
+    for FileStamp { path, .. } in files {
+        let path = path.clone();
         let text = std::fs::read_to_string(&path).map_err(|e| read_err(&path, e))?;
         for mut app in parse_documents(&path, &text)? {
             trim(&mut app);
