@@ -163,6 +163,24 @@ impl PythonPackages {
     }
 }
 
+#[cfg(test)]
+impl PythonPackages {
+    /// A spec with these packages and every default, for tests.
+    pub(crate) fn with_packages(packages: &[&str]) -> Self {
+        PythonPackages {
+            packages: packages.iter().map(|p| (*p).to_owned()).collect(),
+            index_url: None,
+            extra_index_urls: vec![],
+            trusted_hosts: vec![],
+            credentials: None,
+            cache: Cache::EmptyDir,
+            install_policy: InstallPolicy::default(),
+            resources: None,
+            init_container: InitContainerExtras::default(),
+        }
+    }
+}
+
 /// First 16 hex characters of SHA-256.
 pub fn short_sha256(bytes: &[u8]) -> String {
     use sha2::{Digest, Sha256};
@@ -178,17 +196,7 @@ mod tests {
     use super::*;
 
     fn spec(packages: &[&str]) -> PythonPackages {
-        PythonPackages {
-            packages: packages.iter().map(|s| s.to_string()).collect(),
-            index_url: None,
-            extra_index_urls: vec![],
-            trusted_hosts: vec![],
-            credentials: None,
-            cache: Cache::EmptyDir,
-            install_policy: InstallPolicy::default(),
-            resources: None,
-            init_container: InitContainerExtras::default(),
-        }
+        PythonPackages::with_packages(packages)
     }
 
     #[test]

@@ -131,21 +131,10 @@ pub fn resync_patch() -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::spec::{Cache, InitContainerExtras, InstallPolicy};
     use rstest::rstest;
 
     fn spec(packages: &[&str]) -> PythonPackages {
-        PythonPackages {
-            packages: packages.iter().map(|p| (*p).to_owned()).collect(),
-            index_url: None,
-            extra_index_urls: vec![],
-            trusted_hosts: vec![],
-            credentials: None,
-            cache: Cache::EmptyDir,
-            install_policy: InstallPolicy::default(),
-            resources: None,
-            init_container: InitContainerExtras::default(),
-        }
+        PythonPackages::with_packages(packages)
     }
 
     const APP: AppContext<'static> = AppContext {
