@@ -16,6 +16,7 @@ pub mod mutation;
 pub mod patch;
 pub mod preview;
 pub mod quantity;
+pub mod releases;
 pub mod requirement;
 pub mod server;
 pub mod spec;

@@ -220,6 +220,9 @@ pub async fn serve(options: ServeOptions, shutdown: Shutdown) -> anyhow::Result<
             crate::certs::run(client, config, policy, Arc::clone(&certs)),
         ));
     }
+    if let Some(client) = &client {
+        tokio::spawn(warn_if_untested_release(client.clone()));
+    }
     if let Some(client) = client {
         let cluster = ClusterTasks {
             namespaces: &watched_namespaces,
@@ -243,6 +246,42 @@ pub async fn serve(options: ServeOptions, shutdown: Shutdown) -> anyhow::Result<
         "serving"
     );
     running.wait().await
+}
+
+/// Logs one warning when the API server runs a Kubernetes release outside the tested range;
+/// serving goes on either way. A server that cannot be asked now is retried a few times.
+async fn warn_if_untested_release(client: kube::Client) {
+    use crate::releases::{Support, TestedRange, classify};
+    for attempt in 0..5u64 {
+        match client.apiserver_version().await {
+            Ok(info) => {
+                let range = TestedRange;
+                match classify(&info.major, &info.minor) {
+                    Support::Tested => {
+                        tracing::info!(kubernetes = %info.git_version, tested = %range, "Kubernetes release is tested")
+                    }
+                    Support::Older => tracing::warn!(
+                        kubernetes = %info.git_version, tested = %range,
+                        "this Kubernetes release is older than the releases this webhook is tested on; it keeps serving, but upgrade the cluster"
+                    ),
+                    Support::Newer => tracing::warn!(
+                        kubernetes = %info.git_version, tested = %range,
+                        "this Kubernetes release is newer than the releases this webhook is tested on; it keeps serving"
+                    ),
+                    Support::Unreadable(what) => tracing::warn!(
+                        kubernetes = %info.git_version, reported = %what, tested = %range,
+                        "cannot tell the Kubernetes release from the API server's version"
+                    ),
+                }
+                return;
+            }
+            Err(error) => {
+                tracing::debug!(%error, attempt, "cannot read the API server's version yet");
+                tokio::time::sleep(std::time::Duration::from_secs(2 + 4 * attempt)).await;
+            }
+        }
+    }
+    tracing::warn!("could not read the API server's version; the tested-release check was skipped");
 }
 
 /// What the cluster tasks need beyond the client and the registry.
