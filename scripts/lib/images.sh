@@ -83,7 +83,9 @@ images_strip_docs() {
     local rootfs=$1
     rm -rf "$rootfs"/usr/share/{man,info,lintian,locale}
     if [[ -d $rootfs/usr/share/doc ]]; then
-        find "$rootfs/usr/share/doc" -mindepth 1 \( -type f -o -type l \) ! -name copyright -delete
+        local doc=$rootfs/usr/share/doc
+        find "$doc" -mindepth 1 \( -type f -o -type l \) \
+            \( ! -path "$doc/*/copyright" -o -path "$doc/*/*/*" \) -delete
         find "$rootfs/usr/share/doc" -mindepth 1 -type d -empty -delete
     fi
 }
