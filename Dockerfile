@@ -6,6 +6,9 @@
 #
 # Multi-arch: docker buildx build --platform linux/amd64,linux/arm64 -t IMAGE:TAG --push .
 # (each platform compiles natively under emulation; no cross toolchain is needed).
+#
+# Without Docker, scripts/build-image makes the same image as an OCI archive from Debian packages
+# (same files, user, entrypoint, command and ports): change the two together.
 
 ARG RUST_VERSION=1.89
 
