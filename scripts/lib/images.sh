@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared by the image recipes (scripts/build-image, scripts/build-test-images); source it, do not
 # run it. It keeps the recipes to what differs between images: how the root filesystem is made.
 #
@@ -101,5 +102,8 @@ images_copy() {
     local dest=$2 tmp
     mkdir -p "$(dirname "$dest")"
     tmp=$(mktemp "$(dirname "$dest")/.$(basename "$dest").XXXXXX")
-    cp -- "$1" "$tmp" && chmod 0644 "$tmp" && mv -f -- "$tmp" "$dest" || { rm -f -- "$tmp"; return 1; }
+    if ! { cp -- "$1" "$tmp" && chmod 0644 "$tmp" && mv -f -- "$tmp" "$dest"; }; then
+        rm -f -- "$tmp"
+        return 1
+    fi
 }
