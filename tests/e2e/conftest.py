@@ -1,9 +1,12 @@
-"""Fixtures of the end-to-end suite: one control plane per session in a private network
-namespace, the webhook, the package index, the pod runner and a namespace per test.
+"""Fixtures of the end-to-end suite: one control plane and node per session in a private
+network namespace, the webhook, the package index, the pod runner and a namespace per test.
 
 Environment:
-  KASPR_E2E_BIN_DIR       directory with etcd, kube-apiserver, kube-controller-manager, kubectl,
-                          helm (default: built/cached by scripts/build-k8s-tools)
+  KASPR_E2E_BIN_DIR       directory with etcd, kube-apiserver, kube-controller-manager,
+                          kube-scheduler, kubelet, kube-proxy, kubectl, helm (default:
+                          built/cached by scripts/build-k8s-tools)
+  KASPR_E2E_IMAGES_FILE   lines `ROLE ARCHIVE REFERENCE` naming the OCI archives the node
+                          imports (roles: pause, app, webhook); scripts/test-e2e writes it
   KASPR_E2E_WEBHOOK_BIN   the webhook binary (default: target/debug/kaspr-packages-webhook)
   KASPR_E2E_IMAGE_PYTHON  interpreter that plays the app image's `python3` (default: a
                           virtualenv with only pip, made once from the test interpreter)
@@ -24,6 +27,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -31,6 +35,7 @@ import pytest
 from e2e_cluster import ControlPlane, Tools, tail, wait_for
 from e2e_gcs import GcsStandIn, start_gcs
 from e2e_index import PackageIndex, start_index
+from e2e_node import Node
 from e2e_webhook import MANIFESTS, Webhook, serve_help
 from pod_runner import PodRunner
 
@@ -74,6 +79,29 @@ def tools() -> Tools:
     return Tools(Path(bin_dir))
 
 
+@dataclass(frozen=True)
+class Image:
+    archive: Path
+    ref: str
+
+
+@pytest.fixture(scope="session")
+def images() -> dict[str, Image]:
+    """The locally built images the node runs, by role (pause, app, webhook)."""
+    listing = os.environ.get("KASPR_E2E_IMAGES_FILE")
+    if not listing:
+        pytest.fail("KASPR_E2E_IMAGES_FILE is not set: run the suite with scripts/test-e2e, which builds the images")
+    found = {}
+    for line in Path(listing).read_text().splitlines():
+        if line.strip():
+            role, archive, ref = line.split()
+            found[role] = Image(Path(archive), ref)
+    missing = {"pause", "app", "webhook"} - found.keys()
+    if missing:
+        pytest.fail(f"{listing} names no image for {sorted(missing)}")
+    return found
+
+
 @pytest.fixture(scope="session")
 def e2e_workdir() -> Path:
     if os.geteuid() != 0:
@@ -101,9 +129,11 @@ def _write_debug_helpers(cluster: ControlPlane) -> None:
         f"in_cluster_netns() {{ ip netns exec {ns} \"$@\"; }}\n"
     )
     teardown = cluster.workdir / "teardown.sh"
+    node_dir = cluster.workdir / "node"
     teardown.write_text(
         "#!/bin/sh\n"
-        "# Stops every process inside the test network namespace, deletes it and this directory.\n"
+        "# Stops every process inside the test network namespace, sweeps away what the node left\n"
+        "# on the host (containers, mounts, cgroups, sysctls), deletes the namespace and this directory.\n"
         f"ns={ns}\n"
         "for sig in TERM KILL; do\n"
         "  pids=$(ip netns pids \"$ns\" 2>/dev/null)\n"
@@ -111,6 +141,7 @@ def _write_debug_helpers(cluster: ControlPlane) -> None:
         "  kill -s $sig $pids 2>/dev/null\n"
         "  sleep 2\n"
         "done\n"
+        f"python3 {shlex.quote(str(Path(__file__).resolve().parent / 'e2e_node.py'))} sweep {shlex.quote(str(node_dir))}\n"
         "ip netns del \"$ns\" 2>/dev/null\n"
         f"rm -rf {shlex.quote(str(cluster.workdir))}\n"
     )
@@ -118,8 +149,9 @@ def _write_debug_helpers(cluster: ControlPlane) -> None:
 
 
 @pytest.fixture(scope="session")
-def cluster(tools: Tools, e2e_workdir: Path) -> ControlPlane:
+def cluster(tools: Tools, e2e_workdir: Path, images: dict[str, Image]) -> ControlPlane:
     cp = ControlPlane.new(tools, e2e_workdir)
+    node = Node(cp, [images[role].archive for role in ("pause", "app", "webhook")])
     if KEEP:
         _KEPT.append(
             f"KASPR_E2E_KEEP=1: cluster left running in network namespace {cp.netns.name}\n"
@@ -128,9 +160,15 @@ def cluster(tools: Tools, e2e_workdir: Path) -> ControlPlane:
             f"  {cp.workdir}/teardown.sh   # when done"
         )
 
+    stopped = []
+
     def stop():
-        if not KEEP:
-            cp.stop()
+        if not KEEP and not stopped:
+            stopped.append(True)
+            try:
+                node.stop()
+            finally:
+                cp.stop()
 
     atexit.register(stop)  # also on an interrupted session
     _write_debug_helpers(cp)  # before anything starts, so teardown.sh can clean up any failure
@@ -140,8 +178,10 @@ def cluster(tools: Tools, e2e_workdir: Path) -> ControlPlane:
         cp.kubectl(["wait", "--for=condition=Established", "--timeout=60s", "crd/kasprapps.kaspr.io"], timeout=90)
         wait_for("the kasprapps API", lambda: cp.kubectl(["get", "kasprapps", "-A"], check=False).returncode == 0,
                  timeout=30)
+        node.start()
+        cp.node = node
     except BaseException:
-        sys.stderr.write(cp.diagnostics() + "\n")
+        sys.stderr.write(cp.diagnostics() + "\n" + node.diagnostics() + "\n")
         stop()
         raise
     yield cp
@@ -264,5 +304,6 @@ def pytest_runtest_makereport(item, call):
     if report.when == "call" and report.failed:
         cp = item.funcargs.get("cluster")
         if isinstance(cp, ControlPlane):
-            report.sections.append(("control plane logs", cp.diagnostics()))
+            node = getattr(cp, "node", None)
+            report.sections.append(("control plane logs", cp.diagnostics() + ("\n" + node.diagnostics() if node else "")))
 

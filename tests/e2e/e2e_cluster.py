@@ -1,9 +1,10 @@
 """A real Kubernetes control plane inside a private network namespace.
 
-The network namespace has only `lo`, with the service cluster IP range routed to it, so no
-process started here can reach anything outside the machine. etcd, kube-apiserver,
-kube-controller-manager, the webhook and the package index all run inside it; the tests talk
-to them through `ip netns exec`.
+The network namespace has `lo` (with the service cluster IP range routed to it) and the node's
+pod bridge `cni0` (with pods' veths once they run), and no route out of it, so no process
+started here can reach anything outside the machine. etcd, kube-apiserver,
+kube-controller-manager, the node (see e2e_node.py), the webhook and the package index all run
+inside it; the tests talk to them through `ip netns exec`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,11 @@ from typing import Callable, Iterable, Sequence
 
 SERVICE_CIDR = "10.96.0.0/16"
 KUBERNETES_SERVICE_IP = "10.96.0.1"
+# The node's pod network: the `cni0` bridge inside the namespace carries NODE_IP, the node's
+# address, which is also where servers that pods must reach (package index, GCS) listen.
+POD_CIDR = "10.244.0.0/24"
+NODE_IP = "10.244.0.1"
+BRIDGE = "cni0"
 APISERVER_PORT = 6443
 ETCD_CLIENT_PORT = 2379
 ETCD_PEER_PORT = 2380
@@ -74,7 +80,7 @@ def tail(path: Path, lines: int = 40) -> str:
 
 
 class NetworkNamespace:
-    """`ip netns` namespace with only loopback, and the service range routed to it."""
+    """`ip netns` namespace with loopback (the service range routed to it) and the pod bridge."""
 
     def __init__(self, name: str):
         self.name = name
@@ -86,9 +92,19 @@ class NetworkNamespace:
         run(["ip", "-n", self.name, "link", "set", "lo", "up"])
         # Service IPs (e.g. the `kubernetes` Service) resolve to loopback inside the namespace.
         run(["ip", "-n", self.name, "route", "add", "local", SERVICE_CIDR, "dev", "lo"])
-        links = run(["ip", "-n", self.name, "-o", "link", "show"]).stdout.strip().splitlines()
-        if len(links) != 1 or ": lo:" not in links[0]:
+        # The node's bridge exists before the API server starts, so NODE_IP is on a real
+        # interface for the API server to advertise and the kubelet to report.
+        run(["ip", "-n", self.name, "link", "add", BRIDGE, "type", "bridge"])
+        run(["ip", "-n", self.name, "addr", "add", f"{NODE_IP}/{POD_CIDR.split('/')[1]}", "dev", BRIDGE])
+        run(["ip", "-n", self.name, "link", "set", BRIDGE, "up"])
+        links = self.links()
+        if sorted(links) != ["cni0", "lo"]:
             raise E2EError(f"network namespace {self.name} has unexpected links: {links}")
+
+    def links(self) -> list[str]:
+        """Names of the namespace's network interfaces (without the `@peer` suffix)."""
+        lines = run(["ip", "-n", self.name, "-o", "link", "show"]).stdout.strip().splitlines()
+        return [line.split(":", 2)[1].strip().split("@")[0] for line in lines]
 
     def wrap(self, args: Sequence[str]) -> list[str]:
         return ["ip", "netns", "exec", self.name, *args]
@@ -315,6 +331,7 @@ class ControlPlane:
         self.netns.delete()
 
     def spawn(self, name: str, args: Sequence[str], env: dict[str, str] | None = None) -> Process:
+        """Start a process inside the namespace; the cluster stops it on teardown."""
         proc = Process(name, self.netns.wrap(args), self.logs / f"{name}.log", env=env)
         proc.start()
         self.processes.append(proc)
@@ -326,7 +343,7 @@ class ControlPlane:
         self.apiserver_cert = make_cert(
             pki, self.ca, "apiserver", "kube-apiserver",
             server_sans=[
-                "IP:127.0.0.1", f"IP:{KUBERNETES_SERVICE_IP}", "DNS:localhost", "DNS:kubernetes",
+                "IP:127.0.0.1", f"IP:{KUBERNETES_SERVICE_IP}", f"IP:{NODE_IP}", "DNS:localhost", "DNS:kubernetes",
                 "DNS:kubernetes.default", "DNS:kubernetes.default.svc",
                 "DNS:kubernetes.default.svc.cluster.local",
             ],
@@ -373,10 +390,16 @@ class ControlPlane:
         proc = self.spawn("kube-apiserver", [
             str(self.tools.path("kube-apiserver")),
             "--etcd-servers", f"http://127.0.0.1:{ETCD_CLIENT_PORT}",
-            "--bind-address", "127.0.0.1",
-            "--advertise-address", "127.0.0.1",
+            # Inside the namespace: pods reach it through the `kubernetes` Service, whose
+            # endpoint is the node address (kept by the lease reconciler).
+            "--bind-address", "0.0.0.0",
+            "--advertise-address", NODE_IP,
             "--secure-port", str(APISERVER_PORT),
-            "--endpoint-reconciler-type", "none",
+            "--endpoint-reconciler-type", "lease",
+            "--kubelet-client-certificate", str(self.admin_cert.cert),
+            "--kubelet-client-key", str(self.admin_cert.key),
+            # No DNS in the namespace: dial the kubelet by its InternalIP.
+            "--kubelet-preferred-address-types", "InternalIP,Hostname",
             "--service-cluster-ip-range", SERVICE_CIDR,
             "--authorization-mode", "RBAC",
             "--client-ca-file", str(self.ca.cert),
@@ -497,6 +520,30 @@ class ControlPlane:
         return wait_for(f"{count} pods matching {selector} in {namespace}", enough, timeout=timeout,
                         interval=0.5, on_timeout=explain)
 
+    def wait_pods_where(self, namespace: str, selector: str, predicate: Callable[[dict], bool], count: int,
+                        timeout: float = 120, what: str = "matching") -> list[dict]:
+        """Wait until `count` live pods match `selector` and each satisfies `predicate`."""
+
+        def enough():
+            pods = self.pods(namespace, selector)
+            return pods if len(pods) == count and all(predicate(p) for p in pods) else None
+
+        def explain() -> str:
+            pods = self.kubectl(["get", "pods", "-n", namespace, "-o", "wide"], check=False)
+            events = self.kubectl(["get", "events", "-n", namespace, "--sort-by=.lastTimestamp"], check=False)
+            return f"pods:\n{pods.stdout}\nevents in {namespace}:\n{events.stdout}{events.stderr}"
+
+        return wait_for(f"{count} pods {what} {selector} in {namespace}", enough, timeout=timeout,
+                        interval=0.5, on_timeout=explain)
+
+    def wait_pods_ready(self, namespace: str, selector: str, count: int, timeout: float = 180) -> list[dict]:
+        return self.wait_pods_where(namespace, selector, pod_ready, count, timeout=timeout, what="Ready")
+
     def diagnostics(self) -> str:
         return "\n".join(tail(p.log_path, 30) for p in self.processes)
+
+
+def pod_ready(pod: dict) -> bool:
+    conditions = pod.get("status", {}).get("conditions") or []
+    return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
 

@@ -10,7 +10,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from e2e_cluster import ControlPlane, E2EError, Process, run, tail, wait_for
+from e2e_cluster import NODE_IP, ControlPlane, E2EError, Process, run, tail, wait_for
 
 GCS_PORT = 4443
 TOKEN_PORT = 4444
@@ -57,17 +57,18 @@ def start_gcs(cluster: ControlPlane, workdir: Path) -> GcsStandIn:
     if build.returncode != 0:
         raise E2EError(f"scripts/build-fake-gcs failed:\n{build.stderr[-3000:]}")
     binary = build.stdout.strip().splitlines()[-1]
-    url = f"http://127.0.0.1:{GCS_PORT}"
+    # On the node address: pods reach it there, and so does the namespace's host side.
+    url = f"http://{NODE_IP}:{GCS_PORT}"
     gcs = cluster.spawn("fake-gcs-server", [
-        binary, "-scheme", "http", "-host", "127.0.0.1", "-port", str(GCS_PORT),
-        "-backend", "memory", "-public-host", f"127.0.0.1:{GCS_PORT}", "-log-level", "warn",
+        binary, "-scheme", "http", "-host", NODE_IP, "-port", str(GCS_PORT),
+        "-backend", "memory", "-public-host", f"{NODE_IP}:{GCS_PORT}", "-log-level", "warn",
     ])
 
     private = workdir / "sa-private.pem"
     public = workdir / "sa-public.pem"
     run(["openssl", "genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out", str(private)])
     run(["openssl", "pkey", "-in", str(private), "-pubout", "-out", str(public)])
-    token_uri = f"http://127.0.0.1:{TOKEN_PORT}/token"
+    token_uri = f"http://{NODE_IP}:{TOKEN_PORT}/token"
     key_json = json.dumps({
         "type": "service_account", "project_id": "e2e-project", "private_key_id": "e2e",
         "private_key": private.read_text(), "client_email": CLIENT_EMAIL, "token_uri": token_uri,
@@ -76,7 +77,7 @@ def start_gcs(cluster: ControlPlane, workdir: Path) -> GcsStandIn:
     results = workdir / "token-exchanges.jsonl"
     token = cluster.spawn("token-endpoint", [
         sys.executable, str(Path(__file__).with_name("token_endpoint.py")),
-        str(TOKEN_PORT), str(public), CLIENT_EMAIL, str(results),
+        NODE_IP, str(TOKEN_PORT), str(public), CLIENT_EMAIL, str(results),
     ])
     stand_in = GcsStandIn(url, token_uri, key_json, results, cluster, [gcs, token])
 

@@ -1,4 +1,5 @@
-"""A private Python package index on loopback inside the test's network namespace.
+"""A private Python package index on the node address inside the test's network namespace,
+where pods and the namespace's host side reach it.
 
 pypiserver (from the test virtualenv) with HTTP basic auth from an htpasswd file, serving
 wheels the tests build here; it never falls back to a public index.
@@ -13,7 +14,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from e2e_cluster import ControlPlane, Process, tail, wait_for
+from e2e_cluster import NODE_IP, ControlPlane, Process, tail, wait_for
 
 INDEX_PORT = 8765
 INDEX_USER = "kaspr-reader"
@@ -56,7 +57,7 @@ def build_wheel(directory: Path, name: str, version: str, module_source: str | N
 
 @dataclass
 class PackageIndex:
-    url: str  # the simple index, e.g. http://127.0.0.1:8765/simple/
+    url: str  # the simple index, e.g. http://10.244.0.1:8765/simple/
     host: str  # host:port
     username: str
     password: str
@@ -75,13 +76,13 @@ def start_index(cluster: ControlPlane, venv: Path, workdir: Path) -> PackageInde
     htpasswd.save()
     proc = cluster.spawn("pypiserver", [
         str(venv / "bin" / "pypi-server"), "run",
-        "--host", "127.0.0.1", "--port", str(INDEX_PORT),
+        "--host", NODE_IP, "--port", str(INDEX_PORT),
         "--passwords", str(workdir / "htpasswd"),
         "--authenticate", "download,list,update",
         "--disable-fallback",
         str(packages),
     ])
-    host = f"127.0.0.1:{INDEX_PORT}"
+    host = f"{NODE_IP}:{INDEX_PORT}"
     url = f"http://{host}/simple/"
 
     def up() -> bool:

@@ -2,7 +2,7 @@
 namespace: it verifies the RS256 JWT bearer assertion (signature with `openssl`, and the
 `iss`, `scope`, `aud`, `iat`/`exp` claims) and only then hands out an access token.
 
-    python3 token_endpoint.py PORT PUBLIC_KEY CLIENT_EMAIL RESULTS_FILE
+    python3 token_endpoint.py HOST PORT PUBLIC_KEY CLIENT_EMAIL RESULTS_FILE
 
 Each exchange appends one JSON line (`{"problems": [...]}`) to RESULTS_FILE.
 """
@@ -58,8 +58,8 @@ def verify(form: dict, public_key: str, email: str, token_uri: str) -> list[str]
 
 
 def main() -> None:
-    port, public_key, email, results = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
-    token_uri = f"http://127.0.0.1:{port}/token"
+    host, port, public_key, email, results = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+    token_uri = f"http://{host}:{port}/token"
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def log_message(self, *args):  # noqa: ARG002 - results go to the results file
@@ -83,7 +83,7 @@ def main() -> None:
             self.wfile.write(data)
 
     os.makedirs(os.path.dirname(results) or ".", exist_ok=True)
-    http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler).serve_forever()
+    http.server.ThreadingHTTPServer((host, port), Handler).serve_forever()
 
 
 if __name__ == "__main__":
