@@ -531,7 +531,18 @@ class ControlPlane:
         def explain() -> str:
             pods = self.kubectl(["get", "pods", "-n", namespace, "-o", "wide"], check=False)
             events = self.kubectl(["get", "events", "-n", namespace, "--sort-by=.lastTimestamp"], check=False)
-            return f"pods:\n{pods.stdout}\nevents in {namespace}:\n{events.stdout}{events.stderr}"
+            ended = []
+            for pod in self.pods(namespace, selector):
+                statuses = (pod.get("status", {}).get("initContainerStatuses") or []) + \
+                    (pod.get("status", {}).get("containerStatuses") or [])
+                for status in statuses:
+                    for state in (status.get("state") or {}, status.get("lastState") or {}):
+                        terminated = state.get("terminated")
+                        if terminated and terminated.get("exitCode"):
+                            ended.append(f"{pod['metadata']['name']}/{status['name']} exited "
+                                         f"{terminated['exitCode']}: {terminated.get('message', '').strip()}")
+            return (f"pods:\n{pods.stdout}\nfailed containers:\n" + "\n".join(ended)
+                    + f"\nevents in {namespace}:\n{events.stdout}{events.stderr}")
 
         return wait_for(f"{count} pods {what} {selector} in {namespace}", enough, timeout=timeout,
                         interval=0.5, on_timeout=explain)
