@@ -241,19 +241,6 @@ def pod_runner(cluster: ControlPlane, e2e_workdir: Path, image_python: str) -> P
     return PodRunner(cluster.kubectl, cluster.netns.wrap, e2e_workdir / "pods", image_python)
 
 
-@pytest.fixture(scope="session")
-def nonroot_pod_runner(cluster: ControlPlane, e2e_workdir: Path) -> PodRunner:
-    """A runner that applies runAsUser/runAsGroup/fsGroup, with an image interpreter that a
-    non-root user can execute (a virtualenv of the system Python inside the work directory)."""
-    system_python = shutil.which("python3", path="/usr/bin:/usr/local/bin:/bin")
-    if system_python is None:
-        pytest.fail("no system python3 for the non-root image")
-    target = e2e_workdir / "image-nonroot"
-    subprocess.run([system_python, "-m", "venv", str(target)], check=True, capture_output=True, timeout=300)
-    return PodRunner(cluster.kubectl, cluster.netns.wrap, e2e_workdir / "pods-nonroot",
-                     str(target / "bin" / "python3"), honor_run_as_user=True)
-
-
 # ---------------------------------------------------------------------------------------------
 # Session: the webhook
 

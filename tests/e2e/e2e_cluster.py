@@ -33,6 +33,10 @@ ETCD_PEER_PORT = 2380
 CONTROLLER_MANAGER_PORT = 10257
 
 
+# Set by scripts/test-e2e for each run and inherited by every process the harness starts.
+RUN_MARKER = "KASPR_E2E_RUN_MARKER"
+
+
 class E2EError(RuntimeError):
     """A step of the harness failed; the message says which and where its logs are."""
 
@@ -148,6 +152,10 @@ class Process:
         self.popen: subprocess.Popen | None = None
 
     def start(self) -> None:
+        env = self.env
+        if env is not None and RUN_MARKER in os.environ:
+            # Every process of a run carries its marker, so a leftover can be found afterwards.
+            env = {**env, RUN_MARKER: os.environ[RUN_MARKER]}
         log = open(self.log_path, "ab")
         try:
             self.popen = subprocess.Popen(
@@ -155,7 +163,7 @@ class Process:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env=self.env,
+                env=env,
                 start_new_session=True,
             )
         finally:

@@ -3,8 +3,9 @@
     leftovers.py snapshot          print the host state as JSON
     leftovers.py check SNAPSHOT    exit 1, listing each leftover, if the host differs
 
-Checked: network namespaces, mounts, the kubelet's cgroups, processes of the harness's
-programs, the harness's work directories and the host sysctls a kubelet changes.
+Checked: network namespaces, mounts, the kubelet's cgroups, processes that carry this run's
+marker (scripts/test-e2e sets KASPR_E2E_RUN_MARKER; every process the harness starts inherits
+it), the harness's work directories and the host sysctls a kubelet changes.
 """
 
 from __future__ import annotations
@@ -16,9 +17,7 @@ from pathlib import Path
 
 from e2e_node import HOST_SYSCTLS, kubepods_cgroups, read_host_sysctls
 
-# Programs the harness starts; none may still run after it.
-PROGRAMS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubelet", "kube-proxy",
-            "containerd", "containerd-shim-runc-v2", "pypi-server", "fake-gcs-server", "kaspr-packages-webhook")
+RUN_MARKER = "KASPR_E2E_RUN_MARKER"
 
 
 def snapshot() -> dict:
@@ -28,15 +27,19 @@ def snapshot() -> dict:
         # machine and shared by every user of named network namespaces; it is not ours to undo.
         mounts = sorted({line.split()[4] for line in info} - {"/run/netns"})
     processes = []
+    marker = os.environ.get(RUN_MARKER)
+    needle = f"{RUN_MARKER}={marker}".encode() if marker else None
+    # The scripts that ran this check carry the marker too: only their descendants count.
+    ancestors = _ancestors()
     for pid_dir in Path("/proc").iterdir():
-        if not pid_dir.name.isdigit() or int(pid_dir.name) == os.getpid():
+        if needle is None or not pid_dir.name.isdigit() or int(pid_dir.name) in ancestors:
             continue
         try:
-            comm = (pid_dir / "comm").read_text().strip()
+            environ = (pid_dir / "environ").read_bytes()
             exe = os.readlink(pid_dir / "exe")
         except OSError:
             continue
-        if Path(exe).name in PROGRAMS or comm in PROGRAMS:
+        if needle in environ.split(b"\0"):
             processes.append(f"{pid_dir.name} {exe}")
     workdirs = sorted(str(p) for p in Path("/tmp").glob("kaspr-e2e-*"))
     return {
@@ -47,6 +50,18 @@ def snapshot() -> dict:
         "workdirs": workdirs,
         "sysctls": read_host_sysctls(),
     }
+
+
+def _ancestors() -> set[int]:
+    pids, pid = set(), os.getpid()
+    while pid > 1:
+        pids.add(pid)
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            break
+        pid = int(stat.rsplit(")", 1)[1].split()[1])
+    return pids
 
 
 def differences(before: dict, after: dict) -> list[str]:

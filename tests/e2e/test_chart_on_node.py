@@ -223,8 +223,8 @@ def test_provided_certificate_reloads_after_the_kubelets_secret_swap(
                  lambda: "second-leaf" in _subject(served_certificate(cluster, service)), timeout=180, interval=2)
         ok, error = admit(cluster, namespace, "provided", app["metadata"]["uid"])
         assert ok, error
-        restarts = [s.get("restartCount", 0) for p in release_pods(cluster) for s in p["status"]["containerStatuses"]]
-        assert restarts == [0, 0], restarts
+        statuses = [s for p in release_pods(cluster) for s in p["status"]["containerStatuses"]]
+        assert [s.get("restartCount", 0) for s in statuses] == [0, 0], [s.get("lastState") for s in statuses]
     finally:
         helm("uninstall", RELEASE, "--namespace", RELEASE_NAMESPACE, "--wait", "--timeout", "120s", check=False)
         cluster.kubectl(["delete", "secret", "provided-tls", "-n", RELEASE_NAMESPACE, "--ignore-not-found"],

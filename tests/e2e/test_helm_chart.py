@@ -4,10 +4,12 @@
   (every certificate mode, non-default values); every rendered manifest passes a server-side
   dry run, i.e. the API server's own schema of the pinned release; rendering is deterministic.
 - `helm install`, `upgrade` and `uninstall` with the webhook process serving the chart's own
-  registrations. There is no kubelet, so the Deployment's pods never run: the test runs the
-  binary inside the network namespace with the arguments of the rendered Deployment, as the
+  registrations. Here the Deployment's pods are kept off the node (a node selector no node
+  matches; test_chart_on_node.py runs them for real): the test runs the binary inside the
+  network namespace with the arguments of the rendered Deployment, bound to loopback, as the
   chart's ServiceAccount (a token from `kubectl create token`), so the chart's RBAC is what it
-  gets. The registrations point at it through `webhook.url` (loopback inside the namespace).
+  gets, and several replicas with fast settings can run side by side. The registrations point
+  at it through `webhook.url` (loopback inside the namespace).
 - Self-managed certificates: the Secret and caBundle survive an upgrade untouched, and a forced
   fast rotation across two replicas fails no admission.
 """
@@ -79,6 +81,21 @@ def helm(cluster: ControlPlane, e2e_workdir: Path) -> Helm:
     return Helm(cluster, e2e_workdir / "helm")
 
 
+def cluster_version(cluster: ControlPlane) -> str:
+    return json.loads(cluster.kubectl(["get", "--raw", "/version"]).stdout)["gitVersion"]
+
+
+@pytest.mark.parametrize("version,accepted", [("v1.34.9", False), ("v1.35.0", True), ("v1.37.2", True),
+                                              ("v1.38.0", True)])
+def test_chart_refuses_releases_older_than_it_is_tested_on(cluster: ControlPlane, helm: Helm, version: str,
+                                                          accepted: bool):
+    proc = helm("template", "rendered", str(CHART), "--kube-version", version, check=False)
+    if accepted:
+        assert proc.returncode == 0, proc.stderr
+    else:
+        assert proc.returncode != 0 and "kubeVersion: >=1.35.0-0" in proc.stderr, proc.stderr
+
+
 def test_chart_lints_and_renders_valid_manifests_in_every_mode(cluster: ControlPlane, helm: Helm):
     _ensure_namespace(cluster, RELEASE_NAMESPACE)
     variants = [("defaults", [])] + [(f.name, ["-f", str(f)]) for f in _value_files()]
@@ -86,7 +103,9 @@ def test_chart_lints_and_renders_valid_manifests_in_every_mode(cluster: ControlP
     modes = set()
     for label, values in variants:
         helm("lint", "--strict", str(CHART), *values)
-        args = ["template", "rendered", str(CHART), "--namespace", RELEASE_NAMESPACE, *values]
+        # `helm template` assumes Kubernetes 1.20 unless told; the chart refuses that.
+        args = ["template", "rendered", str(CHART), "--namespace", RELEASE_NAMESPACE,
+                "--kube-version", cluster_version(cluster), *values]
         rendered = helm(*args).stdout
         # Deterministic: a GitOps tool rendering with `helm template` sees no churn.
         assert helm(*args).stdout == rendered, f"{label}: two renders differ"
@@ -268,7 +287,10 @@ class Release:
 
     def install(self, *values: str) -> None:
         _ensure_namespace(self.cluster, RELEASE_NAMESPACE)
-        self.helm("install", self.name, str(CHART), "--namespace", RELEASE_NAMESPACE, *values)
+        self.helm("install", self.name, str(CHART), "--namespace", RELEASE_NAMESPACE,
+                  # The replicas are host processes here: keep the Deployment's pods off the node.
+                  "--set-string", "nodeSelector.kaspr-e2e/no-such-node=true", "--set", "server.bindAddress=127.0.0.1",
+                  *values)
         self.manifest = _objects(self.helm("get", "manifest", self.name, "--namespace", RELEASE_NAMESPACE).stdout)
 
     def start_replicas(self, count: int) -> list[ChartReplica]:

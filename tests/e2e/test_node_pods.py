@@ -153,6 +153,28 @@ def test_block_failure_stops_the_pod_with_our_message(
     assert reason in ("CrashLoopBackOff", "Error", "PodInitializing"), init_status(pod)
 
 
+def test_wrong_credentials_fail_as_authentication(
+    cluster: ControlPlane, webhook: Webhook, namespace: str, package_index: PackageIndex, app_image: str
+):
+    cluster.create({
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "index-credentials"},
+        "stringData": {"username": package_index.username, "password": "not-the-password"},
+    }, namespace=namespace)
+    deploy(cluster, namespace, "badauth", python_packages(package_index, ["kasprdemo==1.0"]), app_image)
+
+    def failed(pod: dict) -> bool:
+        terminated = init_terminated(pod)
+        return bool(terminated and terminated["exitCode"] != 0)
+
+    (pod,) = cluster.wait_pods_where(namespace, "kaspr.io/app=badauth", failed, 1, timeout=120, what="failed")
+    message = init_terminated(pod).get("message", "")
+    assert "FAILED authentication" in message, message
+    init_log = logs(cluster, namespace, pod["metadata"]["name"], INIT_CONTAINER)
+    assert "not-the-password" not in message + init_log
+
+
 def test_allow_failure_starts_the_app_without_the_package(
     cluster: ControlPlane, webhook: Webhook, namespace: str, package_index: PackageIndex, app_image: str
 ):

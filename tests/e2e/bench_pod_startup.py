@@ -1,0 +1,118 @@
+"""Benchmark (not a test): how long a Kaspr app's pod takes from creation to Ready on the real
+node, without injection and with each cache mode. Run with scripts/bench-pod-startup; never
+part of the test suite (pytest collects only test_*.py there).
+
+For each scenario one StatefulSet is scaled 0 -> 1 repeatedly: the clock starts before the
+scale call and stops when the pod's Ready condition is seen (polled every 0.1 s), then the
+pod is removed before the next round. The first round of the cached modes builds the cache
+and is reported separately.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import pytest
+
+from e2e_cluster import ControlPlane, pod_ready, wait_for
+from e2e_gcs import GcsStandIn
+from e2e_index import PackageIndex
+from e2e_webhook import Webhook
+from test_node_pods import app_statefulset, credentials_secret, host_path_volume, python_packages
+from e2e_objects import kasprapp
+
+ROUNDS = int(os.environ.get("KASPR_BENCH_ROUNDS", "5"))
+RESULTS = Path(os.environ.get("KASPR_BENCH_RESULTS", "/tmp/kaspr-pod-startup.json"))
+_results: dict[str, dict] = {}
+
+
+def _start_once(cluster: ControlPlane, namespace: str, sts: str, selector: str) -> float:
+    start = time.monotonic()
+    cluster.kubectl(["scale", "statefulset", sts, "-n", namespace, "--replicas=1"])
+    deadline = start + 300
+    while time.monotonic() < deadline:
+        pods = cluster.pods(namespace, selector)
+        if pods and pod_ready(pods[0]):
+            elapsed = time.monotonic() - start
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"{sts} did not become Ready in 300 s")
+    cluster.kubectl(["scale", "statefulset", sts, "-n", namespace, "--replicas=0"])
+    wait_for(f"{sts}'s pod to go", lambda: not cluster.kubectl(
+        ["get", "pods", "-n", namespace, "-l", selector, "-o", "name"]).stdout.strip(), timeout=120, interval=0.2)
+    return elapsed
+
+
+def _measure(name: str, cluster: ControlPlane, namespace: str, app: str, warmup: bool) -> None:
+    selector = f"kaspr.io/app={app}"
+    first = _start_once(cluster, namespace, f"{app}-app", selector) if warmup else None
+    samples = [_start_once(cluster, namespace, f"{app}-app", selector) for _ in range(ROUNDS)]
+    _results[name] = {
+        "first": first,
+        "samples": samples,
+        "min": min(samples),
+        "median": statistics.median(samples),
+        "max": max(samples),
+    }
+    RESULTS.write_text(json.dumps(_results, indent=2))
+    print(f"\n{name}: median {statistics.median(samples):.2f}s min {min(samples):.2f}s max {max(samples):.2f}s"
+          + (f" (first, building the cache: {first:.2f}s)" if first is not None else ""))
+
+
+def _deploy(cluster: ControlPlane, namespace: str, app: str, packages: dict | None, image: str, **options) -> None:
+    extra = {"template": options.pop("template")} if "template" in options else {}
+    created = cluster.create(kasprapp(app, packages, **extra), namespace=namespace)
+    sts = app_statefulset(app, created["metadata"]["uid"], image, imports=packages is not None, **options)
+    sts["spec"]["replicas"] = 0
+    cluster.create(sts, namespace=namespace)
+
+
+@pytest.fixture
+def app_image(images) -> str:
+    return images["app"].ref
+
+
+def test_no_injection(cluster: ControlPlane, webhook: Webhook, namespace: str, app_image: str):
+    _deploy(cluster, namespace, "plain", None, app_image)
+    _measure("no injection", cluster, namespace, "plain", warmup=False)
+
+
+def test_empty_dir_cold(cluster: ControlPlane, webhook: Webhook, namespace: str, package_index: PackageIndex,
+                        app_image: str):
+    credentials_secret(cluster, namespace, package_index)
+    _deploy(cluster, namespace, "cold", python_packages(package_index, ["kasprdemo==1.0"]), app_image)
+    _measure("emptyDir (installs every start)", cluster, namespace, "cold", warmup=False)
+
+
+def test_pvc_warm(cluster: ControlPlane, webhook: Webhook, namespace: str, package_index: PackageIndex,
+                  app_image: str):
+    volume = host_path_volume(cluster, f"bench-{namespace}")
+    credentials_secret(cluster, namespace, package_index)
+    cluster.apply({
+        "apiVersion": "v1", "kind": "PersistentVolumeClaim",
+        "metadata": {"name": "warm-python-packages", "labels": {"kaspr.io/app": "warm"}},
+        "spec": {"accessModes": ["ReadWriteMany"], "storageClassName": "", "volumeName": volume,
+                 "resources": {"requests": {"storage": "256Mi"}}},
+    }, namespace=namespace)
+    _deploy(cluster, namespace, "warm", python_packages(package_index, ["kasprdemo==1.0"], cache={"enabled": True}),
+            app_image)
+    _measure("PVC, build present", cluster, namespace, "warm", warmup=True)
+
+
+def test_gcs_hit(cluster: ControlPlane, webhook: Webhook, namespace: str, package_index: PackageIndex,
+                 app_image: str, gcs: GcsStandIn):
+    bucket = f"bench-{namespace}"[:63]
+    gcs.create_bucket(bucket)
+    credentials_secret(cluster, namespace, package_index)
+    cluster.create({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "gcs-key"},
+                    "stringData": {"sa.json": gcs.key_json}}, namespace=namespace)
+    packages = python_packages(package_index, ["kasprdemo==1.0"],
+                               cache={"type": "gcs", "gcs": {"bucket": bucket, "secretRef": {"name": "gcs-key"}}})
+    template = {"pythonPackagesInitContainer": {"env": [{"name": "STORAGE_EMULATOR_HOST", "value": gcs.url}]}}
+    _deploy(cluster, namespace, "gcsapp", packages, app_image, template=template, fs_group=1000, run_as_user=1000)
+    _measure("GCS, archive present", cluster, namespace, "gcsapp", warmup=True)
