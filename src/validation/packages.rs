@@ -1,0 +1,66 @@
+//! `packages`: 1 to 200 requirements, each accepted by the requirement parser.
+
+use serde_json::{Map, Value};
+
+use super::{Checker, ROOT, show};
+use crate::requirement;
+
+/// Most packages one app may list.
+pub const MAX_PACKAGES: usize = 200;
+
+pub(super) fn packages(c: &mut Checker, map: &Map<String, Value>) -> Vec<String> {
+    let path = format!("{ROOT}.packages");
+    let Some(value) = map.get("packages").filter(|v| !v.is_null()) else {
+        c.error(&path, "is required: list at least one package");
+        return Vec::new();
+    };
+    let Some(items) = value.as_array() else {
+        c.error(
+            &path,
+            format!("must be a list of strings, got {}", show(value)),
+        );
+        return Vec::new();
+    };
+    if items.is_empty() {
+        c.error(&path, "must list at least one package");
+    }
+    if items.len() > MAX_PACKAGES {
+        c.error(
+            &path,
+            format!(
+                "lists {} packages; at most {MAX_PACKAGES} are allowed",
+                items.len()
+            ),
+        );
+    }
+    let mut out = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        let item_path = format!("{path}[{i}]");
+        let Some(raw) = item.as_str() else {
+            c.error(item_path, format!("must be a string, got {}", show(item)));
+            continue;
+        };
+        let trimmed = raw.trim_matches(' ');
+        match requirement::parse(trimmed) {
+            Ok(req) => {
+                if req.is_unpinned() {
+                    c.warn(
+                        item_path,
+                        format!(
+                            "{raw:?} is not pinned to a version; installs may differ between pod starts (pin with ==)"
+                        ),
+                    );
+                }
+                out.push(trimmed.to_owned());
+            }
+            Err(reason) => {
+                let shown: String = raw.chars().take(200).collect();
+                c.error(
+                    item_path,
+                    format!("{shown:?} is not a valid requirement: {reason}"),
+                );
+            }
+        }
+    }
+    out
+}
