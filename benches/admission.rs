@@ -9,7 +9,8 @@ use std::hint::black_box;
 use std::sync::Arc;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use kaspr_packages_webhook::admission::{self, AppLookup, AppRef, Endpoint};
+use kaspr_packages_webhook::admission::{self, Endpoint};
+use kaspr_packages_webhook::app::{AppLookup, AppRef};
 use kaspr_packages_webhook::config::RenderConfig;
 use kaspr_packages_webhook::mutation;
 use serde_json::Value;

@@ -4,10 +4,9 @@
 //! looks that app up (cache, API server or files), and hands the result to [`decide`]. The
 //! answer is serialized with [`Decision::to_review_bytes`]. Everything here is synchronous.
 
-use std::sync::Arc;
-
 use serde_json::{Value, json};
 
+use crate::app::{self, AppLookup, AppRef};
 use crate::config::RenderConfig;
 use crate::mutation::{self, MutationOutcome};
 use crate::validation;
@@ -40,22 +39,6 @@ pub enum ReviewError {
     NotJson(String),
     #[error("request body is not an AdmissionReview: {0}")]
     NotAReview(String),
-}
-
-/// A KasprApp reference: the app a request needs.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct AppRef {
-    pub namespace: String,
-    pub name: String,
-}
-
-/// The result of looking a KasprApp up.
-#[derive(Debug, Clone)]
-pub enum AppLookup {
-    Found(Arc<Value>),
-    NotFound,
-    /// The app could not be read (for example the API server is unreachable).
-    Unavailable(String),
 }
 
 /// What kind of answer a request got, for logs and metrics.
@@ -272,8 +255,8 @@ fn target(endpoint: Endpoint, request: &AdmissionRequest) -> Target {
 pub fn required_app(endpoint: Endpoint, request: &AdmissionRequest) -> Option<AppRef> {
     let object = request.object.as_ref()?;
     let name = match target(endpoint, request) {
-        Target::StatefulSet => mutation::owning_app(object)?,
-        Target::Pod => mutation::pod_app(object)?,
+        Target::StatefulSet => app::owning_app(object)?,
+        Target::Pod => app::pod_app(object)?,
         Target::KasprApp | Target::Other => return None,
     };
     let namespace = match str_at(object, "/metadata/namespace") {

@@ -7,6 +7,7 @@ use std::fmt::Write as _;
 use serde_json::{Value, json};
 
 use crate::config::RenderConfig;
+use crate::documents;
 use crate::mutation;
 use crate::validation::{self, Report};
 
@@ -41,22 +42,12 @@ pub struct Preview {
     pub warnings: Vec<String>,
 }
 
-/// Parses YAML or JSON into documents (a YAML stream may hold several; empty ones are skipped).
+/// Parses YAML or JSON into objects (see [`documents::read_objects`]).
 pub fn parse_documents(text: &str, source_name: &str) -> Result<Vec<Value>, PreviewError> {
-    let mut docs = Vec::new();
-    for document in serde_yaml::Deserializer::from_str(text) {
-        let value = serde::Deserialize::deserialize(document).map_err(|e: serde_yaml::Error| {
-            PreviewError::Unreadable {
-                source_name: source_name.to_owned(),
-                message: format!("not valid YAML or JSON: {e}"),
-            }
-        })?;
-        let value: Value = value;
-        if !value.is_null() {
-            docs.push(value);
-        }
-    }
-    Ok(docs)
+    documents::read_objects(text).map_err(|message| PreviewError::Unreadable {
+        source_name: source_name.to_owned(),
+        message,
+    })
 }
 
 /// Parses exactly one document.
@@ -265,7 +256,7 @@ mod tests {
         let sts = operator_statefulset(&app());
         assert_eq!(sts["metadata"]["name"], "demo-app");
         assert_eq!(sts["metadata"]["namespace"], "team");
-        assert_eq!(mutation::owning_app(&sts).as_deref(), Some("demo"));
+        assert_eq!(crate::app::owning_app(&sts).as_deref(), Some("demo"));
         assert_eq!(
             sts["spec"]["template"]["metadata"]["labels"]["kaspr.io/kind"],
             "KasprApp"

@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use base64::Engine as _;
-use kaspr_packages_webhook::admission::{self, AppLookup, AppRef, Endpoint};
+use kaspr_packages_webhook::admission::{self, Endpoint};
+use kaspr_packages_webhook::app::{AppLookup, AppRef};
 use kaspr_packages_webhook::config::RenderConfig;
 use serde_json::{Value, json};
 

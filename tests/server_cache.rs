@@ -11,7 +11,7 @@ use futures::StreamExt as _;
 use futures::stream::BoxStream;
 use http_body_util::StreamBody;
 use hyper::body::Frame;
-use kaspr_packages_webhook::admission::{AppLookup, AppRef};
+use kaspr_packages_webhook::app::{AppLookup, AppRef};
 use kaspr_packages_webhook::cache::{self, KasprApps, KubeKasprApps};
 use serde_json::{Value, json};
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use futures::FutureExt as _;
 use futures::future::BoxFuture;
-use kaspr_packages_webhook::admission::{AppLookup, AppRef};
+use kaspr_packages_webhook::app::{AppLookup, AppRef};
 use kaspr_packages_webhook::cache::{FileKasprApps, KasprApps, MemoryKasprApps};
 use rustls::version::{TLS12, TLS13};
 use server_support::*;

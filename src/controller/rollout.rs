@@ -10,10 +10,11 @@
 
 use serde_json::{Value, json};
 
+use crate::app::AppRef;
 use crate::config::RenderConfig;
-use crate::mutation::names::{self, ANNOTATIONS, TEMPLATE_HASH_ANNOTATION};
+use crate::mutation;
 use crate::mutation::record::{Record, name_is};
-use crate::mutation::{self, AppContext};
+use crate::names::{self, ANNOTATIONS, TEMPLATE_HASH_ANNOTATION};
 use crate::spec::PythonPackages;
 
 /// Where a StatefulSet stands against the KasprApp's spec.
@@ -92,7 +93,7 @@ fn injection_present(template: &Value, record: &Record) -> bool {
 pub fn sync_state(
     template: &Value,
     spec: Option<&PythonPackages>,
-    app: AppContext<'_>,
+    app: &AppRef,
     config: &RenderConfig,
 ) -> SyncState {
     let mut rendered = template.clone();
@@ -137,10 +138,9 @@ mod tests {
         PythonPackages::with_packages(packages)
     }
 
-    const APP: AppContext<'static> = AppContext {
-        name: "demo",
-        namespace: "apps",
-    };
+    fn app() -> AppRef {
+        AppRef::new("apps", "demo")
+    }
 
     fn operator_template() -> Value {
         json!({
@@ -162,7 +162,7 @@ mod tests {
         mutation::apply(
             &mut template,
             Some(spec),
-            APP,
+            &app(),
             "spec.template.spec",
             &RenderConfig::default(),
         )
@@ -171,7 +171,7 @@ mod tests {
     }
 
     fn state(template: &Value, spec: Option<&PythonPackages>) -> SyncState {
-        sync_state(template, spec, APP, &RenderConfig::default())
+        sync_state(template, spec, &app(), &RenderConfig::default())
     }
 
     fn hash(template: &Value) -> Option<String> {
@@ -273,7 +273,7 @@ mod tests {
         mutation::apply(
             &mut again,
             Some(&one),
-            APP,
+            &app(),
             "spec.template.spec",
             &RenderConfig::default(),
         )

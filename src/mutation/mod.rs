@@ -5,17 +5,19 @@
 //! `packages.kaspr.io/injected` annotation) and then injects again, so mutating an
 //! already-mutated object, or the operator's rewrite of it, gives the same template byte for byte.
 
-pub mod names;
 pub mod record;
 pub mod render;
 
 use serde_json::{Map, Value, json};
 
 use crate::config::RenderConfig;
+use crate::names;
 use crate::spec::PythonPackages;
 use crate::validation;
 use record::{Record, name_is};
-pub use render::{AppContext, Injection};
+pub use render::Injection;
+
+use crate::app::AppRef;
 
 /// A successful mutation.
 #[derive(Debug, Clone, PartialEq)]
@@ -42,37 +44,6 @@ impl Denial {
 
 fn str_at<'a>(value: &'a Value, pointer: &str) -> Option<&'a str> {
     value.pointer(pointer).and_then(Value::as_str)
-}
-
-/// The KasprApp owning a StatefulSet: an ownerReference of kind `KasprApp` in group `kaspr.io`.
-pub fn owning_app(statefulset: &Value) -> Option<String> {
-    statefulset
-        .pointer("/metadata/ownerReferences")?
-        .as_array()?
-        .iter()
-        .find(|r| {
-            r.get("kind").and_then(Value::as_str) == Some("KasprApp")
-                && r.get("apiVersion")
-                    .and_then(Value::as_str)
-                    .is_some_and(|v| v.starts_with("kaspr.io/"))
-        })
-        .and_then(|r| r.get("name")?.as_str())
-        .filter(|n| !n.is_empty())
-        .map(str::to_owned)
-}
-
-/// The KasprApp a Pod belongs to: label `kaspr.io/app` (else `app.kubernetes.io/instance`) on a
-/// pod labelled `kaspr.io/kind: KasprApp`.
-pub fn pod_app(pod: &Value) -> Option<String> {
-    let labels = pod.pointer("/metadata/labels")?;
-    if labels.get(names::KIND_LABEL).and_then(Value::as_str) != Some("KasprApp") {
-        return None;
-    }
-    [names::APP_LABEL, names::INSTANCE_LABEL]
-        .iter()
-        .find_map(|l| labels.get(*l).and_then(Value::as_str))
-        .filter(|n| !n.is_empty())
-        .map(str::to_owned)
 }
 
 /// Mutates a StatefulSet owned by `kasprapp`.
@@ -134,15 +105,12 @@ fn mutate_object(
         });
     };
     let mut template = original.clone();
-    let app = AppContext {
-        name: app_name,
-        namespace,
-    };
+    let app = AppRef::new(namespace, app_name);
     let mut warnings = report.warning_lines();
     match apply(
         &mut template,
         report.spec.as_ref(),
-        app,
+        &app,
         field_prefix,
         config,
     ) {
@@ -163,7 +131,7 @@ fn mutate_object(
 pub fn apply(
     template: &mut Value,
     spec: Option<&PythonPackages>,
-    app: AppContext<'_>,
+    app: &AppRef,
     field_prefix: &str,
     config: &RenderConfig,
 ) -> Result<Vec<String>, Denial> {

@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use super::names;
+use crate::names;
 
 /// What one injection added to a pod template.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

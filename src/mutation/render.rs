@@ -7,8 +7,9 @@ use k8s_openapi::api::core::v1::{
 };
 use serde_json::{Map, Value, json};
 
-use super::names;
+use crate::app::AppRef;
 use crate::config::RenderConfig;
+use crate::names;
 use crate::spec::{Cache, OnFailure, PythonPackages, pvc_name, short_sha256};
 
 /// Everything one injection adds, rendered to JSON in a fixed order.
@@ -22,16 +23,9 @@ pub struct Injection {
     pub template_hash: String,
 }
 
-/// The app an injection is rendered for.
-#[derive(Debug, Clone, Copy)]
-pub struct AppContext<'a> {
-    pub name: &'a str,
-    pub namespace: &'a str,
-}
-
 /// The installer's configuration (`KASPR_PACKAGES_CONFIG`): everything it needs that is not a
 /// secret.
-pub fn installer_config(spec: &PythonPackages, app: AppContext<'_>, install_key: &str) -> Value {
+pub fn installer_config(spec: &PythonPackages, app: &AppRef, install_key: &str) -> Value {
     let mut config = json!({
         "version": 1,
         "mode": spec.cache.mode(),
@@ -131,7 +125,7 @@ fn security_context(main: &Map<String, Value>, pod_spec: &Map<String, Value>) ->
 /// Renders the injection for one pod template.
 pub fn render(
     spec: &PythonPackages,
-    app: AppContext<'_>,
+    app: &AppRef,
     main: &Map<String, Value>,
     pod_spec: &Map<String, Value>,
     config: &RenderConfig,
@@ -151,7 +145,7 @@ pub fn render(
             volumes.push(Volume {
                 name: names::CACHE_VOLUME.to_owned(),
                 persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
-                    claim_name: pvc_name(app.name),
+                    claim_name: pvc_name(&app.name),
                     read_only: None,
                 }),
                 ..Default::default()

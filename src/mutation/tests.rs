@@ -2,6 +2,7 @@ use pretty_assertions::assert_eq;
 use serde_json::{Value, json};
 
 use super::*;
+use crate::app::{owning_app, pod_app};
 
 fn kasprapp(python_packages: Value) -> Value {
     let mut app = json!({

@@ -17,7 +17,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 
-use crate::admission::{self, AppLookup, Decision, Endpoint, Outcome};
+use crate::admission::{self, Decision, Endpoint, Outcome};
+use crate::app::AppLookup;
 use crate::cache::{self, KasprApps};
 use crate::config::RenderConfig;
 use crate::metrics::{self, AdmissionLabels, WebhookMetrics};

@@ -5,20 +5,8 @@ use k8s_openapi::api::core::v1::{EnvVar, VolumeMount};
 use serde_json::{Map, Value};
 
 use super::{Checker, INIT_ROOT, show};
+use crate::names::{RESERVED_ENV, RESERVED_PATHS};
 use crate::spec::InitContainerExtras;
-
-/// Env vars the injected init container sets itself.
-pub const RESERVED_ENV: &[&str] = &[
-    "KASPR_PACKAGES_CONFIG",
-    "KASPR_PYPI_USERNAME",
-    "KASPR_PYPI_PASSWORD",
-];
-/// Paths the injection mounts; user mounts must stay out of them.
-pub const RESERVED_PATHS: &[&str] = &[
-    "/opt/kaspr/packages",
-    "/opt/kaspr/packages-cache",
-    "/var/run/secrets/kaspr-packages",
-];
 
 /// Env var names: anything printable without '=' (Kubernetes' relaxed rule).
 fn is_env_name(name: &str) -> bool {

@@ -20,7 +20,6 @@ use cache::cache;
 use credentials::credentials;
 use indexes::{check_host_port, check_index_url, warn_insecure_indexes};
 use init_container::init_container_extras;
-pub use init_container::{RESERVED_ENV, RESERVED_PATHS};
 pub use packages::MAX_PACKAGES;
 use packages::packages;
 use policy::{install_policy, resources};
