@@ -393,7 +393,7 @@ impl ServeArgs {
                 })
             }
             _ => crate::server::CertSource::SelfSigned {
-                dir: self_signed_dir.unwrap_or_else(crate::server::tls::default_self_signed_dir),
+                dir: self_signed_dir.unwrap_or_else(crate::certs::local::default_self_signed_dir),
             },
         };
         let apps = match kasprapps {

@@ -26,10 +26,10 @@ use futures::future::BoxFuture;
 use prometheus_client::registry::Registry;
 
 use crate::cache::{FileKasprApps, KasprApps, KubeKasprApps};
+use crate::certs::reload::CertReloader;
 use crate::config::RenderConfig;
 use crate::metrics::{self, WebhookMetrics};
 pub use shutdown::Shutdown;
-use tls::CertReloader;
 
 /// Settings of the two ports.
 #[derive(Debug, Clone)]
@@ -164,7 +164,7 @@ pub async fn serve(options: ServeOptions, shutdown: Shutdown) -> anyhow::Result<
             paths
         }
         CertSource::SelfSigned { dir } => {
-            let generated = tokio::task::spawn_blocking(move || tls::write_self_signed(&dir))
+            let generated = tokio::task::spawn_blocking(move || crate::certs::local::write_self_signed(&dir))
                 .await
                 .context("self-signed certificate task failed")?
                 .context("no --tls-cert/--tls-key given, and the self-signed pair for local use could not be written (choose a directory with --self-signed-dir)")?;
