@@ -8,8 +8,8 @@ use serde_json::{Value, json};
 
 use crate::app::{self, AppLookup, AppRef};
 use crate::config::RenderConfig;
-use crate::mutation::{self, MutationOutcome};
-use crate::validation;
+use crate::mutation::{self, Denial, ObjectKind};
+use crate::validation::{self, Report};
 
 /// Which webhook path a request arrived on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -327,23 +327,109 @@ fn mutate(
     is_pod: bool,
     config: &RenderConfig,
 ) -> Decision {
-    let result = if is_pod {
-        mutation::mutate_pod(object, kasprapp, config)
+    let kind = if is_pod {
+        ObjectKind::Pod
     } else {
-        mutation::mutate_statefulset(object, kasprapp, config)
+        ObjectKind::StatefulSet
     };
-    match result {
-        Ok(MutationOutcome { patch, warnings }) => {
+    let outcome = mutate_object(kind, object, kasprapp, config).and_then(|outcome| {
+        let patch = if outcome.patch.0.is_empty() {
+            None
+        } else {
+            // Never allow without the injection: a patch we cannot serialize is a denial.
+            Some(serde_json::to_vec(&outcome.patch).map_err(|e| Denial {
+                message: format!("kaspr-packages-webhook could not serialize its patch: {e}"),
+                warnings: outcome.warnings.clone(),
+            })?)
+        };
+        Ok((patch, outcome.warnings))
+    });
+    match outcome {
+        Ok((patch, warnings)) => {
             let mut decision = Decision::allow(uid, Outcome::Unchanged);
             decision.warnings = warnings;
-            if !patch.0.is_empty() {
-                decision.patch = serde_json::to_vec(&patch).ok();
+            if patch.is_some() {
+                decision.patch = patch;
                 decision.outcome = Outcome::Patched;
             }
             decision
         }
         Err(denial) => Decision::deny(uid, Outcome::Denied, denial.message, denial.warnings),
     }
+}
+
+/// A successful mutation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MutationOutcome {
+    pub patch: json_patch::Patch,
+    pub warnings: Vec<String>,
+}
+
+/// The mutation of one object for `kasprapp`: validate, then render, then diff.
+pub fn mutate_object(
+    kind: ObjectKind,
+    object: &Value,
+    kasprapp: &Value,
+    config: &RenderConfig,
+) -> Result<MutationOutcome, Denial> {
+    if kind == ObjectKind::Pod && mutation::pod_already_injected(object) {
+        return Ok(MutationOutcome {
+            patch: json_patch::Patch(Vec::new()),
+            warnings: Vec::new(),
+        });
+    }
+    let report = validation::validate_kasprapp(kasprapp);
+    let app = kasprapp_ref(kasprapp, object);
+    if !report.errors.is_empty() {
+        return Err(Denial {
+            message: report.error_message(&format!("KasprApp {app}")),
+            warnings: report.warning_lines(),
+        });
+    }
+    mutate_validated(kind, object, &report, &app, config)
+}
+
+/// The namespace and name of `kasprapp`; the object's namespace when the app names none.
+pub fn kasprapp_ref(kasprapp: &Value, object: &Value) -> AppRef {
+    let object_namespace = str_at(object, "/metadata/namespace");
+    AppRef::of_object(kasprapp, object_namespace)
+}
+
+/// Render and diff for an app whose validation `report` has no errors.
+pub fn mutate_validated(
+    kind: ObjectKind,
+    object: &Value,
+    report: &Report,
+    app: &AppRef,
+    config: &RenderConfig,
+) -> Result<MutationOutcome, Denial> {
+    let pointer = kind.template_pointer();
+    let injected_pod = kind == ObjectKind::Pod && mutation::pod_already_injected(object);
+    let (Some(original), false) = (object.pointer(pointer), injected_pod) else {
+        return Ok(MutationOutcome {
+            patch: json_patch::Patch(Vec::new()),
+            warnings: Vec::new(),
+        });
+    };
+    let mut template = original.clone();
+    let mut warnings = report.warning_lines();
+    match mutation::apply(
+        &mut template,
+        report.spec.as_ref(),
+        app,
+        kind.field_prefix(),
+        config,
+    ) {
+        Ok(applied) => warnings.extend(applied),
+        Err(mut denial) => {
+            denial.warnings = warnings;
+            return Err(denial);
+        }
+    }
+    Ok(MutationOutcome {
+        patch: crate::patch::diff_at(pointer, original, &template),
+        warnings,
+    })
 }
 
 #[cfg(test)]

@@ -4,27 +4,21 @@
 //! mutation first strips what an earlier injection added (listed in the
 //! `packages.kaspr.io/injected` annotation) and then injects again, so mutating an
 //! already-mutated object, or the operator's rewrite of it, gives the same template byte for byte.
+//!
+//! The spec handed in is already validated, and the caller diffs the result: the admission
+//! path composes validate → [`apply`] → diff (see `admission::mutate`).
 
 pub mod record;
 pub mod render;
 
 use serde_json::{Map, Value, json};
 
+use crate::app::AppRef;
 use crate::config::RenderConfig;
 use crate::names;
 use crate::spec::PythonPackages;
-use crate::validation;
 use record::{Record, name_is};
 pub use render::Injection;
-
-use crate::app::AppRef;
-
-/// A successful mutation.
-#[derive(Debug, Clone, PartialEq)]
-pub struct MutationOutcome {
-    pub patch: json_patch::Patch,
-    pub warnings: Vec<String>,
-}
 
 /// A denial with its user-facing message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,7 +28,7 @@ pub struct Denial {
 }
 
 impl Denial {
-    fn new(message: String) -> Self {
+    pub fn new(message: String) -> Self {
         Denial {
             message,
             warnings: Vec::new(),
@@ -42,88 +36,36 @@ impl Denial {
     }
 }
 
-fn str_at<'a>(value: &'a Value, pointer: &str) -> Option<&'a str> {
-    value.pointer(pointer).and_then(Value::as_str)
+/// The two kinds of object the injection goes into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ObjectKind {
+    StatefulSet,
+    Pod,
 }
 
-/// Mutates a StatefulSet owned by `kasprapp`.
-pub fn mutate_statefulset(
-    statefulset: &Value,
-    kasprapp: &Value,
-    config: &RenderConfig,
-) -> Result<MutationOutcome, Denial> {
-    mutate_object(
-        statefulset,
-        "/spec/template",
-        "spec.template.spec",
-        kasprapp,
-        config,
-    )
-}
-
-/// Mutates a Pod of `kasprapp`. A pod whose template was already injected is left as it is.
-pub fn mutate_pod(
-    pod: &Value,
-    kasprapp: &Value,
-    config: &RenderConfig,
-) -> Result<MutationOutcome, Denial> {
-    let injected = pod
-        .pointer("/metadata/annotations")
-        .and_then(|a| a.get(names::TEMPLATE_HASH_ANNOTATION))
-        .is_some();
-    if injected {
-        return Ok(MutationOutcome {
-            patch: json_patch::Patch(Vec::new()),
-            warnings: Vec::new(),
-        });
-    }
-    mutate_object(pod, "", "spec", kasprapp, config)
-}
-
-fn mutate_object(
-    object: &Value,
-    template_pointer: &str,
-    field_prefix: &str,
-    kasprapp: &Value,
-    config: &RenderConfig,
-) -> Result<MutationOutcome, Denial> {
-    let report = validation::validate_kasprapp(kasprapp);
-    let app_name = str_at(kasprapp, "/metadata/name").unwrap_or_default();
-    let namespace = str_at(kasprapp, "/metadata/namespace")
-        .or_else(|| str_at(object, "/metadata/namespace"))
-        .unwrap_or_default();
-    if !report.errors.is_empty() {
-        return Err(Denial {
-            message: report.error_message(&format!("KasprApp {namespace}/{app_name}")),
-            warnings: report.warning_lines(),
-        });
-    }
-    let Some(original) = object.pointer(template_pointer) else {
-        return Ok(MutationOutcome {
-            patch: json_patch::Patch(Vec::new()),
-            warnings: Vec::new(),
-        });
-    };
-    let mut template = original.clone();
-    let app = AppRef::new(namespace, app_name);
-    let mut warnings = report.warning_lines();
-    match apply(
-        &mut template,
-        report.spec.as_ref(),
-        &app,
-        field_prefix,
-        config,
-    ) {
-        Ok(applied) => warnings.extend(applied),
-        Err(mut denial) => {
-            denial.warnings = warnings;
-            return Err(denial);
+impl ObjectKind {
+    /// Where the pod template is in the object (a JSON pointer; `""` for a Pod itself).
+    pub fn template_pointer(self) -> &'static str {
+        match self {
+            ObjectKind::StatefulSet => "/spec/template",
+            ObjectKind::Pod => "",
         }
     }
-    Ok(MutationOutcome {
-        patch: crate::patch::diff_at(template_pointer, original, &template),
-        warnings,
-    })
+
+    /// The PodSpec's field path, for messages.
+    pub fn field_prefix(self) -> &'static str {
+        match self {
+            ObjectKind::StatefulSet => "spec.template.spec",
+            ObjectKind::Pod => "spec",
+        }
+    }
+}
+
+/// A Pod created from an injected template carries our template hash and is left as it is.
+pub fn pod_already_injected(pod: &Value) -> bool {
+    pod.pointer("/metadata/annotations")
+        .and_then(|a| a.get(names::TEMPLATE_HASH_ANNOTATION))
+        .is_some()
 }
 
 /// Applies (or, with `spec` absent, removes) the injection on a pod template given as JSON

@@ -34,6 +34,44 @@ impl Record {
             .unwrap_or_default()
     }
 
+    /// Whether everything the record lists is still in the pod spec. A rewrite that passed the
+    /// webhook is repaired by it; one that bypassed it (`failurePolicy: Ignore`, webhook down) can
+    /// drop parts of the injection while keeping our annotations.
+    pub fn present_in(&self, template: &Value) -> bool {
+        let record = self;
+        let spec = template.get("spec");
+        let has = |key: &str, name: &String| list(spec, key).iter().any(|item| name_is(item, name));
+        if !record
+            .init_containers
+            .iter()
+            .all(|n| has("initContainers", n))
+            || !record.volumes.iter().all(|n| has("volumes", n))
+        {
+            return false;
+        }
+        let Some(container) = list(spec, "containers")
+            .iter()
+            .find(|c| name_is(c, &record.container))
+        else {
+            return record.volume_mounts.is_empty() && record.env.is_empty();
+        };
+        let mounts = list(Some(container), "volumeMounts");
+        if !record
+            .volume_mounts
+            .iter()
+            .all(|n| mounts.iter().any(|m| name_is(m, n)))
+        {
+            return false;
+        }
+        let pythonpath_first = list(Some(container), "env").iter().any(|e| {
+            name_is(e, names::PYTHONPATH)
+                && e.get("value")
+                    .and_then(Value::as_str)
+                    .is_some_and(|v| v.split(':').next() == Some(names::SITE_PATH))
+        });
+        !record.env.iter().any(|n| n == names::PYTHONPATH) || pythonpath_first
+    }
+
     pub fn to_annotation(&self) -> String {
         serde_json::to_string(self).unwrap_or_default()
     }
@@ -101,6 +139,13 @@ fn strip_pythonpath(env: &mut Vec<Value>) {
             entry["value"] = Value::String(old);
         }
     }
+}
+
+fn list<'a>(value: Option<&'a Value>, key: &str) -> &'a [Value] {
+    value
+        .and_then(|v| v.get(key))
+        .and_then(Value::as_array)
+        .map_or(&[], Vec::as_slice)
 }
 
 pub fn name_is(item: &Value, name: &str) -> bool {

@@ -2,6 +2,20 @@ use pretty_assertions::assert_eq;
 use serde_json::{Value, json};
 
 use super::*;
+use crate::admission::{MutationOutcome, mutate_object};
+use crate::validation;
+
+fn mutate_statefulset(
+    sts: &Value,
+    app: &Value,
+    config: &RenderConfig,
+) -> Result<MutationOutcome, Denial> {
+    mutate_object(ObjectKind::StatefulSet, sts, app, config)
+}
+
+fn mutate_pod(pod: &Value, app: &Value, config: &RenderConfig) -> Result<MutationOutcome, Denial> {
+    mutate_object(ObjectKind::Pod, pod, app, config)
+}
 use crate::app::{owning_app, pod_app};
 
 fn kasprapp(python_packages: Value) -> Value {
