@@ -3,6 +3,13 @@
 //! The server parses a body with [`parse_review`], asks [`required_app`] which KasprApp it needs,
 //! looks that app up (cache, API server or files), and hands the result to [`decide`]. The
 //! answer is serialized with [`Decision::to_review_bytes`]. Everything here is synchronous.
+//!
+//! kube's `AdmissionReview<DynamicObject>` / `AdmissionResponse` types are not used: they
+//! parse the request strictly into typed metadata plus a copy of the object, and serialize the
+//! patch through serde's string escaping. Reading the envelope leniently, moving the object out
+//! of the parsed body and writing the patch's base64 straight into the answer took a full
+//! StatefulSet review from 138.6 to 101.1 µs (BENCHMARKS.md); a malformed envelope still
+//! gets a 400 that names what is missing.
 
 use serde_json::{Value, json};
 
