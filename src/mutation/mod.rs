@@ -80,9 +80,18 @@ pub fn apply(
     let Some(template) = template.as_object_mut() else {
         return Ok(Vec::new());
     };
-    let record = Record::read(template.get("metadata"));
+    let (record, foreign) = Record::read(template.get("metadata")).sanitized();
+    let mut warnings: Vec<String> = foreign
+        .iter()
+        .map(|entry| {
+            format!(
+                "{field_prefix}: the {} annotation lists {entry}, which kaspr-packages-webhook never adds; it was left alone",
+                names::INJECTED_ANNOTATION
+            )
+        })
+        .collect();
     let Some(pod_spec) = template.get_mut("spec").and_then(Value::as_object_mut) else {
-        return Ok(Vec::new());
+        return Ok(warnings);
     };
 
     let operator_injects = list(pod_spec, "initContainers").iter().any(|c| {
@@ -93,17 +102,18 @@ pub fn apply(
                 .any(|n| n == names::OPERATOR_INIT_CONTAINER)
     });
     if spec.is_some() && operator_injects {
-        return Ok(vec![format!(
+        warnings.push(format!(
             "{field_prefix}.initContainers: the pod already has an init container named \
              {:?} (the Kaspr operator's own package installer); kaspr-packages-webhook did not inject",
             names::OPERATOR_INIT_CONTAINER
-        )]);
+        ));
+        return Ok(warnings);
     }
 
     record::strip(pod_spec, &record);
     let Some(spec) = spec else {
         remove_annotations(template);
-        return Ok(Vec::new());
+        return Ok(warnings);
     };
 
     check_collisions(pod_spec, field_prefix)?;
@@ -184,7 +194,7 @@ pub fn apply(
             );
         }
     }
-    Ok(Vec::new())
+    Ok(warnings)
 }
 
 /// Removes our annotations; an annotation map left empty is removed too (the injection

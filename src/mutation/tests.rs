@@ -664,3 +664,118 @@ fn owning_app_needs_a_kasprapp_of_group_kaspr_io() {
     sts["metadata"]["ownerReferences"][0]["apiVersion"] = json!("other.io/v1");
     assert_eq!(owning_app(&sts), None);
 }
+
+/// A template carrying other products' sidecars and volumes and a record that claims them.
+fn statefulset_with_forged_record() -> Value {
+    let mut sts = statefulset();
+    let template = &mut sts["spec"]["template"];
+    template["metadata"]["annotations"] = json!({
+        "packages.kaspr.io/injected": serde_json::to_string(&json!({
+            "initContainers": ["istio-proxy", "vault-agent-init"],
+            "volumes": ["istio-envoy", "vault-secrets"],
+            "container": "kaspr",
+            "volumeMounts": ["istio-envoy", "vault-secrets"],
+            "env": ["VAULT_ADDR"]
+        }))
+        .expect("json")
+    });
+    let spec = &mut template["spec"];
+    spec["initContainers"] = json!([
+        {"name": "vault-agent-init", "image": "vault:1.15"},
+        {"name": "istio-proxy", "image": "proxyv2:1.22", "restartPolicy": "Always"}
+    ]);
+    spec["volumes"] = json!([
+        {"name": "istio-envoy", "emptyDir": {"medium": "Memory"}},
+        {"name": "vault-secrets", "emptyDir": {}}
+    ]);
+    spec["containers"][0]["volumeMounts"] = json!([
+        {"name": "istio-envoy", "mountPath": "/etc/istio/proxy"},
+        {"name": "vault-secrets", "mountPath": "/vault/secrets"}
+    ]);
+    spec["containers"][0]["env"] = json!([{"name": "VAULT_ADDR", "value": "https://vault:8200"}]);
+    sts
+}
+
+#[test]
+fn a_forged_record_never_removes_what_others_injected() {
+    let sts = statefulset_with_forged_record();
+    let before = sts["spec"]["template"]["spec"].clone();
+    let (out, outcome) = mutate(&sts, &basic_app());
+    let spec = &out["spec"]["template"]["spec"];
+    let names = |list: &Value| -> Vec<String> {
+        list.as_array()
+            .expect("list")
+            .iter()
+            .map(|i| i["name"].as_str().expect("name").to_owned())
+            .collect()
+    };
+    assert_eq!(
+        names(&spec["initContainers"]),
+        ["vault-agent-init", "istio-proxy", "kaspr-packages"]
+    );
+    assert_eq!(spec["initContainers"][1], before["initContainers"][1]);
+    assert_eq!(
+        names(&spec["volumes"]),
+        ["istio-envoy", "vault-secrets", "kaspr-packages"]
+    );
+    assert_eq!(
+        names(&spec["containers"][0]["volumeMounts"]),
+        ["istio-envoy", "vault-secrets", "kaspr-packages"]
+    );
+    assert_eq!(
+        spec["containers"][0]["env"][0],
+        before["containers"][0]["env"][0]
+    );
+    for entry in [
+        "init container \"istio-proxy\"",
+        "init container \"vault-agent-init\"",
+        "volume \"istio-envoy\"",
+        "volume mount \"vault-secrets\"",
+        "env var \"VAULT_ADDR\"",
+    ] {
+        assert!(
+            outcome
+                .warnings
+                .iter()
+                .any(|w| w.contains(entry) && w.contains("left alone")),
+            "{entry} not in {:#?}",
+            outcome.warnings
+        );
+    }
+    // The record written back lists only what we added.
+    let record: Value = serde_json::from_str(
+        out["spec"]["template"]["metadata"]["annotations"]["packages.kaspr.io/injected"]
+            .as_str()
+            .expect("record"),
+    )
+    .expect("json");
+    assert_eq!(record["initContainers"], json!(["kaspr-packages"]));
+    assert_eq!(record["volumes"], json!(["kaspr-packages"]));
+}
+
+#[test]
+fn a_forged_record_cannot_pass_off_a_foreign_object_under_our_name() {
+    let mut sts = statefulset_with_forged_record();
+    let template = &mut sts["spec"]["template"];
+    template["metadata"]["annotations"]["packages.kaspr.io/injected"] = json!(
+        r#"{"initContainers":["kaspr-packages"],"volumes":["kaspr-packages"],"container":"kaspr","volumeMounts":["kaspr-packages"],"env":[]}"#
+    );
+    template["spec"]["initContainers"]
+        .as_array_mut()
+        .expect("init")
+        .push(
+            json!({"name": "kaspr-packages", "image": "busybox", "command": ["sh", "-c", "steal"]}),
+        );
+    template["spec"]["volumes"]
+        .as_array_mut()
+        .expect("volumes")
+        .push(json!({"name": "kaspr-packages", "hostPath": {"path": "/"}}));
+    let denial =
+        mutate_statefulset(&sts, &basic_app(), &RenderConfig::default()).expect_err("denied");
+    for expected in [
+        "spec.template.spec.initContainers[2]: an init container named \"kaspr-packages\" exists and was not added by kaspr-packages-webhook",
+        "spec.template.spec.volumes[2]: a volume named \"kaspr-packages\" exists and was not added by kaspr-packages-webhook",
+    ] {
+        assert!(denial.message.contains(expected), "{}", denial.message);
+    }
+}
