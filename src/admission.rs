@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 use crate::app::{self, AppLookup, AppRef};
 use crate::config::RenderConfig;
 use crate::mutation::{self, Denial, ObjectKind};
-use crate::validation::{self, Report};
+use crate::validation::{self, Ratchet, Report};
 
 /// Which webhook path a request arrived on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,6 +37,8 @@ pub struct AdmissionRequest {
     pub operation: String,
     pub dry_run: bool,
     pub object: Option<Value>,
+    /// The object before an UPDATE.
+    pub old_object: Option<Value>,
 }
 
 /// An unreadable AdmissionReview: answered with HTTP 400.
@@ -195,6 +197,11 @@ pub fn parse_review(body: &[u8]) -> Result<AdmissionRequest, ReviewError> {
         .and_then(|r| r.get_mut("object"))
         .filter(|o| o.is_object())
         .map(Value::take);
+    let old_object = review
+        .get_mut("request")
+        .and_then(|r| r.get_mut("oldObject"))
+        .filter(|o| o.is_object())
+        .map(Value::take);
     let request = review
         .get("request")
         .filter(|r| r.is_object())
@@ -232,6 +239,7 @@ pub fn parse_review(body: &[u8]) -> Result<AdmissionRequest, ReviewError> {
             .and_then(Value::as_bool)
             .unwrap_or(false),
         object,
+        old_object,
     })
 }
 
@@ -288,10 +296,20 @@ pub fn decide(
     match target(endpoint, request) {
         Target::Other => Decision::allow(uid, Outcome::Ignored),
         Target::KasprApp => {
-            let report = validation::validate_kasprapp(object);
+            let mut report = validation::validate_kasprapp(object);
+            let ratcheted = match (request.operation.as_str(), &request.old_object) {
+                ("UPDATE", Some(old)) => validation::ratchet(&mut report, old, object),
+                _ => Ratchet::Nothing,
+            };
             if report.errors.is_empty() {
                 let mut decision = Decision::allow(uid, Outcome::Unchanged);
                 decision.warnings = report.warning_lines();
+                match ratcheted {
+                    Ratchet::Nothing | Ratchet::Deleting => {}
+                    Ratchet::Unchanged(errors) => decision.warnings.extend(errors.into_iter().map(
+                        |e| format!("{e} (unchanged by this update, so allowed; fix it before changing this field)"),
+                    )),
+                }
                 decision
             } else {
                 Decision::deny(
@@ -471,5 +489,64 @@ mod tests {
         );
         let parsed: Value = serde_json::from_slice(&bytes).expect("valid JSON");
         assert_eq!(parsed, decision.to_review());
+    }
+
+    fn kasprapp_review(operation: &str, old: Option<Value>, new: &Value) -> AdmissionRequest {
+        let mut review = json!({
+            "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+            "request": {"uid": "u1", "kind": {"group": "kaspr.io", "version": "v1alpha1", "kind": "KasprApp"},
+                        "namespace": "apps", "name": "demo", "operation": operation, "object": new}
+        });
+        if let Some(old) = old {
+            review["request"]["oldObject"] = old;
+        }
+        parse_review(&serde_json::to_vec(&review).expect("json")).expect("review")
+    }
+
+    fn invalid_app() -> Value {
+        json!({"apiVersion": "kaspr.io/v1alpha1", "kind": "KasprApp",
+               "metadata": {"name": "demo", "namespace": "apps", "finalizers": ["kaspr.io/cleanup"]},
+               "spec": {"pythonPackages": {"packages": ["requests; rm -rf /"]}}})
+    }
+
+    fn validate(request: &AdmissionRequest) -> Decision {
+        decide(Endpoint::Validate, request, None, &RenderConfig::default())
+    }
+
+    #[test]
+    fn an_invalid_app_can_still_lose_its_finalizer() {
+        let old = invalid_app();
+        let mut new = old.clone();
+        new["metadata"]["finalizers"] = json!([]);
+        let decision = validate(&kasprapp_review("UPDATE", Some(old.clone()), &new));
+        assert!(decision.allowed, "{:?}", decision.message);
+        assert!(
+            decision.warnings.iter().any(|w| w.starts_with(
+                "spec.pythonPackages.packages[0]: \"requests; rm -rf /\" is not a valid requirement"
+            ) && w.contains("unchanged by this update")),
+            "{:?}",
+            decision.warnings
+        );
+        // Being deleted: even a changed invalid spec goes through.
+        new["metadata"]["deletionTimestamp"] = json!("2026-12-02T08:00:00Z");
+        new["spec"]["pythonPackages"]["packages"] = json!(["--also-invalid"]);
+        assert!(validate(&kasprapp_review("UPDATE", Some(old), &new)).allowed);
+    }
+
+    #[test]
+    fn new_or_changed_invalid_values_are_still_denied() {
+        let old = invalid_app();
+        let mut new = old.clone();
+        new["spec"]["pythonPackages"]["packages"] = json!(["requests; rm -rf /", "-e ."]);
+        let decision = validate(&kasprapp_review("UPDATE", Some(old), &new));
+        assert!(!decision.allowed);
+        let message = decision.message.expect("message");
+        assert!(message.contains("packages[1]"), "{message}");
+        assert!(!message.contains("packages[0]"), "{message}");
+        // A CREATE, and an UPDATE from a valid object, get every error.
+        assert!(!validate(&kasprapp_review("CREATE", None, &invalid_app())).allowed);
+        let mut valid = invalid_app();
+        valid["spec"]["pythonPackages"]["packages"] = json!(["requests==2.31.0"]);
+        assert!(!validate(&kasprapp_review("UPDATE", Some(valid), &invalid_app())).allowed);
     }
 }

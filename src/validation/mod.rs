@@ -12,6 +12,7 @@ mod indexes;
 mod init_container;
 mod packages;
 mod policy;
+mod ratchet;
 
 use serde_json::{Map, Value};
 
@@ -23,6 +24,7 @@ use init_container::init_container_extras;
 pub use packages::MAX_PACKAGES;
 use packages::packages;
 use policy::{install_policy, resources};
+pub use ratchet::{Ratchet, ratchet};
 
 /// One problem, with the field path it concerns.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,0 +1,52 @@
+"""Hardening on a real control plane: deletions are never blocked by validation, and pods that
+need no patch never depend on the webhook being up."""
+
+from __future__ import annotations
+
+import json
+
+from e2e_cluster import ControlPlane, wait_for
+from e2e_objects import kasprapp
+from e2e_webhook import Webhook
+
+INVALID = {"packages": ["requests; rm -rf /"]}
+
+
+def _invalid_app_with_finalizer(cluster: ControlPlane, webhook: Webhook, namespace: str, name: str) -> None:
+    """An app whose spec no longer validates, as if written before the webhook existed."""
+    webhook.unregister()
+    webhook.wait_effective(active=False)
+    try:
+        app = kasprapp(name, INVALID)
+        app["metadata"]["finalizers"] = ["kaspr.io/e2e-cleanup"]
+        cluster.create(app, namespace=namespace)
+    finally:
+        webhook.register()
+        webhook.wait_effective(active=True)
+
+
+def test_an_invalid_app_can_still_be_deleted(cluster: ControlPlane, webhook: Webhook, namespace: str):
+    _invalid_app_with_finalizer(cluster, webhook, namespace, "legacy")
+
+    # A metadata-only update of the unchanged invalid spec goes through, with the error as a warning.
+    labelled = cluster.kubectl(["label", "kasprapp", "legacy", "-n", namespace, "team=data"], check=False)
+    assert labelled.returncode == 0, labelled.stderr
+    assert "unchanged by this update" in labelled.stderr, labelled.stderr
+
+    # A new invalid value is still denied, naming only what changed.
+    changed = cluster.kubectl(
+        ["patch", "kasprapp", "legacy", "-n", namespace, "--type=json", "-p",
+         json.dumps([{"op": "add", "path": "/spec/pythonPackages/packages/-", "value": "-e ."}])],
+        check=False)
+    assert changed.returncode != 0 and "denied the request" in changed.stderr, changed.stderr
+    assert "packages[1]" in changed.stderr and "packages[0]" not in changed.stderr, changed.stderr
+
+    # Deleting it: the finalizer can be removed, so the deletion completes.
+    cluster.kubectl(["delete", "kasprapp", "legacy", "-n", namespace, "--wait=false"])
+    removed = cluster.kubectl(
+        ["patch", "kasprapp", "legacy", "-n", namespace, "--type=merge", "-p", '{"metadata":{"finalizers":null}}'],
+        check=False)
+    assert removed.returncode == 0, removed.stderr
+    wait_for("the KasprApp to be gone",
+             lambda: cluster.kubectl(["get", "kasprapp", "legacy", "-n", namespace], check=False).returncode != 0,
+             timeout=30)
