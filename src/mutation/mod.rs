@@ -162,7 +162,8 @@ pub fn apply(
                 mount_names.push(n.to_owned());
             }
         }
-        set_pythonpath(main);
+        let path = format!("{field_prefix}.containers[{main_index}]");
+        warnings.extend(set_pythonpath(main, &path));
     }
 
     let record = Record {
@@ -328,31 +329,51 @@ fn check_extra_mounts(
     }
 }
 
-/// Puts our site directory first on the main container's PYTHONPATH, keeping any value it had.
-fn set_pythonpath(container: &mut Map<String, Value>) {
+/// Puts our site directory first on the main container's PYTHONPATH, keeping any value it had,
+/// and never leaving an empty entry (Python reads one as the working directory). Returns a
+/// warning when the earlier value cannot be seen here.
+fn set_pythonpath(container: &mut Map<String, Value>, container_path: &str) -> Option<String> {
     let site = names::SITE_PATH;
     let env = container
         .entry("env")
         .or_insert_with(|| Value::Array(Vec::new()));
-    let Some(env) = env.as_array_mut() else {
-        return;
-    };
+    let env = env.as_array_mut()?;
+    let ours = json!({"name": names::PYTHONPATH, "value": site});
     let existing = env.iter_mut().rev().find(|e| name_is(e, names::PYTHONPATH));
     match existing {
-        None => env.push(json!({"name": names::PYTHONPATH, "value": site})),
+        None => env.push(ours),
         Some(entry) if entry.get("valueFrom").is_some_and(|v| !v.is_null()) => {
             // The value comes from a Secret/ConfigMap/field: chain to it with $(PYTHONPATH),
-            // which the kubelet expands from the earlier entry.
+            // which the kubelet expands from the earlier entry. Its content is not visible
+            // here, so an empty value would leave a trailing ':'; say so.
             env.push(json!({"name": names::PYTHONPATH, "value": format!("{site}:$({})", names::PYTHONPATH)}));
+            return Some(format!(
+                "{container_path}.env: PYTHONPATH comes from valueFrom and is chained as \
+                 {site}:$(PYTHONPATH); if that value can be empty, the container's working \
+                 directory lands on sys.path: keep it non-empty or set PYTHONPATH as a plain value"
+            ));
         }
         Some(entry) => {
             let old = entry
                 .get("value")
                 .and_then(Value::as_str)
-                .unwrap_or_default();
-            entry["value"] = json!(format!("{site}:{old}"));
+                .unwrap_or_default()
+                .to_owned();
+            if old.split(':').all(str::is_empty) {
+                // Nothing to keep: our own entry after it wins, and removal leaves theirs as it was.
+                env.push(ours);
+            } else {
+                entry["value"] = json!(format!("{site}:{old}"));
+                if old.split(':').any(str::is_empty) {
+                    return Some(format!(
+                        "{container_path}.env: PYTHONPATH {old:?} has an empty entry, which puts \
+                         the container's working directory on sys.path"
+                    ));
+                }
+            }
         }
     }
+    None
 }
 
 #[cfg(test)]

@@ -300,6 +300,38 @@ fn existing_plain_pythonpath_is_kept_after_ours_and_restored_on_removal() {
     assert_eq!(stripped, sts);
 }
 
+#[rstest::rstest]
+#[case::empty("")]
+#[case::only_separators("::")]
+fn an_empty_pythonpath_never_leaves_an_empty_entry(#[case] value: &str) {
+    let mut sts = statefulset();
+    let theirs = json!({"name": "PYTHONPATH", "value": value});
+    sts["spec"]["template"]["spec"]["containers"][0]["env"] = json!([theirs]);
+    let (out, _) = mutate(&sts, &basic_app());
+    let env = main_container(&out)["env"].as_array().expect("env").clone();
+    // The effective value is the last entry of that name; it has no empty entry.
+    let effective = env
+        .iter()
+        .rev()
+        .find(|e| e["name"] == "PYTHONPATH")
+        .and_then(|e| e["value"].as_str())
+        .expect("PYTHONPATH");
+    assert!(
+        effective.split(':').all(|entry| !entry.is_empty()),
+        "{effective:?}"
+    );
+    assert!(effective.starts_with("/opt/kaspr/packages/site"));
+    let again = mutate_statefulset(&out, &basic_app(), &RenderConfig::default()).expect("ok");
+    assert!(again.patch.0.is_empty());
+    let mut without = basic_app();
+    without["spec"]
+        .as_object_mut()
+        .expect("spec")
+        .remove("pythonPackages");
+    let (stripped, _) = mutate(&out, &without);
+    assert_eq!(stripped, sts);
+}
+
 #[test]
 fn pythonpath_from_a_secret_is_chained_not_overwritten() {
     let mut sts = statefulset();
@@ -309,6 +341,14 @@ fn pythonpath_from_a_secret_is_chained_not_overwritten() {
     assert_eq!(
         main_container(&out)["env"],
         json!([from, {"name": "PYTHONPATH", "value": "/opt/kaspr/packages/site:$(PYTHONPATH)"}])
+    );
+    let (_, outcome) = mutate(&sts, &basic_app());
+    assert!(
+        outcome.warnings.iter().any(|w| w
+            .starts_with("spec.template.spec.containers[0].env: PYTHONPATH comes from valueFrom")
+            && w.contains("working directory")),
+        "{:?}",
+        outcome.warnings
     );
     let again = mutate_statefulset(&out, &basic_app(), &RenderConfig::default()).expect("ok");
     assert!(again.patch.0.is_empty());
