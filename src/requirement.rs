@@ -437,6 +437,25 @@ fn parse_marker_expr(tokens: &[Token], pos: &mut usize) -> Result<(), String> {
     }
 }
 
+/// `${NAME}`, as the installer expands it.
+static VARIABLE: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+        .unwrap_or_else(|_| unreachable!("a valid pattern"))
+});
+
+/// The `${NAME}`s of a package string, in order of first use.
+pub fn variables(package: &str) -> Vec<&str> {
+    let mut names: Vec<&str> = Vec::new();
+    for found in VARIABLE.captures_iter(package) {
+        if let Some(name) = found.get(1).map(|m| m.as_str())
+            && !names.contains(&name)
+        {
+            names.push(name);
+        }
+    }
+    names
+}
+
 #[cfg(test)]
 mod tests {
     use rstest::rstest;

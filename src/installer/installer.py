@@ -120,6 +120,8 @@ class Config:
 INSTALL_KEY_RE = re.compile(r"^[0-9a-f]{16}$")
 NAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,251}[A-Za-z0-9])?$")
 VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+# This program's own variables: never expanded into a requirement, whatever the config says.
+RESERVED_ENV = ("KASPR_PACKAGES_CONFIG", "KASPR_PYPI_USERNAME", "KASPR_PYPI_PASSWORD")
 
 
 def _fail_config(field: str, problem: str) -> InstallError:
@@ -228,6 +230,9 @@ def load_config(environ: Dict[str, str]) -> Config:
         if not host or any(ch.isspace() for ch in host) or "/" in host:
             raise _fail_config("trustedHosts[%d]" % i, "%s is not a host or host:port" % _show(host))
     credentials = _typed(data.get("credentials", False), bool, "credentials")
+    expand_env = _typed(data.get("expandEnv") or [], list, "expandEnv")
+    for i, name in enumerate(expand_env):
+        _typed(name, str, "expandEnv[%d]" % i)
 
     retries = _typed(data.get("retries", 3), int, "retries")
     if not 0 <= retries <= 20:
@@ -256,7 +261,7 @@ def load_config(environ: Dict[str, str]) -> Config:
         mode=mode, app=app, namespace=namespace, install_key=install_key, packages=packages,
         index_url=index_url, extra_index_urls=extra, trusted_hosts=trusted,
         credentials=credentials, retries=retries, timeout=float(timeout), on_failure=on_failure,
-        target=target, cache_dir=cache_dir, gcs=gcs,
+        target=target, cache_dir=cache_dir, gcs=gcs, expand_env=expand_env,
     )
 
 
@@ -315,13 +320,16 @@ class Redactor:
 
 
 def expand_packages(
-    packages: List[str], environ: Dict[str, str], redactor: Redactor
+    packages: List[str], environ: Dict[str, str], redactor: Redactor, allowed: List[str]
 ) -> List[str]:
-    """Expand ``${VAR}`` from the environment; each value becomes a secret for the redactor."""
+    """Expand ``${VAR}`` from the environment, only for the variables the app declared
+    (``allowed``) and never this program's own; each value becomes a secret for the redactor."""
     expanded = []
     for i, pkg in enumerate(packages):
         def substitute(match, field="packages[%d]" % i):
             name = match.group(1)
+            if name in RESERVED_ENV or name not in allowed:
+                raise _fail_config(field, "${%s} is not a variable declared for expansion" % name)
             if name not in environ:
                 raise _fail_config(field, "environment variable %s is not set" % name)
             value = environ[name]
@@ -1025,7 +1033,7 @@ class Context:
         self.cfg = cfg
         self.environ = environ
         self.redactor = Redactor()
-        self.expanded = expand_packages(cfg.packages, environ, self.redactor)
+        self.expanded = expand_packages(cfg.packages, environ, self.redactor, cfg.expand_env)
         self.index = index_settings(cfg, environ, self.redactor)
         self.credentials = self.index.credentials
         self.tag = python_tag()

@@ -46,6 +46,17 @@ pub fn installer_config(spec: &PythonPackages, app: &AppRef, install_key: &str) 
     if spec.credentials.is_some() {
         config["credentials"] = json!(true);
     }
+    // The installer expands only these (validation allowed only declared ones).
+    let mut expand: Vec<&str> = spec
+        .packages
+        .iter()
+        .flat_map(|p| crate::requirement::variables(p))
+        .collect();
+    expand.sort_unstable();
+    expand.dedup();
+    if !expand.is_empty() {
+        config["expandEnv"] = json!(expand);
+    }
     config["retries"] = json!(spec.install_policy.retries);
     config["timeoutSeconds"] = json!(spec.install_policy.timeout_seconds);
     config["onFailure"] = json!(match spec.install_policy.on_failure {

@@ -819,3 +819,17 @@ fn a_forged_record_cannot_pass_off_a_foreign_object_under_our_name() {
         assert!(denial.message.contains(expected), "{}", denial.message);
     }
 }
+
+#[test]
+fn the_installer_is_told_which_variables_it_may_expand() {
+    let mut app = kasprapp(json!({"packages": [
+        "z @ https://${PIP_TOKEN}@pkgs.example.com/z-1.0.whl", "a==1", "b @ https://h/${PIP_TOKEN}/${REV}.whl"
+    ]}));
+    app["spec"]["template"] = json!({"pythonPackagesInitContainer": {"env": [
+        {"name": "PIP_TOKEN", "value": "t"}, {"name": "REV", "value": "1"}
+    ]}});
+    let (out, _) = mutate(&statefulset(), &app);
+    assert_eq!(config_of(&out)["expandEnv"], json!(["PIP_TOKEN", "REV"]));
+    let (plain, _) = mutate(&statefulset(), &basic_app());
+    assert!(config_of(&plain).get("expandEnv").is_none());
+}

@@ -276,7 +276,8 @@ fn python_packages(
         ROOT,
     );
 
-    let packages = packages(c, map);
+    let declared_env: Vec<&str> = init_container.env.iter().map(|e| e.name.as_str()).collect();
+    let packages = packages(c, map, &declared_env);
 
     let index_path = format!("{ROOT}.indexUrl");
     let index_url = c.string(map, "indexUrl", &index_path);

@@ -1,14 +1,43 @@
-//! `packages`: 1 to 200 requirements, each accepted by the requirement parser.
+//! `packages`: 1 to 200 requirements, each accepted by the requirement parser, expanding only
+//! `${VAR}`s the app declared for the install container.
 
 use serde_json::{Map, Value};
 
-use super::{Checker, ROOT, show};
-use crate::requirement;
+use super::{Checker, INIT_ROOT, ROOT, show};
+use crate::names::RESERVED_ENV;
+use crate::requirement::{self, variables};
+
+/// Only variables declared in `pythonPackagesInitContainer.env` may be expanded: the install
+/// container's environment also holds this product's own credentials, which must never be
+/// spliced into a URL that may point at another host.
+fn check_variables(c: &mut Checker, path: &str, package: &str, declared: &[&str]) {
+    for name in variables(package) {
+        if RESERVED_ENV.contains(&name) {
+            c.error(
+                path,
+                format!(
+                    "${{{name}}} is kaspr-packages-webhook's own variable and is never expanded"
+                ),
+            );
+        } else if !declared.contains(&name) {
+            c.error(
+                path,
+                format!(
+                    "${{{name}}} is not declared in {INIT_ROOT}.env; only variables declared there are expanded"
+                ),
+            );
+        }
+    }
+}
 
 /// Most packages one app may list.
 pub const MAX_PACKAGES: usize = 200;
 
-pub(super) fn packages(c: &mut Checker, map: &Map<String, Value>) -> Vec<String> {
+pub(super) fn packages(
+    c: &mut Checker,
+    map: &Map<String, Value>,
+    declared_env: &[&str],
+) -> Vec<String> {
     let path = format!("{ROOT}.packages");
     let Some(value) = map.get("packages").filter(|v| !v.is_null()) else {
         c.error(&path, "is required: list at least one package");
@@ -41,6 +70,7 @@ pub(super) fn packages(c: &mut Checker, map: &Map<String, Value>) -> Vec<String>
             continue;
         };
         let trimmed = raw.trim_matches(' ');
+        check_variables(c, &item_path, trimmed, declared_env);
         match requirement::parse(trimmed) {
             Ok(req) => {
                 if req.is_unpinned() {

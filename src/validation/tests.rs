@@ -252,3 +252,23 @@ fn secret_values_are_never_required() {
         })
     );
 }
+
+#[test]
+fn only_declared_variables_may_be_expanded() {
+    let mut kasprapp = app(json!({"packages": [
+        "x @ https://other.example/${KASPR_PYPI_PASSWORD}.whl",
+        "y @ https://pkgs.example.com/${UNDECLARED}/y-1.0.whl",
+        "z @ https://${PIP_TOKEN}@pkgs.example.com/z-1.0.whl",
+    ]}));
+    kasprapp["spec"]["template"] = json!({"pythonPackagesInitContainer": {"env": [
+        {"name": "PIP_TOKEN", "valueFrom": {"secretKeyRef": {"name": "tok", "key": "token"}}}
+    ]}});
+    let errs = errors(&validate_kasprapp(&kasprapp));
+    assert_eq!(
+        errs,
+        [
+            "spec.pythonPackages.packages[0]: ${KASPR_PYPI_PASSWORD} is kaspr-packages-webhook's own variable and is never expanded",
+            "spec.pythonPackages.packages[1]: ${UNDECLARED} is not declared in spec.template.pythonPackagesInitContainer.env; only variables declared there are expanded",
+        ]
+    );
+}
