@@ -100,6 +100,101 @@ async fn http2_is_offered_through_alpn() {
     running.wait().await.expect("clean stop");
 }
 
+/// An HTTP/2 connection to the webhook port.
+async fn h2_sender(
+    pki: &TestPki,
+    addr: std::net::SocketAddr,
+) -> hyper::client::conn::http2::SendRequest<
+    http_body_util::combinators::BoxBody<axum::body::Bytes, std::convert::Infallible>,
+> {
+    let config = pki.client_config_alpn(&[&TLS13], vec![b"h2".to_vec()]);
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+    let tls = tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+        .expect("handshake");
+    let (sender, driver) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .expect("h2 handshake");
+    tokio::spawn(driver);
+    sender
+}
+
+/// The API server speaks HTTP/2: an oversized review must come back as a readable 413 there too,
+/// whether the size is declared up front or only found while reading, and the stream must not
+/// be reset while the client is still uploading (clients report that as a stream error instead
+/// of the status).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversize_bodies_are_a_readable_413_over_http2() {
+    use http_body_util::BodyExt as _;
+    let pki = TestPki::new();
+    let (running, _dir, _) = serve_fresh(&pki, Duration::from_secs(60)).await;
+    let limit = loopback_settings().max_body_bytes;
+    const CHUNK: usize = 256 * 1024;
+    let chunks = (limit + 4 * CHUNK) / CHUNK;
+    for declared in [true, false] {
+        let (tx, rx) = tokio::sync::mpsc::channel::<axum::body::Bytes>(1);
+        let frames = futures::stream::unfold(rx, |mut rx| async move {
+            let chunk = rx.recv().await?;
+            Some((
+                Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(chunk)),
+                rx,
+            ))
+        });
+        let body = http_body_util::StreamBody::new(frames).boxed();
+        let mut request = hyper::Request::post("https://localhost/mutate")
+            .header("content-type", "application/json");
+        if declared {
+            request = request.header("content-length", (chunks * CHUNK).to_string());
+        }
+        let request = request.body(body).expect("request");
+        // The client keeps uploading whatever the answer; a reset stream drops the receiver.
+        let upload = tokio::spawn(async move {
+            for sent in 0..chunks {
+                if tx
+                    .send(axum::body::Bytes::from(vec![b' '; CHUNK]))
+                    .await
+                    .is_err()
+                {
+                    return sent;
+                }
+            }
+            chunks
+        });
+        let mut sender = h2_sender(&pki, running.webhook_addr).await;
+        let response = sender
+            .send_request(request)
+            .await
+            .unwrap_or_else(|e| panic!("declared={declared}: no answer over HTTP/2: {e}"));
+        assert_eq!(response.status(), 413, "declared={declared}");
+        let text = response
+            .into_body()
+            .collect()
+            .await
+            .unwrap_or_else(|e| panic!("declared={declared}: 413 body unreadable: {e}"))
+            .to_bytes();
+        assert_eq!(
+            std::str::from_utf8(&text).expect("utf-8"),
+            format!("request body exceeds {limit} bytes\n"),
+            "declared={declared}"
+        );
+        let sent = tokio::time::timeout(Duration::from_secs(20), upload)
+            .await
+            .expect("upload ends")
+            .expect("upload task");
+        assert_eq!(
+            sent, chunks,
+            "declared={declared}: the stream was reset while the client was still uploading"
+        );
+    }
+    running.shutdown.trigger();
+    running.wait().await.expect("clean stop");
+}
+
 /// A TLS 1.1 ClientHello (legacy_version 0x0302, no supported_versions extension), written by
 /// hand because the test clients cannot speak TLS 1.1 at all.
 fn tls11_client_hello() -> Vec<u8> {
