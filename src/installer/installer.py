@@ -180,6 +180,8 @@ def _check_package(pkg, field: str) -> str:
     # " #" starts a comment; neither may come from a package string.
     if text.startswith("-") or re.search(r"\s-", text) or re.search(r"\s#", text):
         raise _fail_config(field, "%s is not a requirement (options are not accepted)" % _show(text))
+    if "\\" in text:
+        raise _fail_config(field, "%s contains '\\', which joins lines in a requirements file" % _show(text))
     return text
 
 
@@ -747,6 +749,29 @@ class Plan:
 NAMED_URL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*\s*(\[[^\]]*\])?\s*@\s*(\S.*)$")
 
 
+SCP_LIKE_RE = re.compile(r"^git@([^:/\s]+):(.+)$")
+
+
+def pip_requirement(requirement: str) -> str:
+    """The line pip is given for a (validated, expanded) requirement.
+
+    pip knows git over SSH only as ``git+ssh://``; the accepted ``ssh://host/path`` and
+    scp-like ``git@host:path`` forms mean the same repository and are rewritten to it (pip
+    would otherwise read ``git@host:path`` as a distribution named ``git``).
+    """
+    url = requirement_url(requirement)
+    if url is None:
+        return requirement
+    scp = SCP_LIKE_RE.match(url)
+    if scp:
+        pip_url = "git+ssh://git@%s/%s" % (scp.group(1), scp.group(2))
+    elif url.lower().startswith("ssh://"):
+        pip_url = "git+" + url
+    else:
+        return requirement
+    return requirement.replace(url, pip_url, 1)
+
+
 def requirement_url(requirement: str) -> Optional[str]:
     """The URL of a direct reference (``name @ url``, a bare URL, ``git@host:path``), else None."""
     head = requirement.split(";", 1)[0].strip()
@@ -862,7 +887,7 @@ def install_attempt(ctx: "Context", dest: str, deadline: float) -> Plan:
     if ctx.index.netrc is not None:
         env["NETRC"] = write_private(os.path.join(work, "netrc"), ctx.index.netrc)
     base = pip_base_args(cache)
-    requirements = "".join(line + "\n" for line in ctx.expanded)
+    requirements = "".join(pip_requirement(line) + "\n" for line in ctx.expanded)
     version = ctx.pip_version
     if version < MIN_PIP_FOR_RESOLVE:
         log("warning: pip %s cannot resolve without installing; installing the full dependency set"

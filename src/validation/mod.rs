@@ -305,6 +305,15 @@ fn python_packages(
     warn_insecure_indexes(c, index_url.as_deref(), &extra_index_urls, &trusted_hosts);
 
     let credentials = credentials(c, map);
+    let plain_http = index_url
+        .as_deref()
+        .is_some_and(|u| u.trim().to_ascii_lowercase().starts_with("http://"));
+    if credentials.is_some() && plain_http {
+        c.warn(
+            format!("{ROOT}.credentials"),
+            "indexUrl uses plain http://, so the username and password travel to the index in clear text; use https://",
+        );
+    }
     if credentials.is_some() && index_url.is_none() {
         c.warn(
             format!("{ROOT}.credentials"),

@@ -169,6 +169,7 @@ fn rejects(#[case] packages: Value, #[case] expected: &str) {
 #[case::http_index(json!({"packages": ["a==1"], "indexUrl": "http://pypi.internal/simple"}), "spec.pythonPackages.indexUrl", "trustedHosts")]
 #[case::credentials_without_index(json!({"packages": ["a==1"], "credentials": {"secretRef": {"name": "creds"}}}), "spec.pythonPackages.credentials", "indexUrl")]
 #[case::allow(json!({"packages": ["a==1"], "installPolicy": {"onFailure": "allow"}}), "spec.pythonPackages.installPolicy.onFailure", "without its packages")]
+#[case::credentials_over_http(json!({"packages": ["a==1"], "indexUrl": "http://pypi.internal/simple", "trustedHosts": ["pypi.internal"], "credentials": {"secretRef": {"name": "creds"}}}), "spec.pythonPackages.credentials", "clear text")]
 #[case::unknown_field(json!({"packages": ["a==1"], "indexURL": "x"}), "spec.pythonPackages.indexURL", "unknown field")]
 fn warns(#[case] packages: Value, #[case] path: &str, #[case] text: &str) {
     let report = validate_kasprapp(&app(packages));

@@ -128,3 +128,21 @@ def test_program_uses_only_the_standard_library():
     modules = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     modules |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
     assert modules <= set(sys.stdlib_module_names), modules - set(sys.stdlib_module_names)
+
+
+@pytest.mark.parametrize("written, handed_to_pip", [
+    ("git@github.com:org/repo.git", "git+ssh://git@github.com/org/repo.git"),
+    ("mylib @ git@github.com:org/repo.git@v1 ; python_version >= '3.8'",
+     "mylib @ git+ssh://git@github.com/org/repo.git@v1 ; python_version >= '3.8'"),
+    ("ssh://git@example.com/org/repo.git", "git+ssh://git@example.com/org/repo.git"),
+    ("git+ssh://git@example.com/org/repo.git", "git+ssh://git@example.com/org/repo.git"),
+    ("requests==2.31.0", "requests==2.31.0"),
+])
+def test_git_over_ssh_reaches_pip_in_the_form_pip_knows(written, handed_to_pip):
+    assert installer.pip_requirement(written) == handed_to_pip
+
+
+def test_a_backslash_never_reaches_the_requirements_file():
+    with pytest.raises(installer.InstallError) as failure:
+        installer._check_package("foo===1\\", "packages[0]")
+    assert failure.value.category == "invalid_config"
