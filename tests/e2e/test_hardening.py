@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 from e2e_cluster import ControlPlane, wait_for
-from e2e_objects import kasprapp
+from e2e_objects import TEMPLATE_HASH_ANNOTATION, assert_injected, kasprapp, operator_statefulset
 from e2e_webhook import Webhook
 
 INVALID = {"packages": ["requests; rm -rf /"]}
@@ -50,3 +50,37 @@ def test_an_invalid_app_can_still_be_deleted(cluster: ControlPlane, webhook: Web
     wait_for("the KasprApp to be gone",
              lambda: cluster.kubectl(["get", "kasprapp", "legacy", "-n", namespace], check=False).returncode != 0,
              timeout=30)
+
+
+def test_pods_of_an_injected_app_restart_while_the_webhook_is_down(cluster: ControlPlane, webhook: Webhook,
+                                                                    namespace: str):
+    app = cluster.create(kasprapp("steady", {"packages": ["kasprdemo==1.0"]}), namespace=namespace)
+    cluster.create(operator_statefulset("steady", app["metadata"]["uid"], replicas=2), namespace=namespace)
+    old = cluster.wait_pods(namespace, "kaspr.io/app=steady", 2)
+    for pod in old:
+        assert_injected(pod["spec"], pod["metadata"].get("annotations") or {})
+
+    webhook.stop()
+    try:
+        # The registration stays, with failurePolicy Fail: a pod that would need a patch is refused.
+        bare = {"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": "needs-patch", "labels": {"kaspr.io/kind": "KasprApp", "kaspr.io/app": "steady"}},
+                "spec": {"containers": [{"name": "kaspr", "image": "kaspr:e2e"}]}}
+        refused = cluster.kubectl(["create", "-n", namespace, "-f", "-"], input=json.dumps(bare), check=False)
+        assert refused.returncode != 0 and "failed calling webhook" in refused.stderr, refused.stderr
+
+        # A pod of the injected template needs none, so it is recreated without the webhook.
+        old_uids = {p["metadata"]["uid"] for p in old}
+        cluster.kubectl(["delete", "pod", old[0]["metadata"]["name"], "-n", namespace, "--wait=false"])
+        recreated = wait_for(
+            "the StatefulSet controller to recreate the pod without the webhook",
+            lambda: (lambda pods: pods if len(pods) == 2 and len(old_uids & {p["metadata"]["uid"] for p in pods}) == 1
+                     else None)(cluster.pods(namespace, "kaspr.io/app=steady")),
+            timeout=90)
+        fresh = [p for p in recreated if p["metadata"]["uid"] not in old_uids]
+        assert len(fresh) == 1
+        assert TEMPLATE_HASH_ANNOTATION in (fresh[0]["metadata"].get("annotations") or {})
+        assert_injected(fresh[0]["spec"], fresh[0]["metadata"]["annotations"])
+    finally:
+        webhook.start()
+        webhook.wait_effective(active=True)
