@@ -145,7 +145,10 @@ pub fn render(
 
     let mut volumes = vec![Volume {
         name: names::PACKAGES_VOLUME.to_owned(),
-        empty_dir: Some(EmptyDirVolumeSource::default()),
+        empty_dir: Some(EmptyDirVolumeSource {
+            size_limit: config.packages_volume_size_limit.clone(),
+            ..EmptyDirVolumeSource::default()
+        }),
         ..Default::default()
     }];
     let mut init_mounts = vec![mount(names::PACKAGES_VOLUME, names::PACKAGES_PATH, false)];

@@ -491,6 +491,7 @@ fn resources_come_from_the_spec_else_the_chart_default() {
     };
     let config = RenderConfig {
         default_resources: Some(default),
+        ..RenderConfig::default()
     };
     let outcome = mutate_statefulset(&statefulset(), &basic_app(), &config).expect("ok");
     let out = apply_patch(&statefulset(), &outcome.patch);
@@ -832,4 +833,30 @@ fn the_installer_is_told_which_variables_it_may_expand() {
     assert_eq!(config_of(&out)["expandEnv"], json!(["PIP_TOKEN", "REV"]));
     let (plain, _) = mutate(&statefulset(), &basic_app());
     assert!(config_of(&plain).get("expandEnv").is_none());
+}
+
+#[test]
+fn the_packages_volume_gets_the_configured_size_limit() {
+    let (plain, _) = mutate(&statefulset(), &basic_app());
+    assert_eq!(
+        template(&plain)["spec"]["volumes"][1],
+        json!({"name": "kaspr-packages", "emptyDir": {}})
+    );
+    let config = RenderConfig {
+        packages_volume_size_limit: Some(k8s_openapi::apimachinery::pkg::api::resource::Quantity(
+            "4Gi".into(),
+        )),
+        ..RenderConfig::default()
+    };
+    let outcome = mutate_statefulset(&statefulset(), &basic_app(), &config).expect("ok");
+    let limited = apply_patch(&statefulset(), &outcome.patch);
+    assert_eq!(
+        template(&limited)["spec"]["volumes"][1],
+        json!({"name": "kaspr-packages", "emptyDir": {"sizeLimit": "4Gi"}})
+    );
+    // A different rendering, so a different template hash: the change rolls the apps.
+    let hash = |sts: &Value| {
+        template(sts)["metadata"]["annotations"]["packages.kaspr.io/template-hash"].clone()
+    };
+    assert_ne!(hash(&plain), hash(&limited));
 }
