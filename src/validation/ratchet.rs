@@ -78,7 +78,7 @@ mod tests {
     use crate::validation::validate_kasprapp;
     use serde_json::json;
 
-    fn app(packages: Value) -> Value {
+    fn app(packages: &Value) -> Value {
         json!({"apiVersion": "kaspr.io/v1alpha1", "kind": "KasprApp",
                "metadata": {"name": "a", "namespace": "n", "finalizers": ["kaspr.io/finalizer"]},
                "spec": {"pythonPackages": {"packages": packages,
@@ -87,7 +87,7 @@ mod tests {
 
     #[test]
     fn paths_resolve_through_lists_and_dotted_keys() {
-        let a = app(json!(["a==1", "b==2"]));
+        let a = app(&json!(["a==1", "b==2"]));
         assert_eq!(
             at_path(&a, "spec.pythonPackages.packages[1]"),
             Some(&json!("b==2"))
@@ -102,7 +102,7 @@ mod tests {
 
     #[test]
     fn only_new_or_changed_errors_stand() {
-        let old = app(json!(["-e .", "b==2"]));
+        let old = app(&json!(["-e .", "b==2"]));
         // Unchanged: the finalizer goes, the old error does not count.
         let mut new = old.clone();
         new["metadata"]["finalizers"] = json!([]);
@@ -113,7 +113,7 @@ mod tests {
         assert!(matches!(ratcheted, Ratchet::Unchanged(ref e) if e.len() == 2));
 
         // A new invalid value is denied; the old one is still tolerated.
-        let new = app(json!(["-e .", "b; rm -rf /"]));
+        let new = app(&json!(["-e .", "b; rm -rf /"]));
         let mut report = validate_kasprapp(&new);
         ratchet(&mut report, &old, &new);
         let paths: Vec<&str> = report.errors.iter().map(|e| e.path.as_str()).collect();
@@ -122,8 +122,8 @@ mod tests {
 
     #[test]
     fn an_object_being_deleted_always_passes() {
-        let old = app(json!(["-e ."]));
-        let mut new = app(json!(["--also-bad"]));
+        let old = app(&json!(["-e ."]));
+        let mut new = app(&json!(["--also-bad"]));
         new["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
         let mut report = validate_kasprapp(&new);
         assert_eq!(ratchet(&mut report, &old, &new), Ratchet::Deleting);
