@@ -4,6 +4,9 @@ need no patch never depend on the webhook being up."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
+
+import yaml
 
 from e2e_cluster import ControlPlane, wait_for
 from e2e_objects import TEMPLATE_HASH_ANNOTATION, assert_injected, kasprapp, operator_statefulset
@@ -84,3 +87,42 @@ def test_pods_of_an_injected_app_restart_while_the_webhook_is_down(cluster: Cont
     finally:
         webhook.start()
         webhook.wait_effective(active=True)
+
+
+CHART = Path(__file__).resolve().parents[2] / "charts" / "kaspr-packages-webhook"
+
+
+def test_watched_namespaces_get_workload_rights_there_only(cluster: ControlPlane, e2e_workdir: Path):
+    """With server.watchNamespaces, StatefulSet patch and PVC writes come from Roles in those
+    namespaces; the ClusterRole keeps only reads, Events and its own webhook configurations."""
+    release_ns, watched, other = "kpw-rbac", ["kpw-apps", "kpw-data"], "kpw-other"
+    for namespace in [release_ns, *watched, other]:
+        if cluster.kubectl(["get", "namespace", namespace], check=False).returncode != 0:
+            cluster.kubectl(["create", "namespace", namespace])
+    home = e2e_workdir / "helm-rbac"
+    helm_env = [f"HELM_{kind}_HOME={home / kind.lower()}" for kind in ("CACHE", "CONFIG", "DATA")]
+    rendered = cluster.netns.run(
+        ["env", *helm_env, str(cluster.tools.path("helm")), "template", "rbac", str(CHART), "--namespace", release_ns,
+         "--set", "server.watchNamespaces={%s}" % ",".join(watched)], timeout=120).stdout
+    objects = [o for o in yaml.safe_load_all(rendered) if o]
+    cluster_rules = [r for o in objects if o["kind"] == "ClusterRole" for r in o["rules"]]
+    assert not [r for r in cluster_rules if {"statefulsets", "persistentvolumeclaims"} & set(r["resources"])], \
+        cluster_rules
+    roles = {o["metadata"]["namespace"] for o in objects if o["kind"] == "Role" and o["metadata"]["name"].endswith("-workloads")}
+    assert roles == set(watched), roles
+
+    rbac = [o for o in objects if o["kind"] in ("ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding")]
+    cluster.apply(rbac, namespace=release_ns)
+    account = next(o for o in objects if o["kind"] == "ServiceAccount")["metadata"]["name"]
+    who = "system:serviceaccount:%s:%s" % (release_ns, account)
+
+    def can(verb: str, resource: str, namespace: str) -> bool:
+        proc = cluster.kubectl(["auth", "can-i", verb, resource, "-n", namespace, "--as", who], check=False)
+        return proc.stdout.strip() == "yes"
+
+    for namespace in watched:
+        assert can("patch", "statefulsets", namespace) and can("create", "persistentvolumeclaims", namespace)
+        assert can("delete", "persistentvolumeclaims", namespace)
+    assert not can("patch", "statefulsets", other)
+    assert not can("create", "persistentvolumeclaims", other) and not can("delete", "persistentvolumeclaims", other)
+    assert can("list", "kasprapps.kaspr.io", other), "KasprApps stay readable everywhere"
