@@ -178,7 +178,10 @@ pub fn render(
                             path: secret.key.clone(),
                             mode: None,
                         }]),
-                        default_mode: Some(0o400),
+                        // Readable whatever the init container's uid and fsGroup: the kubelet
+                        // makes Secret files root-owned, so 0400 is unreadable to a non-root
+                        // installer without fsGroup. Only the init container mounts it.
+                        default_mode: Some(0o444),
                         optional: Some(false),
                     }),
                     ..Default::default()

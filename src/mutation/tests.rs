@@ -387,7 +387,7 @@ fn gcs_mode_with_a_key_secret_mounts_it_in_the_init_container_only() {
     let (out, _) = mutate(&statefulset(), &app);
     assert_eq!(
         template(&out)["spec"]["volumes"][2],
-        json!({"name": "kaspr-packages-gcs-key", "secret": {"defaultMode": 256, "items": [{"key": "sa.json", "path": "sa.json"}], "optional": false, "secretName": "gcs-sa-key"}})
+        json!({"name": "kaspr-packages-gcs-key", "secret": {"defaultMode": 0o444, "items": [{"key": "sa.json", "path": "sa.json"}], "optional": false, "secretName": "gcs-sa-key"}})
     );
     assert_eq!(
         init_container(&out)["volumeMounts"][1],

@@ -193,7 +193,7 @@ def test_gcs_cache_archive_shared_between_pods(
 
     init = init_container(pods[0]["spec"])
     key_volume = {v["name"]: v for v in pods[0]["spec"]["volumes"]}["kaspr-packages-gcs-key"]["secret"]
-    assert key_volume["defaultMode"] == 0o400
+    assert key_volume["defaultMode"] == 0o444
     assert [item["key"] for item in key_volume["items"]] == ["sa.json"]
     assert any(m["name"] == "kaspr-packages-gcs-key" and m.get("readOnly") for m in init["volumeMounts"])
     assert not any(m["name"] == "kaspr-packages-gcs-key" for m in container(pods[0]["spec"], "kaspr")["volumeMounts"])
