@@ -270,7 +270,7 @@ fn target(endpoint: Endpoint, request: &AdmissionRequest) -> Target {
 pub fn required_app(endpoint: Endpoint, request: &AdmissionRequest) -> Option<AppRef> {
     let object = request.object.as_ref()?;
     let name = match target(endpoint, request) {
-        Target::StatefulSet => app::owning_app(object)?,
+        Target::StatefulSet => app::statefulset_app(object)?,
         Target::Pod => app::pod_app(object)?,
         Target::KasprApp | Target::Other => return None,
     };

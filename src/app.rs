@@ -93,6 +93,27 @@ pub fn owning_app(statefulset: &Value) -> Option<String> {
         .map(str::to_owned)
 }
 
+/// The KasprApp a StatefulSet belongs to: its KasprApp ownerReference, else the pod template's
+/// labels `kaspr.io/kind: KasprApp` and `kaspr.io/app: <name>`. Kaspr operator releases
+/// recreate the StatefulSet without ownerReferences on some paths, and the template keeps those
+/// labels; the ownerReference wins when both exist.
+pub fn statefulset_app(statefulset: &Value) -> Option<String> {
+    owning_app(statefulset).or_else(|| template_app(statefulset))
+}
+
+/// The app named by a StatefulSet's pod-template labels.
+fn template_app(statefulset: &Value) -> Option<String> {
+    let labels = statefulset.pointer("/spec/template/metadata/labels")?;
+    if labels.get(names::KIND_LABEL).and_then(Value::as_str) != Some("KasprApp") {
+        return None;
+    }
+    labels
+        .get(names::APP_LABEL)
+        .and_then(Value::as_str)
+        .filter(|n| !n.is_empty())
+        .map(str::to_owned)
+}
+
 /// The KasprApp a Pod belongs to: label `kaspr.io/app` (else `app.kubernetes.io/instance`) on a
 /// pod labelled `kaspr.io/kind: KasprApp`.
 pub fn pod_app(pod: &Value) -> Option<String> {
@@ -111,6 +132,33 @@ pub fn pod_app(pod: &Value) -> Option<String> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_statefulset_is_known_by_its_owner_else_by_its_template_labels() {
+        let labels = json!({"kaspr.io/kind": "KasprApp", "kaspr.io/app": "from-labels"});
+        let owner =
+            json!([{"apiVersion": "kaspr.io/v1alpha1", "kind": "KasprApp", "name": "owner"}]);
+        let sts = |owners: Option<&Value>, labels: &Value| {
+            let mut sts = json!({"metadata": {"name": "x"}, "spec": {"template": {"metadata": {"labels": labels}}}});
+            if let Some(owners) = owners {
+                sts["metadata"]["ownerReferences"] = owners.clone();
+            }
+            sts
+        };
+        assert_eq!(
+            statefulset_app(&sts(Some(&owner), &labels)).as_deref(),
+            Some("owner")
+        );
+        assert_eq!(
+            statefulset_app(&sts(None, &labels)).as_deref(),
+            Some("from-labels")
+        );
+        // Both labels are needed; the instance label alone does not name the app here.
+        let partial = json!({"kaspr.io/app": "x", "app.kubernetes.io/instance": "x"});
+        assert_eq!(statefulset_app(&sts(None, &partial)), None);
+        let instance_only = json!({"kaspr.io/kind": "KasprApp", "app.kubernetes.io/instance": "x"});
+        assert_eq!(statefulset_app(&sts(None, &instance_only)), None);
+    }
 
     #[test]
     fn the_owner_needs_name_namespace_and_uid() {

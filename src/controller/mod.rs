@@ -139,7 +139,18 @@ pub fn run(
                 .concurrency(4),
         );
         if options.rollout {
-            controller = controller.owns(statefulsets, watcher::Config::default());
+            // Owned StatefulSets, and those an operator recreated without an ownerReference
+            // (known by their pod-template labels), wake their app.
+            controller = controller.watches(
+                statefulsets,
+                watcher::Config::default(),
+                |statefulset: StatefulSet| {
+                    let namespace = statefulset.metadata.namespace.clone()?;
+                    let object = serde_json::to_value(&statefulset).ok()?;
+                    let app = crate::app::statefulset_app(&object)?;
+                    Some(ObjectRef::new(&app).within(&namespace))
+                },
+            );
         }
         if options.pvc {
             controller = controller.watches(

@@ -50,9 +50,15 @@ pub(super) async fn reconcile_rollout(
         .get_opt(&name)
         .await
         .map_err(api_error("read", object.clone()))?;
+    // The app's own: by ownerReference, else (StatefulSets an operator recreated without
+    // one) by its pod-template labels, exactly as the webhook recognises it.
     let owned = found.as_ref().is_some_and(|sts| {
         sts.metadata.deletion_timestamp.is_none()
-            && app::owning_app(&serde_json::json!({"metadata": sts.metadata})).as_deref()
+            && app::statefulset_app(&serde_json::json!({
+                "metadata": sts.metadata,
+                "spec": sts.data.get("spec"),
+            }))
+            .as_deref()
                 == Some(owner.app.name.as_str())
     });
     let (Some(statefulset), true) = (found, owned) else {

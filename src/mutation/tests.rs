@@ -860,3 +860,30 @@ fn the_packages_volume_gets_the_configured_size_limit() {
     };
     assert_ne!(hash(&plain), hash(&limited));
 }
+
+#[test]
+fn an_operator_statefulset_without_owner_reference_is_recognised_by_its_template_labels() {
+    let mut sts = statefulset();
+    sts["metadata"]
+        .as_object_mut()
+        .expect("metadata")
+        .remove("ownerReferences");
+    sts["metadata"]
+        .as_object_mut()
+        .expect("metadata")
+        .remove("labels");
+    let review = json!({
+        "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+        "request": {"uid": "u-unowned", "kind": {"group": "apps", "version": "v1", "kind": "StatefulSet"},
+                    "namespace": "apps", "operation": "CREATE", "object": sts}
+    });
+    let request = crate::admission::parse_review(&serde_json::to_vec(&review).expect("json"))
+        .expect("review");
+    let endpoint = crate::admission::Endpoint::Mutate;
+    let app = crate::admission::required_app(endpoint, &request).expect("recognised");
+    assert_eq!(app, AppRef::new("apps", "my-app"));
+    let found = crate::app::AppLookup::Found(std::sync::Arc::new(basic_app()));
+    let decision =
+        crate::admission::decide(endpoint, &request, Some(&found), &RenderConfig::default());
+    assert!(decision.allowed && decision.patch.is_some(), "{decision:?}");
+}

@@ -171,3 +171,35 @@ def test_a_non_root_installer_without_fs_group_reads_the_gcs_key(
         assert result.main is not None and result.main.stdout.strip() == "1.0", result.describe()
     assert len(gcs.objects(bucket)) == 1, first.describe()
     assert "pip:" not in second.init(INIT_CONTAINER).stdout, second.describe()
+
+
+def test_an_unowned_operator_statefulset_is_injected_and_rolled(cluster: ControlPlane, webhook: Webhook,
+                                                                namespace: str):
+    """As a 2025 Kaspr operator leaves it after a failed first create: no ownerReferences and no
+    labels on the StatefulSet, only the pod template's kaspr.io/kind and kaspr.io/app."""
+    # The StatefulSet below deliberately carries no reference to the app.
+    cluster.create(kasprapp("orphan", {"packages": ["kasprdemo==1.0"]}), namespace=namespace)
+    sts = operator_statefulset("orphan", None, replicas=2)
+    sts["metadata"].pop("labels", None)
+    created = cluster.create(sts, namespace=namespace)
+    template = created["spec"]["template"]
+    assert_injected(template["spec"], template["metadata"].get("annotations") or {})
+    first_hash = template["metadata"]["annotations"][TEMPLATE_HASH_ANNOTATION]
+
+    # A package change rolls it: the controller finds it by its template labels.
+    reconciles = "kaspr_packages_webhook_controller_reconciles_total"
+    changed_before = webhook.metric(reconciles, part="rollout", outcome="changed")
+    cluster.kubectl(["patch", "kasprapp", "orphan", "-n", namespace, "--type=json", "-p",
+                     json.dumps([{"op": "replace", "path": "/spec/pythonPackages/packages/0",
+                                  "value": "kasprdemo==2.0"}])])
+
+    def rolled():
+        stored = cluster.get_json("statefulset", "orphan-app", namespace=namespace)
+        annotations = stored["spec"]["template"]["metadata"].get("annotations") or {}
+        new_hash = annotations.get(TEMPLATE_HASH_ANNOTATION)
+        return stored if new_hash and new_hash != first_hash else None
+
+    stored = wait_for("the controller to roll the un-owned StatefulSet", rolled, timeout=90, interval=1)
+    assert_injected(stored["spec"]["template"]["spec"], stored["spec"]["template"]["metadata"]["annotations"])
+    assert stored["metadata"]["generation"] >= created["metadata"]["generation"] + 1
+    assert webhook.metric(reconciles, part="rollout", outcome="changed") >= changed_before + 1
