@@ -210,6 +210,11 @@ pub struct ServeArgs {
     #[arg(long, env = "KASPR_WEBHOOK_PACKAGES_VOLUME_SIZE_LIMIT", value_name = "QUANTITY", value_parser = parse_size_limit)]
     pub packages_volume_size_limit: Option<k8s_openapi::apimachinery::pkg::api::resource::Quantity>,
 
+    /// Require a client certificate signed by a CA in this PEM file on the webhook port (the
+    /// API server presents one when its admission configuration names it; docs/security.md).
+    #[arg(long, env = "KASPR_WEBHOOK_CLIENT_CA", value_name = "FILE")]
+    pub client_ca: Option<std::path::PathBuf>,
+
     /// Issue and rotate the serving certificate in-process: a CA and certificate kept in the
     /// Secret --cert-secret, the CA bundle written into the --webhook-configs (see docs/certificates.md).
     #[arg(
@@ -374,6 +379,7 @@ impl ServeArgs {
             header_timeout,
             init_container_resources,
             packages_volume_size_limit,
+            client_ca,
             self_managed_certs,
             cert_secret,
             cert_namespace,
@@ -437,6 +443,7 @@ impl ServeArgs {
                     default_resources: init_container_resources,
                     packages_volume_size_limit,
                 },
+                client_ca,
             },
             certs,
             apps,

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use kaspr_packages_webhook::cache::MemoryKasprApps;
-use kaspr_packages_webhook::server::Running;
+use kaspr_packages_webhook::server::{Running, Settings};
 use rustls::ProtocolVersion;
 use rustls::version::{TLS12, TLS13};
 use server_support::*;
@@ -96,6 +96,83 @@ async fn http2_is_offered_through_alpn() {
         .expect("request");
     let response = sender.send_request(request).await.expect("send");
     assert_eq!(response.status(), 200);
+    running.shutdown.trigger();
+    running.wait().await.expect("clean stop");
+}
+
+/// A CA for clients and a client certificate it signed: (CA PEM, client chain, client key).
+fn client_pki() -> (
+    String,
+    Vec<rustls::pki_types::CertificateDer<'static>>,
+    rustls::pki_types::PrivateKeyDer<'static>,
+) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    let ca_key = KeyPair::generate().expect("key");
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).expect("ca");
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let client_key = KeyPair::generate().expect("key");
+    let mut client_params =
+        CertificateParams::new(vec!["kube-apiserver".to_owned()]).expect("params");
+    client_params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let client = client_params
+        .signed_by(&client_key, &issuer)
+        .expect("client");
+    let key = rustls::pki_types::PrivateKeyDer::try_from(client_key.serialize_der()).expect("key");
+    (ca.pem(), vec![client.der().clone()], key)
+}
+
+/// With a client CA configured, a caller without a certificate from it is refused at the
+/// handshake, and the API server's certified calls are answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_ca_refuses_callers_without_its_certificate() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (chain, key, _) = pki.new_leaf();
+    publish_secret_volume(dir.path(), "2026_01_01_00_00_00.000000001", &chain, &key);
+    let (client_ca, client_chain, client_key) = client_pki();
+    let ca_path = dir.path().join("client-ca.crt");
+    std::fs::write(&ca_path, client_ca).expect("write");
+    let settings = Settings {
+        client_ca: Some(ca_path),
+        ..loopback_settings()
+    };
+    let (running, _) = start_server(
+        settings,
+        apps(),
+        dir.path().join("tls.crt"),
+        dir.path().join("tls.key"),
+        Duration::from_secs(60),
+    )
+    .await;
+
+    let anonymous = post_once(
+        running.webhook_addr,
+        pki.client_config(&[&TLS13]),
+        "/mutate",
+        body("uid-anon"),
+    )
+    .await;
+    assert!(anonymous.is_err(), "answered without a client certificate");
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(pki.root_der.clone()).expect("root");
+    let certified = Arc::new(
+        rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(&[&TLS13])
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_client_auth_cert(client_chain, client_key)
+        .expect("client cert"),
+    );
+    let answer = post_once(running.webhook_addr, certified, "/mutate", body("uid-cert"))
+        .await
+        .expect("answered");
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.json()["response"]["uid"], "uid-cert");
     running.shutdown.trigger();
     running.wait().await.expect("clean stop");
 }

@@ -38,6 +38,8 @@ pub enum TlsError {
     Generate(#[from] super::issue::IssueError),
     #[error("invalid TLS settings: {0}")]
     Config(rustls::Error),
+    #[error("--client-ca {path}: {message}")]
+    ClientCa { path: PathBuf, message: String },
 }
 
 /// The ring provider, explicitly, so the server never depends on which provider a process

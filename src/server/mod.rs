@@ -51,6 +51,8 @@ pub struct Settings {
     pub shutdown_timeout: Duration,
     /// Chart-level rendering settings.
     pub render: RenderConfig,
+    /// When set, the webhook port requires a client certificate signed by a CA in this PEM file.
+    pub client_ca: Option<PathBuf>,
 }
 
 impl Default for Settings {
@@ -64,6 +66,7 @@ impl Default for Settings {
             shutdown_delay: Duration::ZERO,
             shutdown_timeout: Duration::from_secs(20),
             render: RenderConfig::default(),
+            client_ca: None,
         }
     }
 }
@@ -306,6 +309,7 @@ pub async fn start(
         shutdown_delay,
         shutdown_timeout,
         render,
+        client_ca,
     } = settings;
     let Services {
         apps,
@@ -332,7 +336,7 @@ pub async fn start(
         .local_addr()
         .context("probe socket has no address")?;
 
-    let tls_config = Arc::new(tls::server_config(certs.resolver())?);
+    let tls_config = Arc::new(tls::server_config(certs.resolver(), client_ca.as_deref())?);
     let webhook_state = webhook::WebhookState::new(
         Arc::clone(&apps),
         render,
