@@ -9,9 +9,10 @@ use std::hint::black_box;
 use std::sync::Arc;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use kaspr_packages_webhook::admission::{self, AppLookup, AppRef, Endpoint};
+use kaspr_packages_webhook::admission::{self, Endpoint};
+use kaspr_packages_webhook::app::{AppLookup, AppRef};
 use kaspr_packages_webhook::config::RenderConfig;
-use kaspr_packages_webhook::mutation;
+use kaspr_packages_webhook::mutation::ObjectKind;
 use serde_json::Value;
 
 fn read(path: &str) -> String {
@@ -51,7 +52,14 @@ fn mutate_per_mode(c: &mut Criterion) {
         let sts = body["request"]["object"].clone();
         let app = yaml(&format!("examples/kasprapp-{mode}.yaml"));
         group.bench_function(mode, |b| {
-            b.iter(|| mutation::mutate_statefulset(black_box(&sts), black_box(&app), &config))
+            b.iter(|| {
+                admission::mutate_object(
+                    ObjectKind::StatefulSet,
+                    black_box(&sts),
+                    black_box(&app),
+                    &config,
+                )
+            })
         });
     }
     group.finish();
@@ -63,13 +71,19 @@ fn remutate(c: &mut Criterion) {
         serde_json::from_slice(&review_body("emptydir-statefulset-create")).expect("json");
     let sts = body["request"]["object"].clone();
     let app = yaml("examples/kasprapp-emptydir.yaml");
-    let outcome = mutation::mutate_statefulset(&sts, &app, &config).expect("allowed");
+    let outcome =
+        admission::mutate_object(ObjectKind::StatefulSet, &sts, &app, &config).expect("allowed");
     let mut injected = sts;
     json_patch::patch(&mut injected, &outcome.patch).expect("applies");
     c.bench_function("remutate_injected_statefulset", |b| {
         b.iter(|| {
-            let out =
-                mutation::mutate_statefulset(black_box(&injected), &app, &config).expect("allowed");
+            let out = admission::mutate_object(
+                ObjectKind::StatefulSet,
+                black_box(&injected),
+                &app,
+                &config,
+            )
+            .expect("allowed");
             assert!(out.patch.0.is_empty());
             out
         })

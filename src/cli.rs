@@ -205,6 +205,16 @@ pub struct ServeArgs {
     #[arg(long, env = "KASPR_WEBHOOK_INIT_CONTAINER_RESOURCES", value_name = "JSON", value_parser = parse_resources)]
     pub init_container_resources: Option<k8s_openapi::api::core::v1::ResourceRequirements>,
 
+    /// sizeLimit of the per-pod kaspr-packages emptyDir, a Kubernetes quantity such as 4Gi
+    /// (none when unset). A pod that writes more is evicted by the kubelet.
+    #[arg(long, env = "KASPR_WEBHOOK_PACKAGES_VOLUME_SIZE_LIMIT", value_name = "QUANTITY", value_parser = parse_size_limit)]
+    pub packages_volume_size_limit: Option<k8s_openapi::apimachinery::pkg::api::resource::Quantity>,
+
+    /// Require a client certificate signed by a CA in this PEM file on the webhook port (the
+    /// API server presents one when its admission configuration names it; docs/security.md).
+    #[arg(long, env = "KASPR_WEBHOOK_CLIENT_CA", value_name = "FILE")]
+    pub client_ca: Option<std::path::PathBuf>,
+
     /// Issue and rotate the serving certificate in-process: a CA and certificate kept in the
     /// Secret --cert-secret, the CA bundle written into the --webhook-configs (see docs/certificates.md).
     #[arg(
@@ -310,6 +320,18 @@ fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
     humantime::parse_duration(text).map_err(|e| format!("{e} (examples: 500ms, 8s, 2m)"))
 }
 
+fn parse_size_limit(
+    text: &str,
+) -> Result<k8s_openapi::apimachinery::pkg::api::resource::Quantity, String> {
+    match crate::quantity::parse(text).map(crate::quantity::Quantity::to_bytes) {
+        Ok(Some(bytes)) if bytes > 0 => Ok(
+            k8s_openapi::apimachinery::pkg::api::resource::Quantity(text.to_owned()),
+        ),
+        Ok(_) => Err(format!("{text:?} must be a positive size such as 4Gi")),
+        Err(e) => Err(e),
+    }
+}
+
 fn parse_resources(text: &str) -> Result<k8s_openapi::api::core::v1::ResourceRequirements, String> {
     #[derive(serde::Deserialize)]
     #[serde(deny_unknown_fields)]
@@ -356,6 +378,8 @@ impl ServeArgs {
             request_timeout,
             header_timeout,
             init_container_resources,
+            packages_volume_size_limit,
+            client_ca,
             self_managed_certs,
             cert_secret,
             cert_namespace,
@@ -393,7 +417,7 @@ impl ServeArgs {
                 })
             }
             _ => crate::server::CertSource::SelfSigned {
-                dir: self_signed_dir.unwrap_or_else(crate::server::tls::default_self_signed_dir),
+                dir: self_signed_dir.unwrap_or_else(crate::certs::local::default_self_signed_dir),
             },
         };
         let apps = match kasprapps {
@@ -417,7 +441,9 @@ impl ServeArgs {
                 shutdown_timeout,
                 render: crate::config::RenderConfig {
                     default_resources: init_container_resources,
+                    packages_volume_size_limit,
                 },
+                client_ca,
             },
             certs,
             apps,
@@ -489,6 +515,11 @@ pub struct PreviewArgs {
     /// ({"requests":{...},"limits":{...}}), used when the KasprApp sets none.
     #[arg(long, env = "KASPR_WEBHOOK_INIT_CONTAINER_RESOURCES", value_name = "JSON", value_parser = parse_resources)]
     pub init_container_resources: Option<k8s_openapi::api::core::v1::ResourceRequirements>,
+
+    /// sizeLimit of the per-pod kaspr-packages emptyDir, a Kubernetes quantity such as 4Gi
+    /// (none when unset). A pod that writes more is evicted by the kubelet.
+    #[arg(long, env = "KASPR_WEBHOOK_PACKAGES_VOLUME_SIZE_LIMIT", value_name = "QUANTITY", value_parser = parse_size_limit)]
+    pub packages_volume_size_limit: Option<k8s_openapi::apimachinery::pkg::api::resource::Quantity>,
 }
 
 /// Options of `validate`.
@@ -516,6 +547,7 @@ fn preview(args: PreviewArgs) -> ExitCode {
         object,
         output,
         init_container_resources,
+        packages_volume_size_limit,
     } = args;
     let result = (|| -> Result<crate::preview::Preview, String> {
         let app_name = kasprapp.display().to_string();
@@ -537,6 +569,7 @@ fn preview(args: PreviewArgs) -> ExitCode {
         };
         let config = crate::config::RenderConfig {
             default_resources: init_container_resources,
+            packages_volume_size_limit,
         };
         let output = match output {
             PreviewOutputArg::Yaml => crate::preview::Output::Yaml,
@@ -691,9 +724,17 @@ mod serve_args_tests {
             "1m",
             "--init-container-resources",
             r#"{"requests":{"cpu":"100m","memory":"256Mi"},"limits":{"memory":"1Gi"}}"#,
+            "--packages-volume-size-limit",
+            "4Gi",
         ])
         .expect("parse")
         .into_options();
+        assert_eq!(
+            options.settings.render.packages_volume_size_limit,
+            Some(k8s_openapi::apimachinery::pkg::api::resource::Quantity(
+                "4Gi".into()
+            ))
+        );
         assert_eq!(options.settings.listen.to_string(), "0.0.0.0:9443");
         assert_eq!(
             options.settings.request_timeout,
@@ -782,6 +823,8 @@ mod serve_args_tests {
         assert!(serve_args(&["--tls-cert", "/c"]).is_err());
         assert!(serve_args(&["--kasprapps", "/d", "--namespaces", "a"]).is_err());
         assert!(serve_args(&["--init-container-resources", "{\"request\":{}}"]).is_err());
+        assert!(serve_args(&["--packages-volume-size-limit", "lots"]).is_err());
+        assert!(serve_args(&["--packages-volume-size-limit", "0"]).is_err());
         assert!(serve_args(&["--init-container-resources", "cpu=1"]).is_err());
         assert!(serve_args(&["--request-timeout", "soon"]).is_err());
         assert!(serve_args(&["--log-format", "xml"]).is_err());

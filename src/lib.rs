@@ -5,14 +5,17 @@
 //! free of I/O so that `preview`, the webhook and the tests share one code path.
 
 pub mod admission;
+pub mod app;
 pub mod cache;
 pub mod certs;
 pub mod cli;
 pub mod config;
 pub mod controller;
+pub mod documents;
 pub mod installer;
 pub mod metrics;
 pub mod mutation;
+pub mod names;
 pub mod patch;
 pub mod preview;
 pub mod quantity;

@@ -6,8 +6,10 @@ use std::fmt::Write as _;
 
 use serde_json::{Value, json};
 
+use crate::admission;
 use crate::config::RenderConfig;
-use crate::mutation;
+use crate::documents;
+use crate::mutation::ObjectKind;
 use crate::validation::{self, Report};
 
 /// What `preview` prints.
@@ -41,22 +43,12 @@ pub struct Preview {
     pub warnings: Vec<String>,
 }
 
-/// Parses YAML or JSON into documents (a YAML stream may hold several; empty ones are skipped).
+/// Parses YAML or JSON into objects (see [`documents::read_objects`]).
 pub fn parse_documents(text: &str, source_name: &str) -> Result<Vec<Value>, PreviewError> {
-    let mut docs = Vec::new();
-    for document in serde_yaml::Deserializer::from_str(text) {
-        let value = serde::Deserialize::deserialize(document).map_err(|e: serde_yaml::Error| {
-            PreviewError::Unreadable {
-                source_name: source_name.to_owned(),
-                message: format!("not valid YAML or JSON: {e}"),
-            }
-        })?;
-        let value: Value = value;
-        if !value.is_null() {
-            docs.push(value);
-        }
-    }
-    Ok(docs)
+    documents::read_objects(text).map_err(|message| PreviewError::Unreadable {
+        source_name: source_name.to_owned(),
+        message,
+    })
 }
 
 /// Parses exactly one document.
@@ -181,10 +173,9 @@ pub fn preview(
         ))));
     }
     let object = object.unwrap_or_else(|| operator_statefulset(kasprapp));
-    let kind = str_at(&object, "/kind");
-    let result = match kind {
-        "StatefulSet" => mutation::mutate_statefulset(&object, kasprapp, config),
-        "Pod" => mutation::mutate_pod(&object, kasprapp, config),
+    let kind = match str_at(&object, "/kind") {
+        "StatefulSet" => ObjectKind::StatefulSet,
+        "Pod" => ObjectKind::Pod,
         other => {
             return Err(PreviewError::UnsupportedKind {
                 source_name: "object".into(),
@@ -192,20 +183,23 @@ pub fn preview(
             });
         }
     };
-    let outcome = result.map_err(|d| PreviewError::Denied(d.message))?;
+    let app = admission::kasprapp_ref(kasprapp, &object);
+    let outcome = admission::mutate_validated(kind, &object, &report, &app, config)
+        .map_err(|d| PreviewError::Denied(d.message))?;
+    let unprintable = |e: &dyn std::fmt::Display| {
+        PreviewError::Denied(format!("the result cannot be printed: {e}"))
+    };
     let text = match output {
-        Output::Patch => {
-            to_pretty_json(&serde_json::to_value(&outcome.patch).unwrap_or(Value::Null))
-        }
+        Output::Patch => to_pretty_json(&outcome.patch).map_err(|e| unprintable(&e))?,
         Output::Json | Output::Yaml => {
             let mut mutated = object;
             json_patch::patch(&mut mutated, &outcome.patch).map_err(|e| {
                 PreviewError::Denied(format!("the rendered patch does not apply: {e}"))
             })?;
             if output == Output::Json {
-                to_pretty_json(&mutated)
+                to_pretty_json(&mutated).map_err(|e| unprintable(&e))?
             } else {
-                serde_yaml::to_string(&mutated).unwrap_or_default()
+                serde_yaml::to_string(&mutated).map_err(|e| unprintable(&e))?
             }
         }
     };
@@ -215,10 +209,10 @@ pub fn preview(
     })
 }
 
-fn to_pretty_json(value: &Value) -> String {
-    let mut text = serde_json::to_string_pretty(value).unwrap_or_default();
+fn to_pretty_json<T: serde::Serialize>(value: &T) -> serde_json::Result<String> {
+    let mut text = serde_json::to_string_pretty(value)?;
     text.push('\n');
-    text
+    Ok(text)
 }
 
 /// Validates every KasprApp in a file's text. Returns one report per KasprApp with its name.
@@ -265,7 +259,7 @@ mod tests {
         let sts = operator_statefulset(&app());
         assert_eq!(sts["metadata"]["name"], "demo-app");
         assert_eq!(sts["metadata"]["namespace"], "team");
-        assert_eq!(mutation::owning_app(&sts).as_deref(), Some("demo"));
+        assert_eq!(crate::app::owning_app(&sts).as_deref(), Some("demo"));
         assert_eq!(
             sts["spec"]["template"]["metadata"]["labels"]["kaspr.io/kind"],
             "KasprApp"

@@ -98,6 +98,40 @@ impl Requirement {
 
 /// Parses and checks one package string. The error says why it is not accepted.
 pub fn parse(input: &str) -> Result<Requirement, String> {
+    let requirement = parse_requirement(input)?;
+    check_requirements_line(input)?;
+    Ok(requirement)
+}
+
+/// The installer hands requirements to pip in a requirements file, where `\\` joins the next
+/// line and whitespace before `-` or `#` starts an option or a comment anywhere on the line,
+/// quoted markers included.
+fn check_requirements_line(input: &str) -> Result<(), String> {
+    if input.contains('\\') {
+        return Err(
+            "'\\' is not allowed (pip's requirements file joins the next line to it)".into(),
+        );
+    }
+    if let Some(i) = input
+        .char_indices()
+        .find(|&(i, c)| c.is_whitespace() && input[i + 1..].starts_with(['-', '#']))
+        .map(|(i, _)| i)
+    {
+        let what = if input[i + 1..].starts_with('#') {
+            "a comment"
+        } else {
+            "an option"
+        };
+        return Err(format!(
+            "whitespace before {:?} is not allowed (pip's requirements file reads it as {what})",
+            &input[i + 1..i + 2]
+        ));
+    }
+
+    Ok(())
+}
+
+fn parse_requirement(input: &str) -> Result<Requirement, String> {
     if input.chars().count() > MAX_LEN {
         return Err(format!("longer than {MAX_LEN} characters"));
     }
@@ -120,7 +154,6 @@ pub fn parse(input: &str) -> Result<Requirement, String> {
     if input.starts_with(['.', '/', '~']) {
         return Err("local paths are not allowed".into());
     }
-
     // Split off the marker: it starts at the first `;` (after whitespace for URLs).
     let (head, marker) = match input.find(';') {
         Some(i) => (&input[..i], Some(&input[i + 1..])),
@@ -131,6 +164,8 @@ pub fn parse(input: &str) -> Result<Requirement, String> {
     if is_url_start(head) || SCP_LIKE.is_match(head.trim_end()) {
         let url = check_marker_separation(head, marker)?;
         check_url(url)?;
+        // Without a name, pip takes the distribution from a wheel's file name.
+        check_wheel_file(url)?;
         if let Some(m) = marker {
             check_marker(m)?;
         }
@@ -187,6 +222,11 @@ pub fn parse(input: &str) -> Result<Requirement, String> {
         return Err("local paths are not allowed".into());
     }
     let name = check_name_and_extras(name_and_extras)?;
+    if specs.is_empty() && looks_like_archive(&name) {
+        return Err(format!(
+            "{name:?} looks like an archive file name, which pip installs as a local file"
+        ));
+    }
     let specs = check_specifiers(specs)?;
     if let Some(m) = marker {
         check_marker(m)?;
@@ -213,6 +253,26 @@ fn check_marker_separation<'a>(head: &'a str, marker: Option<&str>) -> Result<&'
     Ok(url)
 }
 
+/// pip's archive extensions: a bare requirement ending with one is read as a file path.
+fn looks_like_archive(name: &str) -> bool {
+    const ARCHIVES: &[&str] = &[
+        ".zip",
+        ".whl",
+        ".tar.bz2",
+        ".tbz",
+        ".tar.xz",
+        ".txz",
+        ".tlz",
+        ".tar.lz",
+        ".tar.lzma",
+        ".tar.gz",
+        ".tgz",
+        ".tar",
+    ];
+    let lower = name.to_ascii_lowercase();
+    ARCHIVES.iter().any(|ext| lower.ends_with(ext))
+}
+
 fn check_url(url: &str) -> Result<(), String> {
     if url.contains(char::is_whitespace) {
         return Err("whitespace in a URL".into());
@@ -231,6 +291,46 @@ fn check_url(url: &str) -> Result<(), String> {
     let host = host.split(':').next().unwrap_or("");
     if host.is_empty() {
         return Err("URL has no host".into());
+    }
+    check_subdirectory(url)
+}
+
+/// pip reads a bare URL ending in `.whl` as a wheel and refuses one whose file name is not
+/// `name-version[-build]-python-abi-platform.whl`.
+fn check_wheel_file(url: &str) -> Result<(), String> {
+    let path = url.split(['?', '#']).next().unwrap_or(url);
+    let file = path.rsplit('/').next().unwrap_or(path);
+    let Some(stem) = file
+        .strip_suffix(".whl")
+        .or_else(|| file.strip_suffix(".WHL"))
+    else {
+        return Ok(());
+    };
+    let parts = stem.split('-').count();
+    if (5..=6).contains(&parts) && stem.split('-').all(|p| !p.is_empty()) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{file:?} is not a wheel file name (name-version[-build]-python-abi-platform.whl)"
+        ))
+    }
+}
+
+/// `#subdirectory=` must stay inside the checkout: relative, without `..`.
+fn check_subdirectory(url: &str) -> Result<(), String> {
+    let Some((_, fragment)) = url.split_once('#') else {
+        return Ok(());
+    };
+    for (key, value) in fragment.split('&').filter_map(|kv| kv.split_once('=')) {
+        if key == "subdirectory"
+            && (value.is_empty()
+                || value.starts_with('/')
+                || value.split('/').any(|segment| segment == ".."))
+        {
+            return Err(format!(
+                "subdirectory={value:?} must be a relative path inside the repository, without '..'"
+            ));
+        }
     }
     Ok(())
 }
@@ -437,6 +537,25 @@ fn parse_marker_expr(tokens: &[Token], pos: &mut usize) -> Result<(), String> {
     }
 }
 
+/// `${NAME}`, as the installer expands it.
+static VARIABLE: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+        .unwrap_or_else(|_| unreachable!("a valid pattern"))
+});
+
+/// The `${NAME}`s of a package string, in order of first use.
+pub fn variables(package: &str) -> Vec<&str> {
+    let mut names: Vec<&str> = Vec::new();
+    for found in VARIABLE.captures_iter(package) {
+        if let Some(name) = found.get(1).map(|m| m.as_str())
+            && !names.contains(&name)
+        {
+            names.push(name);
+        }
+    }
+    names
+}
+
 #[cfg(test)]
 mod tests {
     use rstest::rstest;
@@ -486,7 +605,7 @@ mod tests {
     #[case::subdirectory("mylib @ git+https://github.com/org/mono.git#subdirectory=libs/mylib")]
     #[case::env_var_in_url("mylib @ https://${PIP_TOKEN}@pkgs.example.com/mylib-1.0.whl")]
     #[case::url_with_port("mylib @ https://pkgs.example.com:8443/mylib-1.0.whl")]
-    #[case::url_with_query("https://pkgs.example.com/mylib-1.0.whl?raw=1")]
+    #[case::url_with_query("https://pkgs.example.com/mylib-1.0-py3-none-any.whl?raw=1")]
     fn accepts(#[case] input: &str) {
         if let Err(e) = parse(input) {
             panic!("{input:?} rejected: {e}");
@@ -536,6 +655,21 @@ mod tests {
     #[case::empty_marker("requests;", "empty marker")]
     #[case::non_ascii("reqüests", "non-ASCII")]
     #[case::empty("", "empty")]
+    #[case::space_dash_in_marker("foo; python_version == ' -x'", "an option")]
+    #[case::space_hash_in_marker("foo; sys_platform == 'a #b'", "a comment")]
+    #[case::line_continuation("foo===1\\", "joins the next line")]
+    #[case::archive_name("other.tar.gz", "local file")]
+    #[case::wheel_name("pkg-1.0-py3-none-any.whl", "local file")]
+    #[case::archive_name_with_marker("other.tar.gz; os_name == 'nt'", "local file")]
+    #[case::not_a_wheel_file_name("https://pkgs.example.com/mylib-1.0.whl", "wheel file name")]
+    #[case::subdirectory_up(
+        "mylib @ git+https://github.com/org/mono.git#subdirectory=../..",
+        "without '..'"
+    )]
+    #[case::subdirectory_absolute(
+        "git+https://github.com/org/mono.git#subdirectory=/etc",
+        "without '..'"
+    )]
     fn rejects(#[case] input: &str, #[case] reason: &str) {
         match parse(input) {
             Ok(r) => panic!("{input:?} accepted as {r:?}"),

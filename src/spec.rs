@@ -123,9 +123,12 @@ pub struct InitContainerExtras {
     pub volume_mounts: Vec<VolumeMount>,
 }
 
+/// What ends the PVC name of every app in PVC mode.
+pub const PVC_SUFFIX: &str = "-python-packages";
+
 /// The PVC name of an app in PVC mode.
 pub fn pvc_name(app: &str) -> String {
-    format!("{app}-python-packages")
+    format!("{app}{PVC_SUFFIX}")
 }
 
 /// Canonical content of the install key: only what decides the installed packages.

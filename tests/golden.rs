@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use base64::Engine as _;
-use kaspr_packages_webhook::admission::{self, AppLookup, AppRef, Endpoint};
+use kaspr_packages_webhook::admission::{self, Endpoint};
+use kaspr_packages_webhook::app::{AppLookup, AppRef};
 use kaspr_packages_webhook::config::RenderConfig;
 use serde_json::{Value, json};
 
@@ -147,68 +148,93 @@ fn every_fixture_answers_as_snapshotted_and_keeps_the_invariants() {
     let apps = kasprapps();
     let names = fixture_names();
     assert!(names.len() >= 13, "fixtures missing: {names:?}");
-    for name in &names {
-        let body = fixture(name);
-        let request: Value = serde_json::from_slice(&body).expect("json");
-        let Answer {
-            review,
-            patch,
-            object,
-        } = answer(endpoint_for(name), &body, &apps);
+    // Every fixture is checked and every failing one is reported, not only the first.
+    let failures: Vec<String> = names
+        .iter()
+        .filter_map(|name| {
+            std::panic::catch_unwind(|| check_fixture(name, &apps))
+                .err()
+                .map(|panic| format!("{name}: {}", panic_text(panic.as_ref())))
+        })
+        .collect();
+    assert!(
+        failures.is_empty(),
+        "{} of {} fixtures failed:\n{}",
+        failures.len(),
+        names.len(),
+        failures.join("\n")
+    );
+}
 
-        assert_eq!(review["apiVersion"], "admission.k8s.io/v1", "{name}");
-        assert_eq!(review["kind"], "AdmissionReview", "{name}");
+fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+        .unwrap_or_else(|| "panicked".to_owned())
+}
+
+fn check_fixture(name: &str, apps: &BTreeMap<AppRef, Arc<Value>>) {
+    let body = fixture(name);
+    let request: Value = serde_json::from_slice(&body).expect("json");
+    let Answer {
+        review,
+        patch,
+        object,
+    } = answer(endpoint_for(name), &body, apps);
+
+    assert_eq!(review["apiVersion"], "admission.k8s.io/v1", "{name}");
+    assert_eq!(review["kind"], "AdmissionReview", "{name}");
+    assert_eq!(
+        review["response"]["uid"], request["request"]["uid"],
+        "{name}: uid echoed"
+    );
+
+    if let Some(patch) = &patch {
+        let object = object.as_ref().expect("object");
+        let mutated = apply(object, patch);
+        // Unknown fields survive.
+        let spec = object
+            .pointer("/spec/template/spec")
+            .or_else(|| object.get("spec"))
+            .expect("spec");
+        let mutated_spec = mutated
+            .pointer("/spec/template/spec")
+            .or_else(|| mutated.get("spec"))
+            .expect("spec");
         assert_eq!(
-            review["response"]["uid"], request["request"]["uid"],
-            "{name}: uid echoed"
+            spec["hostnameOverride"], "keep-me",
+            "{name}: fixture lacks the unknown field"
         );
-
-        if let Some(patch) = &patch {
-            let object = object.as_ref().expect("object");
-            let mutated = apply(object, patch);
-            // Unknown fields survive.
-            let spec = object
-                .pointer("/spec/template/spec")
-                .or_else(|| object.get("spec"))
-                .expect("spec");
-            let mutated_spec = mutated
-                .pointer("/spec/template/spec")
-                .or_else(|| mutated.get("spec"))
-                .expect("spec");
-            assert_eq!(
-                spec["hostnameOverride"], "keep-me",
-                "{name}: fixture lacks the unknown field"
-            );
-            assert_eq!(mutated_spec["hostnameOverride"], "keep-me", "{name}");
-            assert_eq!(
-                mutated_spec["containers"][0]["futureField"], spec["containers"][0]["futureField"],
-                "{name}"
-            );
-            // Reviewing the result again gives no patch.
-            let mut again = request.clone();
-            again["request"]["object"] = mutated;
-            let second = answer(
-                endpoint_for(name),
-                &serde_json::to_vec(&again).expect("json"),
-                &apps,
-            );
-            assert!(
-                second.patch.is_none(),
-                "{name}: second review patched: {:?}",
-                second.patch
-            );
-            assert_eq!(second.review["response"]["allowed"], true, "{name}");
-        }
-
-        let mut snapshot = json!({
-            "allowed": review["response"]["allowed"],
-            "message": review["response"]["status"]["message"],
-            "warnings": review["response"]["warnings"],
-            "patch": patch.as_ref().map(|p| serde_json::to_value(p).expect("json")),
-        });
-        redact(&mut snapshot);
-        insta::assert_json_snapshot!(name.as_str(), snapshot);
+        assert_eq!(mutated_spec["hostnameOverride"], "keep-me", "{name}");
+        assert_eq!(
+            mutated_spec["containers"][0]["futureField"], spec["containers"][0]["futureField"],
+            "{name}"
+        );
+        // Reviewing the result again gives no patch.
+        let mut again = request;
+        again["request"]["object"] = mutated;
+        let second = answer(
+            endpoint_for(name),
+            &serde_json::to_vec(&again).expect("json"),
+            apps,
+        );
+        assert!(
+            second.patch.is_none(),
+            "{name}: second review patched: {:?}",
+            second.patch
+        );
+        assert_eq!(second.review["response"]["allowed"], true, "{name}");
     }
+
+    let mut snapshot = json!({
+        "allowed": review["response"]["allowed"],
+        "message": review["response"]["status"]["message"],
+        "warnings": review["response"]["warnings"],
+        "patch": patch.as_ref().map(|p| serde_json::to_value(p).expect("json")),
+    });
+    redact(&mut snapshot);
+    insta::assert_json_snapshot!(name, snapshot);
 }
 
 /// Where two renderings first differ (the installer payload makes full dumps unreadable).

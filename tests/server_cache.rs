@@ -11,7 +11,7 @@ use futures::StreamExt as _;
 use futures::stream::BoxStream;
 use http_body_util::StreamBody;
 use hyper::body::Frame;
-use kaspr_packages_webhook::admission::{AppLookup, AppRef};
+use kaspr_packages_webhook::app::{AppLookup, AppRef};
 use kaspr_packages_webhook::cache::{self, KasprApps, KubeKasprApps};
 use serde_json::{Value, json};
 
@@ -214,10 +214,38 @@ async fn an_unreachable_api_server_is_unavailable_and_never_ready() {
     });
     let (apps, runner) = KubeKasprApps::new(kube::Client::new(service, "default"), &[]);
     let runner = tokio::spawn(runner);
-    match cache::lookup(&apps, &app_ref("apps", "demo")).await {
-        AppLookup::Unavailable(reason) => assert!(!reason.is_empty()),
+    let lookup = cache::lookup(&apps, &app_ref("apps", "demo")).await;
+    match &lookup {
+        AppLookup::Unavailable(reason) => {
+            assert!(reason.contains("connection refused"), "{reason}")
+        }
         other => panic!("unexpected {other:?}"),
     }
+    // What the user sees: a denial naming the app and the reason, never an allowed pod.
+    let body = serde_json::to_vec(&serde_json::json!({
+        "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+        "request": {"uid": "u1", "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "namespace": "apps", "operation": "CREATE",
+            "object": {"metadata": {"name": "demo-app-0", "namespace": "apps",
+                "labels": {"kaspr.io/kind": "KasprApp", "kaspr.io/app": "demo"}},
+                "spec": {"containers": [{"name": "kaspr", "image": "kaspr:1"}]}}}
+    }))
+    .expect("json");
+    let request = kaspr_packages_webhook::admission::parse_review(&body).expect("review");
+    let decision = kaspr_packages_webhook::admission::decide(
+        kaspr_packages_webhook::admission::Endpoint::Mutate,
+        &request,
+        Some(&lookup),
+        &kaspr_packages_webhook::config::RenderConfig::default(),
+    );
+    assert!(!decision.allowed);
+    let message = decision.message.expect("message");
+    assert!(
+        message.starts_with("kaspr-packages-webhook could not read KasprApp apps/demo (")
+            && message.contains("connection refused")
+            && message.ends_with("refusing to start its pods without their Python packages"),
+        "{message}"
+    );
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!apps.is_synced());
     runner.abort();

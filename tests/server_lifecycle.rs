@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use futures::FutureExt as _;
 use futures::future::BoxFuture;
-use kaspr_packages_webhook::admission::{AppLookup, AppRef};
+use kaspr_packages_webhook::app::{AppLookup, AppRef};
 use kaspr_packages_webhook::cache::{FileKasprApps, KasprApps, MemoryKasprApps};
 use rustls::version::{TLS12, TLS13};
 use server_support::*;
@@ -293,7 +293,7 @@ async fn a_busy_port_is_a_clear_error() {
     let mut settings = loopback_settings();
     settings.listen = taken.local_addr().expect("addr");
     let dir = tempfile::tempdir().expect("tempdir");
-    let certs = Arc::new(kaspr_packages_webhook::server::tls::CertReloader::new(
+    let certs = Arc::new(kaspr_packages_webhook::certs::reload::CertReloader::new(
         dir.path().join("tls.crt"),
         dir.path().join("tls.key"),
     ));

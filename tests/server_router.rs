@@ -12,7 +12,7 @@ use axum::http::{Method, Request, StatusCode, header};
 use futures::FutureExt as _;
 use futures::future::BoxFuture;
 use http_body_util::BodyExt;
-use kaspr_packages_webhook::admission::{AppLookup, AppRef};
+use kaspr_packages_webhook::app::{AppLookup, AppRef};
 use kaspr_packages_webhook::cache::{KasprApps, MemoryKasprApps};
 use kaspr_packages_webhook::config::RenderConfig;
 use kaspr_packages_webhook::metrics::{self, WebhookMetrics};

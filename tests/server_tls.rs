@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use kaspr_packages_webhook::cache::MemoryKasprApps;
-use kaspr_packages_webhook::server::Running;
+use kaspr_packages_webhook::server::{Running, Settings};
 use rustls::ProtocolVersion;
 use rustls::version::{TLS12, TLS13};
 use server_support::*;
@@ -96,6 +96,178 @@ async fn http2_is_offered_through_alpn() {
         .expect("request");
     let response = sender.send_request(request).await.expect("send");
     assert_eq!(response.status(), 200);
+    running.shutdown.trigger();
+    running.wait().await.expect("clean stop");
+}
+
+/// A CA for clients and a client certificate it signed: (CA PEM, client chain, client key).
+fn client_pki() -> (
+    String,
+    Vec<rustls::pki_types::CertificateDer<'static>>,
+    rustls::pki_types::PrivateKeyDer<'static>,
+) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    let ca_key = KeyPair::generate().expect("key");
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).expect("ca");
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let client_key = KeyPair::generate().expect("key");
+    let mut client_params =
+        CertificateParams::new(vec!["kube-apiserver".to_owned()]).expect("params");
+    client_params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let client = client_params
+        .signed_by(&client_key, &issuer)
+        .expect("client");
+    let key = rustls::pki_types::PrivateKeyDer::try_from(client_key.serialize_der()).expect("key");
+    (ca.pem(), vec![client.der().clone()], key)
+}
+
+/// With a client CA configured, a caller without a certificate from it is refused at the
+/// handshake, and the API server's certified calls are answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_ca_refuses_callers_without_its_certificate() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (chain, key, _) = pki.new_leaf();
+    publish_secret_volume(dir.path(), "2026_01_01_00_00_00.000000001", &chain, &key);
+    let (client_ca, client_chain, client_key) = client_pki();
+    let ca_path = dir.path().join("client-ca.crt");
+    std::fs::write(&ca_path, client_ca).expect("write");
+    let settings = Settings {
+        client_ca: Some(ca_path),
+        ..loopback_settings()
+    };
+    let (running, _) = start_server(
+        settings,
+        apps(),
+        dir.path().join("tls.crt"),
+        dir.path().join("tls.key"),
+        Duration::from_secs(60),
+    )
+    .await;
+
+    let anonymous = post_once(
+        running.webhook_addr,
+        pki.client_config(&[&TLS13]),
+        "/mutate",
+        body("uid-anon"),
+    )
+    .await;
+    assert!(anonymous.is_err(), "answered without a client certificate");
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(pki.root_der.clone()).expect("root");
+    let certified = Arc::new(
+        rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(&[&TLS13])
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_client_auth_cert(client_chain, client_key)
+        .expect("client cert"),
+    );
+    let answer = post_once(running.webhook_addr, certified, "/mutate", body("uid-cert"))
+        .await
+        .expect("answered");
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.json()["response"]["uid"], "uid-cert");
+    running.shutdown.trigger();
+    running.wait().await.expect("clean stop");
+}
+
+/// An HTTP/2 connection to the webhook port.
+async fn h2_sender(
+    pki: &TestPki,
+    addr: std::net::SocketAddr,
+) -> hyper::client::conn::http2::SendRequest<
+    http_body_util::combinators::BoxBody<axum::body::Bytes, std::convert::Infallible>,
+> {
+    let config = pki.client_config_alpn(&[&TLS13], vec![b"h2".to_vec()]);
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+    let tls = tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+        .expect("handshake");
+    let (sender, driver) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .expect("h2 handshake");
+    tokio::spawn(driver);
+    sender
+}
+
+/// The API server speaks HTTP/2: an oversized review must come back as a readable 413 there too,
+/// whether the size is declared up front or only found while reading, and the stream must not
+/// be reset while the client is still uploading (clients report that as a stream error instead
+/// of the status).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversize_bodies_are_a_readable_413_over_http2() {
+    use http_body_util::BodyExt as _;
+    let pki = TestPki::new();
+    let (running, _dir, _) = serve_fresh(&pki, Duration::from_secs(60)).await;
+    let limit = loopback_settings().max_body_bytes;
+    const CHUNK: usize = 256 * 1024;
+    let chunks = (limit + 4 * CHUNK) / CHUNK;
+    for declared in [true, false] {
+        let (tx, rx) = tokio::sync::mpsc::channel::<axum::body::Bytes>(1);
+        let frames = futures::stream::unfold(rx, |mut rx| async move {
+            let chunk = rx.recv().await?;
+            Some((
+                Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(chunk)),
+                rx,
+            ))
+        });
+        let body = http_body_util::StreamBody::new(frames).boxed();
+        let mut request = hyper::Request::post("https://localhost/mutate")
+            .header("content-type", "application/json");
+        if declared {
+            request = request.header("content-length", (chunks * CHUNK).to_string());
+        }
+        let request = request.body(body).expect("request");
+        // The client keeps uploading whatever the answer; a reset stream drops the receiver.
+        let upload = tokio::spawn(async move {
+            for sent in 0..chunks {
+                if tx
+                    .send(axum::body::Bytes::from(vec![b' '; CHUNK]))
+                    .await
+                    .is_err()
+                {
+                    return sent;
+                }
+            }
+            chunks
+        });
+        let mut sender = h2_sender(&pki, running.webhook_addr).await;
+        let response = sender
+            .send_request(request)
+            .await
+            .unwrap_or_else(|e| panic!("declared={declared}: no answer over HTTP/2: {e}"));
+        assert_eq!(response.status(), 413, "declared={declared}");
+        let text = response
+            .into_body()
+            .collect()
+            .await
+            .unwrap_or_else(|e| panic!("declared={declared}: 413 body unreadable: {e}"))
+            .to_bytes();
+        assert_eq!(
+            std::str::from_utf8(&text).expect("utf-8"),
+            format!("request body exceeds {limit} bytes\n"),
+            "declared={declared}"
+        );
+        let sent = tokio::time::timeout(Duration::from_secs(20), upload)
+            .await
+            .expect("upload ends")
+            .expect("upload task");
+        assert_eq!(
+            sent, chunks,
+            "declared={declared}: the stream was reset while the client was still uploading"
+        );
+    }
     running.shutdown.trigger();
     running.wait().await.expect("clean stop");
 }

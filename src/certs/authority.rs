@@ -23,6 +23,9 @@ use std::time::Duration;
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 
+use super::issue::{IssueError, Issued};
+use super::pair::{not_after, parse_pair};
+
 /// The CA of the served generation.
 pub const CA_CERT: &str = "ca.crt";
 /// The served chain: leaf, then its CA.
@@ -64,13 +67,8 @@ const OWNED_ANNOTATIONS: [&str; 4] = [STAGED_AT, PROMOTED_AT, NAMES, NEXT_NAMES]
 /// Errors issuing certificates.
 #[derive(Debug, thiserror::Error)]
 pub enum AuthorityError {
-    #[error("cannot issue a certificate for {names:?}: {source}")]
-    Issue {
-        names: Vec<String>,
-        source: rcgen::Error,
-    },
-    #[error("the certificate validity is out of range")]
-    Validity,
+    #[error(transparent)]
+    Issue(#[from] IssueError),
 }
 
 /// What the Secret holds, as far as this module is concerned.
@@ -170,9 +168,8 @@ fn generation(stored: &Stored, ca: &str, cert: &str, key: &str) -> Option<Genera
     let cert_pem = stored.data.get(cert)?;
     let key_pem = stored.data.get(key)?;
     CertificateDer::from_pem_slice(ca_pem.as_bytes()).ok()?;
-    let pair =
-        crate::server::tls::parse_pair(cert_pem, key_pem, Path::new(cert), Path::new(key)).ok()?;
-    let not_after = crate::server::tls::not_after(pair.end_entity_cert().ok()?.as_ref())?;
+    let pair = parse_pair(cert_pem, key_pem, Path::new(cert), Path::new(key)).ok()?;
+    let not_after = not_after(pair.end_entity_cert().ok()?.as_ref())?;
     Some(Generation {
         ca: ca_pem.to_owned(),
         not_after,
@@ -302,62 +299,15 @@ fn without_owned(stored: &Stored) -> Stored {
     out
 }
 
-/// A freshly issued generation, PEM.
-pub struct Issued {
-    pub ca: String,
-    /// Leaf, then CA.
-    pub chain: String,
-    pub key: String,
-}
-
 /// Issues a CA and a serving certificate for `names`, valid from a few minutes before `now`
-/// (clock skew between nodes) for `validity`. The CA can sign only end-entity certificates,
-/// and its key is dropped when this returns.
+/// (clock skew between nodes) for `validity`.
 pub fn issue(names: &[String], now: i64, validity: Duration) -> Result<Issued, AuthorityError> {
-    use rcgen::{
-        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-        KeyUsagePurpose,
-    };
-    let err = |source| AuthorityError::Issue {
-        names: names.to_vec(),
-        source,
-    };
-    let time =
-        |t: i64| time::OffsetDateTime::from_unix_timestamp(t).map_err(|_| AuthorityError::Validity);
-    let not_before = time(now.saturating_sub(300))?;
-    let not_after = time(now.saturating_add(seconds(validity)))?;
-
-    let ca_key = KeyPair::generate().map_err(err)?;
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).map_err(err)?;
-    ca_params.not_before = not_before;
-    ca_params.not_after = not_after;
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    ca_params.distinguished_name.push(
-        DnType::CommonName,
-        format!("kaspr-packages-webhook CA {now}"),
-    );
-    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    let ca_cert = ca_params.self_signed(&ca_key).map_err(err)?;
-    let issuer = rcgen::Issuer::new(ca_params, ca_key);
-
-    let leaf_key = KeyPair::generate().map_err(err)?;
-    let mut leaf_params = CertificateParams::new(names.to_vec()).map_err(err)?;
-    let common_name = names
-        .first()
-        .map_or("kaspr-packages-webhook", String::as_str);
-    leaf_params
-        .distinguished_name
-        .push(DnType::CommonName, common_name);
-    leaf_params.not_before = not_before;
-    leaf_params.not_after = not_after;
-    leaf_params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    leaf_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-    let leaf_cert = leaf_params.signed_by(&leaf_key, &issuer).map_err(err)?;
-    Ok(Issued {
-        ca: ca_cert.pem(),
-        chain: format!("{}{}", leaf_cert.pem(), ca_cert.pem()),
-        key: leaf_key.serialize_pem(),
-    })
+    Ok(super::issue::issue(
+        names,
+        &format!("kaspr-packages-webhook CA {now}"),
+        now.saturating_sub(300),
+        now.saturating_add(seconds(validity)),
+    )?)
 }
 
 #[cfg(test)]
@@ -407,8 +357,7 @@ mod tests {
         assert_eq!(stored.annotations["meta.helm.sh/release-name"], "r");
         assert_eq!(cas(&stored), 1);
         let (chain, key) = stored.serving_pair().expect("pair");
-        let pair = crate::server::tls::parse_pair(chain, key, Path::new("c"), Path::new("k"))
-            .expect("usable pair");
+        let pair = parse_pair(chain, key, Path::new("c"), Path::new("k")).expect("usable pair");
         assert_eq!(pair.cert.len(), 2, "leaf then CA");
         settled(&stored, t0 + DAY, None);
     }

@@ -17,8 +17,9 @@ use k8s_openapi::api::storage::v1::StorageClass;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 
-use super::{AppIdentity, FIELD_MANAGER, Notice};
-use crate::mutation::names::APP_LABEL;
+use super::{FIELD_MANAGER, Notice};
+use crate::app::AppOwner;
+use crate::names::APP_LABEL;
 use crate::quantity;
 use crate::spec::{PvcCache, pvc_name};
 
@@ -91,18 +92,18 @@ pub struct Existing {
 }
 
 impl Existing {
-    pub fn from_claim(claim: &PersistentVolumeClaim, app: &AppIdentity) -> Self {
+    pub fn from_claim(claim: &PersistentVolumeClaim, owner: &AppOwner) -> Self {
         let meta = &claim.metadata;
         let labels = meta.labels.clone().unwrap_or_default();
         let managed = labels.get(MANAGED_BY_LABEL).map(String::as_str) == Some(FIELD_MANAGER);
-        let labelled = desired_labels(&app.name)
+        let labelled = desired_labels(&owner.app.name)
             .iter()
             .all(|(k, v)| labels.get(k) == Some(v));
         let owned = meta
             .owner_references
             .iter()
             .flatten()
-            .any(|r| r.uid == app.uid);
+            .any(|r| r.uid == owner.uid);
         let spec = claim.spec.clone().unwrap_or_default();
         Existing {
             uid: meta.uid.clone(),
@@ -174,12 +175,12 @@ fn desired_labels(app: &str) -> BTreeMap<String, String> {
     ])
 }
 
-fn owner_reference(app: &AppIdentity) -> OwnerReference {
+fn owner_reference(owner: &AppOwner) -> OwnerReference {
     OwnerReference {
-        api_version: app.api_version.clone(),
+        api_version: owner.api_version.clone(),
         kind: "KasprApp".to_owned(),
-        name: app.name.clone(),
-        uid: app.uid.clone(),
+        name: owner.app.name.clone(),
+        uid: owner.uid.clone(),
         // The KasprApp's own controller is the Kaspr operator; this reference only ties the
         // claim's life to the app.
         controller: Some(false),
@@ -191,7 +192,7 @@ fn owner_reference(app: &AppIdentity) -> OwnerReference {
 /// manager; a field left out of a later apply would be removed, so immutable fields are always
 /// passed with the values the claim already has.
 pub fn desired_claim(
-    app: &AppIdentity,
+    owner: &AppOwner,
     size: &str,
     storage_class: Option<&str>,
     access_modes: &[String],
@@ -199,10 +200,10 @@ pub fn desired_claim(
 ) -> PersistentVolumeClaim {
     PersistentVolumeClaim {
         metadata: ObjectMeta {
-            name: Some(pvc_name(&app.name)),
-            namespace: Some(app.namespace.clone()),
-            labels: Some(desired_labels(&app.name)),
-            owner_references: owned.then(|| vec![owner_reference(app)]),
+            name: Some(pvc_name(&owner.app.name)),
+            namespace: Some(owner.app.namespace.clone()),
+            labels: Some(desired_labels(&owner.app.name)),
+            owner_references: owned.then(|| vec![owner_reference(owner)]),
             ..ObjectMeta::default()
         },
         spec: Some(PersistentVolumeClaimSpec {
@@ -252,12 +253,12 @@ fn rwx_notices(name: &str, class: &ClassInfo, notices: &mut Vec<Notice>) {
 
 /// Decides what to do with the claim of `app`.
 pub fn plan(
-    app: &AppIdentity,
+    owner: &AppOwner,
     wanted: &Wanted<'_>,
     existing: Option<&Existing>,
     class: &ClassInfo,
 ) -> PvcPlan {
-    let name = pvc_name(&app.name);
+    let name = pvc_name(&owner.app.name);
     let mut notices = Vec::new();
     let action = match (wanted, existing) {
         (_, Some(claim)) if claim.deleting => PvcAction::Nothing,
@@ -270,7 +271,7 @@ pub fn plan(
                 }
             } else if claim.owned {
                 // Kept, so it must not be garbage-collected with the app either.
-                PvcAction::Apply(Box::new(keep_claim(app, claim, false)))
+                PvcAction::Apply(Box::new(keep_claim(owner, claim, false)))
             } else {
                 PvcAction::Nothing
             }
@@ -278,7 +279,7 @@ pub fn plan(
         (Wanted::Claim(cache), None) => {
             rwx_notices(&name, class, &mut notices);
             PvcAction::Apply(Box::new(desired_claim(
-                app,
+                owner,
                 &cache.size,
                 cache.storage_class.as_deref(),
                 &[ACCESS_MODE.to_owned()],
@@ -301,16 +302,16 @@ pub fn plan(
         }
         (Wanted::Claim(cache), Some(claim)) => {
             rwx_notices(&name, class, &mut notices);
-            plan_managed(app, cache, claim, class, &mut notices)
+            plan_managed(owner, cache, claim, class, &mut notices)
         }
     };
     PvcPlan { action, notices }
 }
 
 /// The claim as it is, with our labels and the owner reference as asked.
-fn keep_claim(app: &AppIdentity, claim: &Existing, owned: bool) -> PersistentVolumeClaim {
+fn keep_claim(owner: &AppOwner, claim: &Existing, owned: bool) -> PersistentVolumeClaim {
     desired_claim(
-        app,
+        owner,
         claim.request.as_deref().unwrap_or_default(),
         claim.storage_class.as_deref(),
         &claim.access_modes,
@@ -319,13 +320,13 @@ fn keep_claim(app: &AppIdentity, claim: &Existing, owned: bool) -> PersistentVol
 }
 
 fn plan_managed(
-    app: &AppIdentity,
+    owner: &AppOwner,
     cache: &PvcCache,
     claim: &Existing,
     class: &ClassInfo,
     notices: &mut Vec<Notice>,
 ) -> PvcAction {
-    let name = pvc_name(&app.name);
+    let name = pvc_name(&owner.app.name);
     if let Some(wanted_class) = &cache.storage_class
         && claim.storage_class.as_ref() != Some(wanted_class)
     {
@@ -382,7 +383,7 @@ fn plan_managed(
     let grows = size != claim.request;
     if grows || claim.owned != cache.delete_claim || !claim.labelled {
         PvcAction::Apply(Box::new(desired_claim(
-            app,
+            owner,
             size.as_deref().unwrap_or(&cache.size),
             claim.storage_class.as_deref(),
             &claim.access_modes,
@@ -398,10 +399,9 @@ mod tests {
     use super::*;
     use rstest::rstest;
 
-    fn app() -> AppIdentity {
-        AppIdentity {
-            name: "demo".into(),
-            namespace: "apps".into(),
+    fn app() -> AppOwner {
+        AppOwner {
+            app: crate::app::AppRef::new("apps", "demo"),
             uid: "uid-1".into(),
             api_version: "kaspr.io/v1alpha1".into(),
         }

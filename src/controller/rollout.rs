@@ -10,10 +10,11 @@
 
 use serde_json::{Value, json};
 
+use crate::app::AppRef;
 use crate::config::RenderConfig;
-use crate::mutation::names::{self, ANNOTATIONS, TEMPLATE_HASH_ANNOTATION};
-use crate::mutation::record::{Record, name_is};
-use crate::mutation::{self, AppContext};
+use crate::mutation;
+use crate::mutation::record::Record;
+use crate::names::{ANNOTATIONS, TEMPLATE_HASH_ANNOTATION};
 use crate::spec::PythonPackages;
 
 /// Where a StatefulSet stands against the KasprApp's spec.
@@ -44,55 +45,11 @@ fn annotation<'a>(template: &'a Value, key: &str) -> Option<&'a str> {
         .and_then(Value::as_str)
 }
 
-fn list<'a>(value: Option<&'a Value>, key: &str) -> &'a [Value] {
-    value
-        .and_then(|v| v.get(key))
-        .and_then(Value::as_array)
-        .map_or(&[], Vec::as_slice)
-}
-
-/// Whether everything the record lists is still in the pod spec. A rewrite that passed the
-/// webhook is repaired by it; one that bypassed it (`failurePolicy: Ignore`, webhook down) can
-/// drop parts of the injection while keeping our annotations.
-fn injection_present(template: &Value, record: &Record) -> bool {
-    let spec = template.get("spec");
-    let has = |key: &str, name: &String| list(spec, key).iter().any(|item| name_is(item, name));
-    if !record
-        .init_containers
-        .iter()
-        .all(|n| has("initContainers", n))
-        || !record.volumes.iter().all(|n| has("volumes", n))
-    {
-        return false;
-    }
-    let Some(container) = list(spec, "containers")
-        .iter()
-        .find(|c| name_is(c, &record.container))
-    else {
-        return record.volume_mounts.is_empty() && record.env.is_empty();
-    };
-    let mounts = list(Some(container), "volumeMounts");
-    if !record
-        .volume_mounts
-        .iter()
-        .all(|n| mounts.iter().any(|m| name_is(m, n)))
-    {
-        return false;
-    }
-    let pythonpath_first = list(Some(container), "env").iter().any(|e| {
-        name_is(e, names::PYTHONPATH)
-            && e.get("value")
-                .and_then(Value::as_str)
-                .is_some_and(|v| v.split(':').next() == Some(names::SITE_PATH))
-    });
-    !record.env.iter().any(|n| n == names::PYTHONPATH) || pythonpath_first
-}
-
 /// Compares a StatefulSet's pod template with what the webhook would make of it.
 pub fn sync_state(
     template: &Value,
     spec: Option<&PythonPackages>,
-    app: AppContext<'_>,
+    app: &AppRef,
     config: &RenderConfig,
 ) -> SyncState {
     let mut rendered = template.clone();
@@ -109,7 +66,7 @@ pub fn sync_state(
     let desired = annotation(&rendered, TEMPLATE_HASH_ANNOTATION).map(str::to_owned);
     let present = spec.is_none()
         || desired.is_none()
-        || injection_present(template, &Record::read(rendered.get("metadata")));
+        || Record::read(rendered.get("metadata")).present_in(template);
     if ours(template) == ours(&rendered) && present {
         return SyncState::InSync;
     }
@@ -137,10 +94,9 @@ mod tests {
         PythonPackages::with_packages(packages)
     }
 
-    const APP: AppContext<'static> = AppContext {
-        name: "demo",
-        namespace: "apps",
-    };
+    fn app() -> AppRef {
+        AppRef::new("apps", "demo")
+    }
 
     fn operator_template() -> Value {
         json!({
@@ -162,7 +118,7 @@ mod tests {
         mutation::apply(
             &mut template,
             Some(spec),
-            APP,
+            &app(),
             "spec.template.spec",
             &RenderConfig::default(),
         )
@@ -171,7 +127,7 @@ mod tests {
     }
 
     fn state(template: &Value, spec: Option<&PythonPackages>) -> SyncState {
-        sync_state(template, spec, APP, &RenderConfig::default())
+        sync_state(template, spec, &app(), &RenderConfig::default())
     }
 
     fn hash(template: &Value) -> Option<String> {
@@ -267,13 +223,13 @@ mod tests {
         json_patch::merge(&mut statefulset, &resync_patch());
         let stored = statefulset["spec"]["template"].clone();
         assert_eq!(hash(&stored), None);
-        assert!(annotation(&stored, names::INJECTED_ANNOTATION).is_some());
+        assert!(annotation(&stored, crate::names::INJECTED_ANNOTATION).is_some());
         // What the webhook then does with the patched object restores the injection exactly.
         let mut again = stored;
         mutation::apply(
             &mut again,
             Some(&one),
-            APP,
+            &app(),
             "spec.template.spec",
             &RenderConfig::default(),
         )

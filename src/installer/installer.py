@@ -120,6 +120,8 @@ class Config:
 INSTALL_KEY_RE = re.compile(r"^[0-9a-f]{16}$")
 NAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,251}[A-Za-z0-9])?$")
 VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+# This program's own variables: never expanded into a requirement, whatever the config says.
+RESERVED_ENV = ("KASPR_PACKAGES_CONFIG", "KASPR_PYPI_USERNAME", "KASPR_PYPI_PASSWORD")
 
 
 def _fail_config(field: str, problem: str) -> InstallError:
@@ -178,6 +180,8 @@ def _check_package(pkg, field: str) -> str:
     # " #" starts a comment; neither may come from a package string.
     if text.startswith("-") or re.search(r"\s-", text) or re.search(r"\s#", text):
         raise _fail_config(field, "%s is not a requirement (options are not accepted)" % _show(text))
+    if "\\" in text:
+        raise _fail_config(field, "%s contains '\\', which joins lines in a requirements file" % _show(text))
     return text
 
 
@@ -228,6 +232,9 @@ def load_config(environ: Dict[str, str]) -> Config:
         if not host or any(ch.isspace() for ch in host) or "/" in host:
             raise _fail_config("trustedHosts[%d]" % i, "%s is not a host or host:port" % _show(host))
     credentials = _typed(data.get("credentials", False), bool, "credentials")
+    expand_env = _typed(data.get("expandEnv") or [], list, "expandEnv")
+    for i, name in enumerate(expand_env):
+        _typed(name, str, "expandEnv[%d]" % i)
 
     retries = _typed(data.get("retries", 3), int, "retries")
     if not 0 <= retries <= 20:
@@ -256,7 +263,7 @@ def load_config(environ: Dict[str, str]) -> Config:
         mode=mode, app=app, namespace=namespace, install_key=install_key, packages=packages,
         index_url=index_url, extra_index_urls=extra, trusted_hosts=trusted,
         credentials=credentials, retries=retries, timeout=float(timeout), on_failure=on_failure,
-        target=target, cache_dir=cache_dir, gcs=gcs,
+        target=target, cache_dir=cache_dir, gcs=gcs, expand_env=expand_env,
     )
 
 
@@ -315,13 +322,16 @@ class Redactor:
 
 
 def expand_packages(
-    packages: List[str], environ: Dict[str, str], redactor: Redactor
+    packages: List[str], environ: Dict[str, str], redactor: Redactor, allowed: List[str]
 ) -> List[str]:
-    """Expand ``${VAR}`` from the environment; each value becomes a secret for the redactor."""
+    """Expand ``${VAR}`` from the environment, only for the variables the app declared
+    (``allowed``) and never this program's own; each value becomes a secret for the redactor."""
     expanded = []
     for i, pkg in enumerate(packages):
         def substitute(match, field="packages[%d]" % i):
             name = match.group(1)
+            if name in RESERVED_ENV or name not in allowed:
+                raise _fail_config(field, "${%s} is not a variable declared for expansion" % name)
             if name not in environ:
                 raise _fail_config(field, "environment variable %s is not set" % name)
             value = environ[name]
@@ -739,6 +749,29 @@ class Plan:
 NAMED_URL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*\s*(\[[^\]]*\])?\s*@\s*(\S.*)$")
 
 
+SCP_LIKE_RE = re.compile(r"^git@([^:/\s]+):(.+)$")
+
+
+def pip_requirement(requirement: str) -> str:
+    """The line pip is given for a (validated, expanded) requirement.
+
+    pip knows git over SSH only as ``git+ssh://``; the accepted ``ssh://host/path`` and
+    scp-like ``git@host:path`` forms mean the same repository and are rewritten to it (pip
+    would otherwise read ``git@host:path`` as a distribution named ``git``).
+    """
+    url = requirement_url(requirement)
+    if url is None:
+        return requirement
+    scp = SCP_LIKE_RE.match(url)
+    if scp:
+        pip_url = "git+ssh://git@%s/%s" % (scp.group(1), scp.group(2))
+    elif url.lower().startswith("ssh://"):
+        pip_url = "git+" + url
+    else:
+        return requirement
+    return requirement.replace(url, pip_url, 1)
+
+
 def requirement_url(requirement: str) -> Optional[str]:
     """The URL of a direct reference (``name @ url``, a bare URL, ``git@host:path``), else None."""
     head = requirement.split(";", 1)[0].strip()
@@ -854,7 +887,7 @@ def install_attempt(ctx: "Context", dest: str, deadline: float) -> Plan:
     if ctx.index.netrc is not None:
         env["NETRC"] = write_private(os.path.join(work, "netrc"), ctx.index.netrc)
     base = pip_base_args(cache)
-    requirements = "".join(line + "\n" for line in ctx.expanded)
+    requirements = "".join(pip_requirement(line) + "\n" for line in ctx.expanded)
     version = ctx.pip_version
     if version < MIN_PIP_FOR_RESOLVE:
         log("warning: pip %s cannot resolve without installing; installing the full dependency set"
@@ -1025,7 +1058,7 @@ class Context:
         self.cfg = cfg
         self.environ = environ
         self.redactor = Redactor()
-        self.expanded = expand_packages(cfg.packages, environ, self.redactor)
+        self.expanded = expand_packages(cfg.packages, environ, self.redactor, cfg.expand_env)
         self.index = index_settings(cfg, environ, self.redactor)
         self.credentials = self.index.credentials
         self.tag = python_tag()
@@ -1280,17 +1313,43 @@ class GcsError(Exception):
         self.status = status
 
 
+class _DeadlineReader:
+    """A file that refuses to be read past a deadline, so a streamed upload cannot hang."""
+
+    def __init__(self, handle, deadline: float):
+        self.handle = handle
+        self.deadline = deadline
+
+    def read(self, size: int = -1) -> bytes:
+        if time.monotonic() > self.deadline:
+            raise GcsError("upload did not finish in time")
+        return self.handle.read(size)
+
+
 def http_call(method: str, url: str, timeout: float, headers: Optional[Dict[str, str]] = None,
-              body: Optional[bytes] = None, sink=None) -> Tuple[int, bytes]:
-    """One HTTP request with connect/read timeouts and no redirects. With ``sink``, the body is
-    streamed into it instead of being returned. Raises GcsError on any failure."""
+              body=None, sink=None, deadline: Optional[float] = None) -> Tuple[int, bytes]:
+    """One HTTP request with connect/read timeouts, an overall ``deadline`` (monotonic seconds)
+    and no redirects. ``body`` may be bytes or an open file (streamed; give Content-Length).
+    With ``sink``, the response body is streamed into it instead of being returned. Raises
+    GcsError on any failure."""
+    deadline = deadline if deadline is not None else time.monotonic() + 10 * timeout
+    if body is not None and not isinstance(body, bytes):
+        body = _DeadlineReader(body, deadline)
     request = urllib.request.Request(url, data=body, method=method, headers=headers or {})
     opener = urllib.request.build_opener(_NoRedirect())
+
+    def chunks(response):
+        # Ends: each read returns data or b"" at the end, and the deadline bounds the whole.
+        for chunk in iter(lambda: response.read(1 << 20), b""):
+            if time.monotonic() > deadline:
+                raise GcsError("%s %s did not finish in time" % (method, url.split("?", 1)[0]))
+            yield chunk
+
     try:
         with opener.open(request, timeout=timeout) as response:
             if sink is None:
-                return response.status, response.read()
-            for chunk in iter(lambda: response.read(1 << 20), b""):
+                return response.status, b"".join(chunks(response))
+            for chunk in chunks(response):
                 sink.write(chunk)
             return response.status, b""
     except urllib.error.HTTPError as exc:
@@ -1371,6 +1430,8 @@ class Gcs:
         self.bucket = gcs.bucket
         self.endpoint = (ctx.environ.get("STORAGE_EMULATOR_HOST") or GCS_DEFAULT_ENDPOINT).rstrip("/")
         self.timeout = env_seconds(ctx.environ, "KASPR_PACKAGES_GCS_TIMEOUT", 30.0)
+        # Each call as a whole, on top of the per-socket timeout above.
+        self.call_limit = env_seconds(ctx.environ, "KASPR_PACKAGES_GCS_DEADLINE", 600.0)
         self.object = "%s%s/%s/%s/%s.tar.gz" % (gcs.prefix, ctx.cfg.namespace, ctx.cfg.app,
                                                 ctx.cfg.install_key, ctx.tag)
         self._token: Optional[str] = None
@@ -1393,7 +1454,8 @@ class Gcs:
     def metadata(self) -> Optional[dict]:
         """The object's metadata, or None when it does not exist."""
         try:
-            _, data = http_call("GET", self._object_url(), self.timeout, self.headers())
+            _, data = http_call("GET", self._object_url(), self.timeout, self.headers(),
+                                deadline=time.monotonic() + self.call_limit)
         except GcsError as exc:
             if exc.status == 404:
                 return None
@@ -1403,25 +1465,44 @@ class Gcs:
         except (ValueError, UnicodeDecodeError):
             raise GcsError("object metadata is not JSON")
 
-    def download(self, generation: str, sink) -> None:
+    def download(self, generation: str, sink, limit: int) -> None:
+        """The object's content into ``sink``, refusing more than ``limit`` bytes."""
         url = self._object_url() + "?alt=media&generation=" + urllib.parse.quote(str(generation))
-        http_call("GET", url, self.timeout, self.headers(), sink=sink)
+        http_call("GET", url, self.timeout, self.headers(), sink=_CappedSink(sink, limit),
+                  deadline=time.monotonic() + self.call_limit)
 
     def upload_once(self, path: str, replace_generation: Optional[str] = None) -> bool:
         """Create-only upload (ifGenerationMatch=0), or the replacement of exactly one known-bad
         generation. False when another pod's write came first."""
         match = str(replace_generation) if replace_generation else "0"
         query = urllib.parse.urlencode({"uploadType": "media", "name": self.object, "ifGenerationMatch": match})
-        with open(path, "rb") as handle:
-            body = handle.read()
-        headers = dict(self.headers(), **{"Content-Type": "application/gzip"})
+        headers = dict(self.headers(), **{"Content-Type": "application/gzip",
+                                          "Content-Length": str(os.path.getsize(path))})
         try:
-            http_call("POST", self._object_url(upload=True) + "?" + query, self.timeout, headers, body)
+            # Streamed from disk: the archive may be as large as the init container's memory.
+            with open(path, "rb") as body:
+                http_call("POST", self._object_url(upload=True) + "?" + query, self.timeout, headers,
+                          body, deadline=time.monotonic() + self.call_limit)
         except GcsError as exc:
             if exc.status == 412:
                 return False
             raise
         return True
+
+
+class _CappedSink:
+    """A file that refuses to grow past ``limit`` bytes."""
+
+    def __init__(self, sink, limit: int):
+        self.sink = sink
+        self.limit = limit
+        self.written = 0
+
+    def write(self, data: bytes) -> None:
+        self.written += len(data)
+        if self.written > self.limit:
+            raise GcsError("the object is larger than maxArchiveSize (%d bytes)" % self.limit)
+        self.sink.write(data)
 
 
 def crc32c(data_file) -> int:
@@ -1467,26 +1548,72 @@ def verify_archive(path: str, meta: dict) -> None:
     raise GcsError("the object has neither md5Hash nor crc32c to verify it")
 
 
-def safe_extract(archive: str, dest: str) -> None:
-    """Extract a tar.gz made by this installer, refusing anything that would land outside
-    ``dest`` or that is not a regular file, directory or relative in-tree symlink."""
+# Extracted data may be this many times maxArchiveSize (Python packages compress 3-5x).
+EXTRACT_RATIO = 8
+
+
+def safe_extract(archive: str, dest: str, max_bytes: int) -> None:
+    """Extract a tar.gz member by member into ``dest``, on every supported Python (tarfile's
+    data filter only exists from 3.9.17/3.10.12/3.11.4). Only regular files, directories and
+    relative symlinks that stay inside ``dest``; no absolute names, no ``..``, nothing written
+    through a symlink, no member extracted twice, at most ``max_bytes`` of file content."""
+    import stat
+
     root = os.path.realpath(dest)
+    links = []
+    total = 0
+
+    def refuse(member: tarfile.TarInfo, why: str):
+        return GcsError("archive member %r %s" % (member.name, why))
+
     with tarfile.open(archive, "r:gz") as tar:
-        members = tar.getmembers()
-        for m in members:
-            path = os.path.realpath(os.path.join(root, m.name))
-            if not (path == root or path.startswith(root + os.sep)):
-                raise GcsError("archive member %r points outside the build" % m.name)
-            if m.issym():
-                link = os.path.realpath(os.path.join(os.path.dirname(path), m.linkname))
-                if not link.startswith(root + os.sep):
-                    raise GcsError("archive symlink %r points outside the build" % m.name)
-            elif not (m.isfile() or m.isdir()):
-                raise GcsError("archive member %r is not a file or directory" % m.name)
-        if hasattr(tarfile, "data_filter"):  # Python >= 3.12 (and security backports)
-            tar.extractall(dest, members=members, filter="data")
-        else:
-            tar.extractall(dest, members=members)
+        # Ends: a tar stream has finitely many members, each read once.
+        for member in tar:
+            parts = [p for p in member.name.split("/") if p not in ("", ".")]
+            if member.name.startswith("/") or ".." in parts:
+                raise refuse(member, "is absolute or uses '..'")
+            if not parts:
+                continue  # the archive's own "." entry
+            parent = root
+            for part in parts[:-1]:
+                parent = os.path.join(parent, part)
+                try:
+                    mode = os.lstat(parent).st_mode
+                except FileNotFoundError:
+                    os.mkdir(parent, 0o755)
+                    continue
+                if not stat.S_ISDIR(mode):
+                    raise refuse(member, "would be written through a link or file")
+            path = os.path.join(parent, parts[-1])
+            if os.path.lexists(path):
+                if member.isdir() and not os.path.islink(path) and os.path.isdir(path):
+                    continue
+                raise refuse(member, "appears twice")
+            if member.isdir():
+                os.mkdir(path, 0o755)
+            elif member.isfile():
+                total += member.size
+                if total > max_bytes:
+                    raise refuse(member, "takes the content over %d bytes" % max_bytes)
+                source = tar.extractfile(member)
+                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+                fd = os.open(path, flags, 0o755 if member.mode & 0o111 else 0o644)
+                with os.fdopen(fd, "wb") as target:
+                    shutil.copyfileobj(source, target, 1 << 20)
+            elif member.issym():
+                target = member.linkname
+                relative = os.path.normpath(os.path.join(os.path.dirname(os.path.join(*parts)), target))
+                if os.path.isabs(target) or relative == ".." or relative.startswith(".." + os.sep):
+                    raise refuse(member, "links outside the build")
+                os.symlink(target, path)
+                links.append((member, path))
+            else:
+                raise refuse(member, "is not a file, directory or symlink")
+    # A later link can change where an earlier one leads: check where each leads now.
+    for member, path in links:
+        resolved = os.path.realpath(path)
+        if not (resolved == root or resolved.startswith(root + os.sep)):
+            raise refuse(member, "links outside the build")
 
 
 def make_archive(build: str, path: str) -> int:
@@ -1512,12 +1639,17 @@ def gcs_fetch(ctx: Context, gcs: Gcs, dest: str) -> Fetch:
         if meta is None:
             log("cache miss: gs://%s/%s" % (gcs.bucket, gcs.object))
             return Fetch(False)
+        limit = ctx.cfg.gcs.max_archive_size
+        size = meta.get("size")
+        if size is not None and str(size).isdigit() and int(size) > limit:
+            log("cached archive is %s bytes, over maxArchiveSize %d; installing with pip" % (size, limit))
+            return Fetch(False)
         archive = os.path.join(ctx.work_dir, "download.tar.gz")
         with open(archive, "wb") as sink:
-            gcs.download(meta.get("generation", ""), sink)
+            gcs.download(meta.get("generation", ""), sink, limit)
         verify_archive(archive, meta)
         reset_dir(dest)
-        safe_extract(archive, dest)
+        safe_extract(archive, dest, limit * EXTRACT_RATIO)
         os.unlink(archive)
     except GcsError as exc:
         corrupt = meta is not None and exc.status is None and "match" in str(exc)

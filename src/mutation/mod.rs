@@ -4,25 +4,21 @@
 //! mutation first strips what an earlier injection added (listed in the
 //! `packages.kaspr.io/injected` annotation) and then injects again, so mutating an
 //! already-mutated object, or the operator's rewrite of it, gives the same template byte for byte.
+//!
+//! The spec handed in is already validated, and the caller diffs the result: the admission
+//! path composes validate → [`apply`] → diff (see `admission::mutate`).
 
-pub mod names;
 pub mod record;
 pub mod render;
 
 use serde_json::{Map, Value, json};
 
+use crate::app::AppRef;
 use crate::config::RenderConfig;
+use crate::names;
 use crate::spec::PythonPackages;
-use crate::validation;
 use record::{Record, name_is};
-pub use render::{AppContext, Injection};
-
-/// A successful mutation.
-#[derive(Debug, Clone, PartialEq)]
-pub struct MutationOutcome {
-    pub patch: json_patch::Patch,
-    pub warnings: Vec<String>,
-}
+pub use render::Injection;
 
 /// A denial with its user-facing message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,7 +28,7 @@ pub struct Denial {
 }
 
 impl Denial {
-    fn new(message: String) -> Self {
+    pub fn new(message: String) -> Self {
         Denial {
             message,
             warnings: Vec::new(),
@@ -40,122 +36,36 @@ impl Denial {
     }
 }
 
-fn str_at<'a>(value: &'a Value, pointer: &str) -> Option<&'a str> {
-    value.pointer(pointer).and_then(Value::as_str)
+/// The two kinds of object the injection goes into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ObjectKind {
+    StatefulSet,
+    Pod,
 }
 
-/// The KasprApp owning a StatefulSet: an ownerReference of kind `KasprApp` in group `kaspr.io`.
-pub fn owning_app(statefulset: &Value) -> Option<String> {
-    statefulset
-        .pointer("/metadata/ownerReferences")?
-        .as_array()?
-        .iter()
-        .find(|r| {
-            r.get("kind").and_then(Value::as_str) == Some("KasprApp")
-                && r.get("apiVersion")
-                    .and_then(Value::as_str)
-                    .is_some_and(|v| v.starts_with("kaspr.io/"))
-        })
-        .and_then(|r| r.get("name")?.as_str())
-        .filter(|n| !n.is_empty())
-        .map(str::to_owned)
-}
-
-/// The KasprApp a Pod belongs to: label `kaspr.io/app` (else `app.kubernetes.io/instance`) on a
-/// pod labelled `kaspr.io/kind: KasprApp`.
-pub fn pod_app(pod: &Value) -> Option<String> {
-    let labels = pod.pointer("/metadata/labels")?;
-    if labels.get(names::KIND_LABEL).and_then(Value::as_str) != Some("KasprApp") {
-        return None;
-    }
-    [names::APP_LABEL, names::INSTANCE_LABEL]
-        .iter()
-        .find_map(|l| labels.get(*l).and_then(Value::as_str))
-        .filter(|n| !n.is_empty())
-        .map(str::to_owned)
-}
-
-/// Mutates a StatefulSet owned by `kasprapp`.
-pub fn mutate_statefulset(
-    statefulset: &Value,
-    kasprapp: &Value,
-    config: &RenderConfig,
-) -> Result<MutationOutcome, Denial> {
-    mutate_object(
-        statefulset,
-        "/spec/template",
-        "spec.template.spec",
-        kasprapp,
-        config,
-    )
-}
-
-/// Mutates a Pod of `kasprapp`. A pod whose template was already injected is left as it is.
-pub fn mutate_pod(
-    pod: &Value,
-    kasprapp: &Value,
-    config: &RenderConfig,
-) -> Result<MutationOutcome, Denial> {
-    let injected = pod
-        .pointer("/metadata/annotations")
-        .and_then(|a| a.get(names::TEMPLATE_HASH_ANNOTATION))
-        .is_some();
-    if injected {
-        return Ok(MutationOutcome {
-            patch: json_patch::Patch(Vec::new()),
-            warnings: Vec::new(),
-        });
-    }
-    mutate_object(pod, "", "spec", kasprapp, config)
-}
-
-fn mutate_object(
-    object: &Value,
-    template_pointer: &str,
-    field_prefix: &str,
-    kasprapp: &Value,
-    config: &RenderConfig,
-) -> Result<MutationOutcome, Denial> {
-    let report = validation::validate_kasprapp(kasprapp);
-    let app_name = str_at(kasprapp, "/metadata/name").unwrap_or_default();
-    let namespace = str_at(kasprapp, "/metadata/namespace")
-        .or_else(|| str_at(object, "/metadata/namespace"))
-        .unwrap_or_default();
-    if !report.errors.is_empty() {
-        return Err(Denial {
-            message: report.error_message(&format!("KasprApp {namespace}/{app_name}")),
-            warnings: report.warning_lines(),
-        });
-    }
-    let Some(original) = object.pointer(template_pointer) else {
-        return Ok(MutationOutcome {
-            patch: json_patch::Patch(Vec::new()),
-            warnings: Vec::new(),
-        });
-    };
-    let mut template = original.clone();
-    let app = AppContext {
-        name: app_name,
-        namespace,
-    };
-    let mut warnings = report.warning_lines();
-    match apply(
-        &mut template,
-        report.spec.as_ref(),
-        app,
-        field_prefix,
-        config,
-    ) {
-        Ok(applied) => warnings.extend(applied),
-        Err(mut denial) => {
-            denial.warnings = warnings;
-            return Err(denial);
+impl ObjectKind {
+    /// Where the pod template is in the object (a JSON pointer; `""` for a Pod itself).
+    pub fn template_pointer(self) -> &'static str {
+        match self {
+            ObjectKind::StatefulSet => "/spec/template",
+            ObjectKind::Pod => "",
         }
     }
-    Ok(MutationOutcome {
-        patch: crate::patch::diff_at(template_pointer, original, &template),
-        warnings,
-    })
+
+    /// The PodSpec's field path, for messages.
+    pub fn field_prefix(self) -> &'static str {
+        match self {
+            ObjectKind::StatefulSet => "spec.template.spec",
+            ObjectKind::Pod => "spec",
+        }
+    }
+}
+
+/// A Pod created from an injected template carries our template hash and is left as it is.
+pub fn pod_already_injected(pod: &Value) -> bool {
+    pod.pointer("/metadata/annotations")
+        .and_then(|a| a.get(names::TEMPLATE_HASH_ANNOTATION))
+        .is_some()
 }
 
 /// Applies (or, with `spec` absent, removes) the injection on a pod template given as JSON
@@ -163,16 +73,25 @@ fn mutate_object(
 pub fn apply(
     template: &mut Value,
     spec: Option<&PythonPackages>,
-    app: AppContext<'_>,
+    app: &AppRef,
     field_prefix: &str,
     config: &RenderConfig,
 ) -> Result<Vec<String>, Denial> {
     let Some(template) = template.as_object_mut() else {
         return Ok(Vec::new());
     };
-    let record = Record::read(template.get("metadata"));
+    let (record, foreign) = Record::read(template.get("metadata")).sanitized();
+    let mut warnings: Vec<String> = foreign
+        .iter()
+        .map(|entry| {
+            format!(
+                "{field_prefix}: the {} annotation lists {entry}, which kaspr-packages-webhook never adds; it was left alone",
+                names::INJECTED_ANNOTATION
+            )
+        })
+        .collect();
     let Some(pod_spec) = template.get_mut("spec").and_then(Value::as_object_mut) else {
-        return Ok(Vec::new());
+        return Ok(warnings);
     };
 
     let operator_injects = list(pod_spec, "initContainers").iter().any(|c| {
@@ -183,17 +102,18 @@ pub fn apply(
                 .any(|n| n == names::OPERATOR_INIT_CONTAINER)
     });
     if spec.is_some() && operator_injects {
-        return Ok(vec![format!(
+        warnings.push(format!(
             "{field_prefix}.initContainers: the pod already has an init container named \
              {:?} (the Kaspr operator's own package installer); kaspr-packages-webhook did not inject",
             names::OPERATOR_INIT_CONTAINER
-        )]);
+        ));
+        return Ok(warnings);
     }
 
     record::strip(pod_spec, &record);
     let Some(spec) = spec else {
         remove_annotations(template);
-        return Ok(Vec::new());
+        return Ok(warnings);
     };
 
     check_collisions(pod_spec, field_prefix)?;
@@ -242,7 +162,8 @@ pub fn apply(
                 mount_names.push(n.to_owned());
             }
         }
-        set_pythonpath(main);
+        let path = format!("{field_prefix}.containers[{main_index}]");
+        warnings.extend(set_pythonpath(main, &path));
     }
 
     let record = Record {
@@ -274,7 +195,7 @@ pub fn apply(
             );
         }
     }
-    Ok(Vec::new())
+    Ok(warnings)
 }
 
 /// Removes our annotations; an annotation map left empty is removed too (the injection
@@ -408,31 +329,51 @@ fn check_extra_mounts(
     }
 }
 
-/// Puts our site directory first on the main container's PYTHONPATH, keeping any value it had.
-fn set_pythonpath(container: &mut Map<String, Value>) {
+/// Puts our site directory first on the main container's PYTHONPATH, keeping any value it had,
+/// and never leaving an empty entry (Python reads one as the working directory). Returns a
+/// warning when the earlier value cannot be seen here.
+fn set_pythonpath(container: &mut Map<String, Value>, container_path: &str) -> Option<String> {
     let site = names::SITE_PATH;
     let env = container
         .entry("env")
         .or_insert_with(|| Value::Array(Vec::new()));
-    let Some(env) = env.as_array_mut() else {
-        return;
-    };
+    let env = env.as_array_mut()?;
+    let ours = json!({"name": names::PYTHONPATH, "value": site});
     let existing = env.iter_mut().rev().find(|e| name_is(e, names::PYTHONPATH));
     match existing {
-        None => env.push(json!({"name": names::PYTHONPATH, "value": site})),
+        None => env.push(ours),
         Some(entry) if entry.get("valueFrom").is_some_and(|v| !v.is_null()) => {
             // The value comes from a Secret/ConfigMap/field: chain to it with $(PYTHONPATH),
-            // which the kubelet expands from the earlier entry.
+            // which the kubelet expands from the earlier entry. Its content is not visible
+            // here, so an empty value would leave a trailing ':'; say so.
             env.push(json!({"name": names::PYTHONPATH, "value": format!("{site}:$({})", names::PYTHONPATH)}));
+            return Some(format!(
+                "{container_path}.env: PYTHONPATH comes from valueFrom and is chained as \
+                 {site}:$(PYTHONPATH); if that value can be empty, the container's working \
+                 directory lands on sys.path: keep it non-empty or set PYTHONPATH as a plain value"
+            ));
         }
         Some(entry) => {
             let old = entry
                 .get("value")
                 .and_then(Value::as_str)
-                .unwrap_or_default();
-            entry["value"] = json!(format!("{site}:{old}"));
+                .unwrap_or_default()
+                .to_owned();
+            if old.split(':').all(str::is_empty) {
+                // Nothing to keep: our own entry after it wins, and removal leaves theirs as it was.
+                env.push(ours);
+            } else {
+                entry["value"] = json!(format!("{site}:{old}"));
+                if old.split(':').any(str::is_empty) {
+                    return Some(format!(
+                        "{container_path}.env: PYTHONPATH {old:?} has an empty entry, which puts \
+                         the container's working directory on sys.path"
+                    ));
+                }
+            }
         }
     }
+    None
 }
 
 #[cfg(test)]

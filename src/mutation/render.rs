@@ -7,8 +7,9 @@ use k8s_openapi::api::core::v1::{
 };
 use serde_json::{Map, Value, json};
 
-use super::names;
+use crate::app::AppRef;
 use crate::config::RenderConfig;
+use crate::names;
 use crate::spec::{Cache, OnFailure, PythonPackages, pvc_name, short_sha256};
 
 /// Everything one injection adds, rendered to JSON in a fixed order.
@@ -22,16 +23,9 @@ pub struct Injection {
     pub template_hash: String,
 }
 
-/// The app an injection is rendered for.
-#[derive(Debug, Clone, Copy)]
-pub struct AppContext<'a> {
-    pub name: &'a str,
-    pub namespace: &'a str,
-}
-
 /// The installer's configuration (`KASPR_PACKAGES_CONFIG`): everything it needs that is not a
 /// secret.
-pub fn installer_config(spec: &PythonPackages, app: AppContext<'_>, install_key: &str) -> Value {
+pub fn installer_config(spec: &PythonPackages, app: &AppRef, install_key: &str) -> Value {
     let mut config = json!({
         "version": 1,
         "mode": spec.cache.mode(),
@@ -51,6 +45,17 @@ pub fn installer_config(spec: &PythonPackages, app: AppContext<'_>, install_key:
     }
     if spec.credentials.is_some() {
         config["credentials"] = json!(true);
+    }
+    // The installer expands only these (validation allowed only declared ones).
+    let mut expand: Vec<&str> = spec
+        .packages
+        .iter()
+        .flat_map(|p| crate::requirement::variables(p))
+        .collect();
+    expand.sort_unstable();
+    expand.dedup();
+    if !expand.is_empty() {
+        config["expandEnv"] = json!(expand);
     }
     config["retries"] = json!(spec.install_policy.retries);
     config["timeoutSeconds"] = json!(spec.install_policy.timeout_seconds);
@@ -131,7 +136,7 @@ fn security_context(main: &Map<String, Value>, pod_spec: &Map<String, Value>) ->
 /// Renders the injection for one pod template.
 pub fn render(
     spec: &PythonPackages,
-    app: AppContext<'_>,
+    app: &AppRef,
     main: &Map<String, Value>,
     pod_spec: &Map<String, Value>,
     config: &RenderConfig,
@@ -140,7 +145,10 @@ pub fn render(
 
     let mut volumes = vec![Volume {
         name: names::PACKAGES_VOLUME.to_owned(),
-        empty_dir: Some(EmptyDirVolumeSource::default()),
+        empty_dir: Some(EmptyDirVolumeSource {
+            size_limit: config.packages_volume_size_limit.clone(),
+            ..EmptyDirVolumeSource::default()
+        }),
         ..Default::default()
     }];
     let mut init_mounts = vec![mount(names::PACKAGES_VOLUME, names::PACKAGES_PATH, false)];
@@ -151,7 +159,7 @@ pub fn render(
             volumes.push(Volume {
                 name: names::CACHE_VOLUME.to_owned(),
                 persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
-                    claim_name: pvc_name(app.name),
+                    claim_name: pvc_name(&app.name),
                     read_only: None,
                 }),
                 ..Default::default()
@@ -170,7 +178,10 @@ pub fn render(
                             path: secret.key.clone(),
                             mode: None,
                         }]),
-                        default_mode: Some(0o400),
+                        // Readable whatever the init container's uid and fsGroup: the kubelet
+                        // makes Secret files root-owned, so 0400 is unreadable to a non-root
+                        // installer without fsGroup. Only the init container mounts it.
+                        default_mode: Some(0o444),
                         optional: Some(false),
                     }),
                     ..Default::default()

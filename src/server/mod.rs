@@ -26,10 +26,10 @@ use futures::future::BoxFuture;
 use prometheus_client::registry::Registry;
 
 use crate::cache::{FileKasprApps, KasprApps, KubeKasprApps};
+use crate::certs::reload::CertReloader;
 use crate::config::RenderConfig;
 use crate::metrics::{self, WebhookMetrics};
 pub use shutdown::Shutdown;
-use tls::CertReloader;
 
 /// Settings of the two ports.
 #[derive(Debug, Clone)]
@@ -51,6 +51,8 @@ pub struct Settings {
     pub shutdown_timeout: Duration,
     /// Chart-level rendering settings.
     pub render: RenderConfig,
+    /// When set, the webhook port requires a client certificate signed by a CA in this PEM file.
+    pub client_ca: Option<PathBuf>,
 }
 
 impl Default for Settings {
@@ -64,6 +66,7 @@ impl Default for Settings {
             shutdown_delay: Duration::ZERO,
             shutdown_timeout: Duration::from_secs(20),
             render: RenderConfig::default(),
+            client_ca: None,
         }
     }
 }
@@ -164,7 +167,7 @@ pub async fn serve(options: ServeOptions, shutdown: Shutdown) -> anyhow::Result<
             paths
         }
         CertSource::SelfSigned { dir } => {
-            let generated = tokio::task::spawn_blocking(move || tls::write_self_signed(&dir))
+            let generated = tokio::task::spawn_blocking(move || crate::certs::local::write_self_signed(&dir))
                 .await
                 .context("self-signed certificate task failed")?
                 .context("no --tls-cert/--tls-key given, and the self-signed pair for local use could not be written (choose a directory with --self-signed-dir)")?;
@@ -345,6 +348,7 @@ pub async fn start(
         shutdown_delay,
         shutdown_timeout,
         render,
+        client_ca,
     } = settings;
     let Services {
         apps,
@@ -371,7 +375,7 @@ pub async fn start(
         .local_addr()
         .context("probe socket has no address")?;
 
-    let tls_config = Arc::new(tls::server_config(certs.resolver())?);
+    let tls_config = Arc::new(tls::server_config(certs.resolver(), client_ca.as_deref())?);
     let webhook_state = webhook::WebhookState::new(
         Arc::clone(&apps),
         render,

@@ -10,8 +10,8 @@ use axum::routing::get;
 use prometheus_client::registry::Registry;
 
 use super::shutdown::Shutdown;
-use super::tls::CertReloader;
 use crate::cache::KasprApps;
+use crate::certs::reload::CertReloader;
 use crate::metrics::{self, WebhookMetrics};
 
 /// What the probes look at.

@@ -15,9 +15,10 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
-use http_body_util::{BodyExt, LengthLimitError, Limited};
+use http_body_util::BodyExt;
 
-use crate::admission::{self, AppLookup, Decision, Endpoint, Outcome};
+use crate::admission::{self, Decision, Endpoint, Outcome};
+use crate::app::AppLookup;
 use crate::cache::{self, KasprApps};
 use crate::config::RenderConfig;
 use crate::metrics::{self, AdmissionLabels, WebhookMetrics};
@@ -88,25 +89,64 @@ fn text(status: StatusCode, body: String) -> Response {
 
 /// Why a body could not be read.
 enum BodyError {
-    TooLarge,
+    /// Over the limit; the rest of the request body, still unread.
+    TooLarge(Body),
     TimedOut,
     Broken(String),
 }
 
+/// Reads at most `limit` bytes before `deadline`.
 async fn read_body(
-    body: Body,
+    mut body: Body,
     limit: usize,
     deadline: tokio::time::Instant,
 ) -> Result<Bytes, BodyError> {
-    let collected = tokio::time::timeout_at(deadline, Limited::new(body, limit).collect()).await;
-    match collected {
-        Err(_) => Err(BodyError::TimedOut),
-        Ok(Ok(collected)) => Ok(collected.to_bytes()),
-        Ok(Err(error)) if error.downcast_ref::<LengthLimitError>().is_some() => {
-            Err(BodyError::TooLarge)
+    let mut buffer = Vec::new();
+    let read = async {
+        // Ends: every frame adds data towards the limit, or ends the body.
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| BodyError::Broken(e.to_string()))?;
+            if let Ok(data) = frame.into_data() {
+                if buffer.len() + data.len() > limit {
+                    return Ok(false);
+                }
+                buffer.extend_from_slice(&data);
+            }
         }
-        Ok(Err(error)) => Err(BodyError::Broken(error.to_string())),
+        Ok(true)
+    };
+    match tokio::time::timeout_at(deadline, read).await {
+        Err(_) => Err(BodyError::TimedOut),
+        Ok(Err(error)) => Err(error),
+        Ok(Ok(true)) => Ok(Bytes::from(buffer)),
+        Ok(Ok(false)) => Err(BodyError::TooLarge(body)),
     }
+}
+
+/// Reads and discards what is left of an oversize request body, at most `cap` bytes and until
+/// `deadline`, then lets it go.
+///
+/// A server may answer before reading the whole request (a 413), but over HTTP/2 dropping the
+/// request stream resets it, and clients that are still uploading (curl, Go's transport in the
+/// API server) report a stream error instead of the status. Reading the rest in the background
+/// lets the upload finish and the stream close normally; a client that sends far more than the
+/// cap gets RST_STREAM(NO_ERROR) after the answer, which RFC 9113 §8.1 defines for this case.
+fn discard_in_background(mut body: Body, cap: usize, deadline: tokio::time::Instant) {
+    tokio::spawn(async move {
+        let mut discarded = 0usize;
+        let drain = async {
+            // Ends: each frame adds to `discarded`, bounded by `cap`, or ends the body.
+            while let Some(Ok(frame)) = body.frame().await {
+                if let Ok(data) = frame.into_data() {
+                    discarded = discarded.saturating_add(data.len());
+                    if discarded > cap {
+                        break;
+                    }
+                }
+            }
+        };
+        let _ = tokio::time::timeout_at(deadline, drain).await;
+    });
 }
 
 fn declared_length(request: &Request) -> Option<u64> {
@@ -139,21 +179,29 @@ async fn admit(state: &Inner, endpoint: Endpoint, request: Request) -> Response 
 
     // Refuse a declared oversize body before reading any of it.
     let limit = state.max_body_bytes;
-    if declared_length(&request).is_some_and(|len| len > limit as u64) {
-        return reject(
+    let too_large = || {
+        reject(
             StatusCode::PAYLOAD_TOO_LARGE,
             "too_large",
             format!("request body exceeds {limit} bytes"),
-        );
+        )
+    };
+    // Over HTTP/1.1 an oversize body is refused from its declared length, before reading any of
+    // it. Over HTTP/2 the answer is sent only once the client's upload has reached the limit:
+    // clients that are still sending their first window when the answer and RST_STREAM arrive
+    // (curl, for one) report a stream error instead of the 413.
+    // What is left of an oversize body is read and thrown away after the answer (see
+    // `discard_in_background`), up to a few times the limit.
+    let discard_cap = limit.saturating_mul(8);
+    if declared_length(&request).is_some_and(|len| len > limit as u64) {
+        discard_in_background(request.into_body(), discard_cap, deadline);
+        return too_large();
     }
     let body = match read_body(request.into_body(), limit, deadline).await {
         Ok(body) => body,
-        Err(BodyError::TooLarge) => {
-            return reject(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "too_large",
-                format!("request body exceeds {limit} bytes"),
-            );
+        Err(BodyError::TooLarge(rest)) => {
+            discard_in_background(rest, discard_cap, deadline);
+            return too_large();
         }
         Err(BodyError::TimedOut) => {
             return reject(

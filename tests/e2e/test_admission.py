@@ -228,11 +228,17 @@ def test_statefulset_from_before_registration_gets_mutated_pods(cluster: Control
     try:
         webhook.wait_effective(active=False)
         _app(cluster, namespace, "legacy")
-        # Not owned by the KasprApp, so neither the StatefulSet webhook nor the controller's
-        # rollout trigger ever acts on it, and only the Pod path can inject. (An owned one admitted
-        # without the webhook is brought in sync by the controller: test_controller.py.)
-        cluster.create(operator_statefulset("legacy", None, replicas=2), namespace=namespace)
-        old_pods = cluster.wait_pods(namespace, "kaspr.io/app=legacy", 2)
+        # Neither owned by the KasprApp nor labelled kaspr.io/app in its template (its pods are
+        # known by app.kubernetes.io/instance), so neither the StatefulSet webhook nor the
+        # controller's rollout trigger ever acts on it, and only the Pod path can inject. (An
+        # owned one admitted without the webhook is brought in sync by the controller:
+        # test_controller.py; an un-owned operator-shaped one: test_hardening.py.)
+        sts = operator_statefulset("legacy", None, replicas=2)
+        for labels in (sts["metadata"]["labels"], sts["spec"]["template"]["metadata"]["labels"]):
+            del labels["kaspr.io/app"]
+        sts["spec"]["selector"] = {"matchLabels": {"app.kubernetes.io/instance": "legacy", "kaspr.io/kind": "KasprApp"}}
+        cluster.create(sts, namespace=namespace)
+        old_pods = cluster.wait_pods(namespace, "app.kubernetes.io/instance=legacy", 2)
         for pod in old_pods:
             assert_not_injected(pod["spec"], pod["metadata"].get("annotations"))
     finally:
@@ -241,11 +247,11 @@ def test_statefulset_from_before_registration_gets_mutated_pods(cluster: Control
 
     pods_before = webhook.admission_requests(kind="Pod", operation="CREATE")
     old_uids = {p["metadata"]["uid"] for p in old_pods}
-    cluster.kubectl(["delete", "pods", "-n", namespace, "-l", "kaspr.io/app=legacy", "--wait=false"])
+    cluster.kubectl(["delete", "pods", "-n", namespace, "-l", "app.kubernetes.io/instance=legacy", "--wait=false"])
     new_pods = wait_for(
         "the StatefulSet controller to recreate the pods",
         lambda: (lambda pods: pods if len(pods) == 2 and not old_uids & {p["metadata"]["uid"] for p in pods} else None)(
-            cluster.pods(namespace, "kaspr.io/app=legacy")),
+            cluster.pods(namespace, "app.kubernetes.io/instance=legacy")),
         timeout=90,
     )
     for pod in new_pods:

@@ -124,6 +124,8 @@ def test_chart_lints_and_renders_valid_manifests_in_every_mode(cluster: ControlP
 
         # The API server's own validation of every object (cert-manager kinds aside: no CRDs).
         core = [o for o in objects if not o["apiVersion"].startswith(CERT_MANAGER_GROUP + "/")]
+        for namespace in {o["metadata"]["namespace"] for o in core if o["metadata"].get("namespace")}:
+            _ensure_namespace(cluster, namespace)  # Roles of server.watchNamespaces live there
         if mode == "cert-manager":
             assert {"Certificate"} <= by_kind.keys(), label
         proc = cluster.kubectl(["apply", "--dry-run=server", "-n", RELEASE_NAMESPACE, "-f", "-"],

@@ -98,17 +98,22 @@ def test_removing_python_packages_strips_the_injection(cluster: ControlPlane, we
     cluster.create(operator_sts, namespace=namespace)
     assert init_container(_sts(cluster, namespace, "shrinking-app")["spec"]["template"]["spec"]) is not None
 
+    cluster.kubectl(["patch", "kasprapp", "shrinking", "-n", namespace, "--type=json", "-p",
+                     json.dumps([{"op": "remove", "path": "/spec/pythonPackages"}])])
+
     # What the API server stores for the operator's template with nothing injected: the same
-    # StatefulSet without its owner reference is never sent to the webhook.
+    # StatefulSet under another name, once the webhook sees the app without pythonPackages
+    # (an un-owned StatefulSet with the app's template labels is still the app's).
     unowned = copy.deepcopy(operator_sts)
     del unowned["metadata"]["ownerReferences"]
     unowned["metadata"]["name"] = "shrinking-app-unowned"
-    plain_template = json.loads(cluster.kubectl(
-        ["create", "--dry-run=server", "-o", "json", "-n", namespace, "-f", "-"],
-        input=json.dumps(unowned)).stdout)["spec"]["template"]
-
-    cluster.kubectl(["patch", "kasprapp", "shrinking", "-n", namespace, "--type=json", "-p",
-                     json.dumps([{"op": "remove", "path": "/spec/pythonPackages"}])])
+    plain_template = wait_for(
+        "the webhook to see the app without pythonPackages",
+        lambda: (lambda t: t if init_container(t["spec"]) is None else None)(json.loads(cluster.kubectl(
+            ["create", "--dry-run=server", "-o", "json", "-n", namespace, "-f", "-"],
+            input=json.dumps(unowned)).stdout)["spec"]["template"]),
+        timeout=30, interval=1,
+    )
     # The operator sends back the template it last saw, our additions included.
     stripped = wait_for(
         "an UPDATE to strip the injection",

@@ -221,10 +221,29 @@ def test_invalid_config_with_allow_exits_zero(image_python, env, target, termlog
 
 
 def test_unset_variable_is_invalid_config(image_python, pypi, env, target, termlog):
-    cfg = config(target, pypi.url, ["kasprdemo @ http://127.0.0.1:1/${NOT_SET_ANYWHERE}/x.whl"])
+    cfg = config(target, pypi.url, ["kasprdemo @ http://127.0.0.1:1/${NOT_SET_ANYWHERE}/x.whl"],
+                 expandEnv=["NOT_SET_ANYWHERE"])
     run = run_installer(image_python, cfg, env, termlog)
     assert_failed(run, termlog, "invalid_config")
     assert "packages[0]: environment variable NOT_SET_ANYWHERE is not set" in run.stdout
+
+
+@pytest.mark.parametrize("declared", [[], ["KASPR_PYPI_PASSWORD"]])
+def test_own_credentials_are_never_expanded(image_python, wheels, env, target, termlog, declared):
+    """A requirement naming the password variable must not send it anywhere, even if the
+    config (written by hand, or by an older renderer) lists it."""
+    _, built = wheels
+    other = StaticIndex({"kasprdemo": built["kasprdemo"]}, host="127.0.0.2")
+    try:
+        url = "http://127.0.0.2:%d/files/${KASPR_PYPI_PASSWORD}/kasprdemo-1.0-py3-none-any.whl" % other.port
+        cfg = config(target, None, ["kasprdemo @ " + url], expandEnv=declared)
+        run = run_installer(image_python, cfg, with_creds(env, USER, PASSWORD), termlog)
+    finally:
+        other.stop()
+    assert_failed(run, termlog, "invalid_config")
+    assert "packages[0]: ${KASPR_PYPI_PASSWORD} is not a variable declared for expansion" in run.stdout
+    assert other.requests == []
+    assert PASSWORD not in run.stdout
 
 
 def test_unwritable_termination_log_is_ignored(image_python, pypi, env, target, tmp_path):
@@ -298,7 +317,7 @@ def test_variable_expansion_value_never_leaks(image_python, wheels, tmp_path, en
     index = StaticIndex({"kasprtok": [wheel]}, host="127.0.0.2", token=token)
     try:
         url = index.file_url(wheel, token="${KASPR_TEST_TOKEN}")
-        cfg = config(target, index.url, ["kasprtok @ " + url])
+        cfg = config(target, index.url, ["kasprtok @ " + url], expandEnv=["KASPR_TEST_TOKEN"])
         env = dict(env, KASPR_TEST_TOKEN=token)
         run = run_installer(image_python, cfg, env, termlog)
     finally:

@@ -173,3 +173,18 @@ def test_unreachable_metadata_server_falls_back_to_pip(image_python, pypi, env, 
                         tmp_path / "a.log")
     assert run.returncode == 0, run
     assert run.lines("cache unavailable") and run.lines("pip: Successfully installed")
+
+
+def test_an_object_over_max_archive_size_is_never_downloaded(image_python, pypi, env, tmp_path, fake_gcs, bucket,
+                                                             service_account):
+    """The object's size is checked against maxArchiveSize before any byte is fetched."""
+    key_file, _ = service_account
+    probe = run_installer(image_python, gcs_config(tmp_path, "probe", pypi, bucket, key_file, key="2222222222222222"),
+                          gcs_env(env, fake_gcs.url), tmp_path / "p.log")
+    big = b"\x1f\x8b" + b"0" * 4096
+    fake_gcs.put(bucket, object_name(tag_from(probe)), big)
+    cfg = gcs_config(tmp_path, "pod-a", pypi, bucket, key_file, maxArchiveSize=1024)
+    run = run_installer(image_python, cfg, gcs_env(env, fake_gcs.url), tmp_path / "a.log")
+    assert run.returncode == 0, run
+    assert run.lines("cached archive is %d bytes, over maxArchiveSize 1024; installing with pip" % len(big)), run
+    assert run.lines("pip: Successfully installed")

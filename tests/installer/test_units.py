@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import os
 import urllib.parse
 
 import pytest
@@ -128,3 +129,128 @@ def test_program_uses_only_the_standard_library():
     modules = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     modules |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
     assert modules <= set(sys.stdlib_module_names), modules - set(sys.stdlib_module_names)
+
+
+@pytest.mark.parametrize("written, handed_to_pip", [
+    ("git@github.com:org/repo.git", "git+ssh://git@github.com/org/repo.git"),
+    ("mylib @ git@github.com:org/repo.git@v1 ; python_version >= '3.8'",
+     "mylib @ git+ssh://git@github.com/org/repo.git@v1 ; python_version >= '3.8'"),
+    ("ssh://git@example.com/org/repo.git", "git+ssh://git@example.com/org/repo.git"),
+    ("git+ssh://git@example.com/org/repo.git", "git+ssh://git@example.com/org/repo.git"),
+    ("requests==2.31.0", "requests==2.31.0"),
+])
+def test_git_over_ssh_reaches_pip_in_the_form_pip_knows(written, handed_to_pip):
+    assert installer.pip_requirement(written) == handed_to_pip
+
+
+def test_a_backslash_never_reaches_the_requirements_file():
+    with pytest.raises(installer.InstallError) as failure:
+        installer._check_package("foo===1\\", "packages[0]")
+    assert failure.value.category == "invalid_config"
+
+
+# ---------------------------------------------------------------------------------- archives
+
+def _tar(path, entries):
+    """A tar.gz of (name, kind, payload) entries, in order: kind is file, dir, sym, hard or fifo."""
+    import io
+    import tarfile
+    with tarfile.open(path, "w:gz") as tar:
+        for name, kind, payload in entries:
+            info = tarfile.TarInfo(name)
+            data = None
+            if kind == "file":
+                data = payload.encode() if isinstance(payload, str) else payload
+                info.size = len(data)
+                info.mode = 0o644
+            elif kind == "dir":
+                info.type, info.mode = tarfile.DIRTYPE, 0o755
+            elif kind == "sym":
+                info.type, info.linkname = tarfile.SYMTYPE, payload
+            elif kind == "hard":
+                info.type, info.linkname = tarfile.LNKTYPE, payload
+            elif kind == "fifo":
+                info.type = tarfile.FIFOTYPE
+            tar.addfile(info, io.BytesIO(data) if data is not None else None)
+    return path
+
+
+@pytest.fixture
+def no_data_filter(monkeypatch):
+    """Python 3.9.0-3.9.16, 3.10.0-3.10.11 and 3.11.0-3.11.3 have no tarfile data filter."""
+    monkeypatch.delattr(installer.tarfile, "data_filter", raising=False)
+
+
+def test_a_symlink_chain_cannot_carry_a_write_outside_the_build(tmp_path, no_data_filter):
+    # Checked by name alone every member stays inside; extracted in order, the second link
+    # leads four levels up from three levels deep, and the file is written through it.
+    dest = tmp_path / "a" / "build"
+    dest.mkdir(parents=True)
+    archive = _tar(tmp_path / "x.tar.gz", [
+        ("p/q/r", "dir", None),
+        ("p/q/r/here", "sym", "."),
+        ("p/q/r/out", "sym", "here/../../../../escaped.txt"),
+        ("p/q/r/out", "file", "written outside"),
+    ])
+    with pytest.raises(installer.GcsError):
+        installer.safe_extract(str(archive), str(dest), 1 << 20)
+    assert not (tmp_path / "a" / "escaped.txt").exists()
+    assert not any(p.name == "escaped.txt" for p in tmp_path.rglob("*"))
+
+
+@pytest.mark.parametrize("entries, why", [
+    ([("/etc/passwd", "file", "x")], "absolute"),
+    ([("../up.txt", "file", "x")], "'..'"),
+    ([("a/../../up.txt", "file", "x")], "'..'"),
+    ([("l", "sym", "/etc")], "outside"),
+    ([("l", "sym", "../x")], "outside"),
+    ([("l", "sym", "."), ("l/f", "file", "x")], "through a link"),
+    ([("f", "file", "x"), ("h", "hard", "f")], "not a file"),
+    ([("pipe", "fifo", None)], "not a file"),
+    ([("f", "file", "x"), ("f", "file", "y")], "twice"),
+])
+def test_unsafe_members_are_refused(tmp_path, no_data_filter, entries, why):
+    dest = tmp_path / "build"
+    dest.mkdir()
+    archive = _tar(tmp_path / "x.tar.gz", entries)
+    with pytest.raises(installer.GcsError) as failure:
+        installer.safe_extract(str(archive), str(dest), 1 << 20)
+    assert why in str(failure.value)
+
+
+def test_extracted_content_is_capped(tmp_path, no_data_filter):
+    dest = tmp_path / "build"
+    dest.mkdir()
+    archive = _tar(tmp_path / "x.tar.gz", [("a", "file", b"0" * 600), ("b", "file", b"0" * 600)])
+    with pytest.raises(installer.GcsError) as failure:
+        installer.safe_extract(str(archive), str(dest), 1000)
+    assert "over 1000 bytes" in str(failure.value)
+
+
+def test_a_build_made_by_the_installer_round_trips(tmp_path, no_data_filter):
+    build = tmp_path / "build"
+    (build / "site" / "pkg").mkdir(parents=True)
+    (build / "site" / "pkg" / "__init__.py").write_text("VERSION = '1.0'\n")
+    (build / "bin").mkdir()
+    (build / "bin" / "tool").write_text("#!/bin/sh\n")
+    (build / "bin" / "tool").chmod(0o755)
+    (build / "current").symlink_to("site")
+    archive = tmp_path / "b.tar.gz"
+    installer.make_archive(str(build), str(archive))
+    out = tmp_path / "out"
+    out.mkdir()
+    installer.safe_extract(str(archive), str(out), 1 << 20)
+    assert (out / "site" / "pkg" / "__init__.py").read_text() == "VERSION = '1.0'\n"
+    assert os.readlink(out / "current") == "site"
+    assert os.access(out / "bin" / "tool", os.X_OK)
+
+
+def test_a_download_over_the_limit_is_refused():
+    import io
+    sink = io.BytesIO()
+    capped = installer._CappedSink(sink, 10)
+    capped.write(b"0123456789")
+    with pytest.raises(installer.GcsError) as failure:
+        capped.write(b"!")
+    assert "maxArchiveSize" in str(failure.value)
+    assert sink.getvalue() == b"0123456789"

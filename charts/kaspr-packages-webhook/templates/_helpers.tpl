@@ -111,3 +111,13 @@ cert-manager.io/inject-ca-from: {{ printf "%s/%s" .Release.Namespace (include "k
 {{- fail "webhook.url must start with https://" }}
 {{- end }}
 {{- end }}
+
+{{/* What the controller writes: StatefulSet rollouts (annotation patch) and the PVC cache. */}}
+{{- define "kpw.workloadRules" -}}
+- apiGroups: ["apps"]
+  resources: ["statefulsets"]
+  verbs: ["get", "list", "watch", "patch"]
+- apiGroups: [""]
+  resources: ["persistentvolumeclaims"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+{{- end }}

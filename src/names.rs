@@ -1,4 +1,4 @@
-//! Every name and path the injection uses. They are this product's own so nothing collides with
+//! Every name, path, label and annotation this product uses, in one place. They are this product's own so nothing collides with
 //! what the Kaspr operator renders.
 
 pub const INIT_CONTAINER: &str = "kaspr-packages";
@@ -22,6 +22,12 @@ pub const CONFIG_ENV: &str = "KASPR_PACKAGES_CONFIG";
 pub const USERNAME_ENV: &str = "KASPR_PYPI_USERNAME";
 pub const PASSWORD_ENV: &str = "KASPR_PYPI_PASSWORD";
 pub const PYTHONPATH: &str = "PYTHONPATH";
+/// Env vars the injected init container sets itself; users may not set or expand them.
+pub const RESERVED_ENV: &[&str] = &[CONFIG_ENV, USERNAME_ENV, PASSWORD_ENV];
+/// Directories the injection mounts; user mounts must stay out of them.
+pub const RESERVED_PATHS: &[&str] = &[PACKAGES_PATH, CACHE_PATH, GCS_KEY_ROOT];
+/// The parent of [`GCS_KEY_DIR`], kept free for every secret this product mounts.
+pub const GCS_KEY_ROOT: &str = "/var/run/secrets/kaspr-packages";
 
 pub const TEMPLATE_HASH_ANNOTATION: &str = "packages.kaspr.io/template-hash";
 pub const INSTALL_KEY_ANNOTATION: &str = "packages.kaspr.io/install-key";

@@ -1,0 +1,184 @@
+//! The rollout reconciler: reads an app's StatefulSet, asks [`rollout::sync_state`] whether it
+//! carries the current injection, and when not, sends it through the webhook again.
+
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::StatefulSet;
+use kube::Client;
+use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
+use kube::runtime::events::EventType;
+use kube::runtime::reflector::ObjectRef;
+use serde_json::Value;
+
+use super::context::{Context, ControllerError, Part, api_error, describe};
+use super::rollout::{self, SyncState};
+use super::{FIELD_MANAGER, Notice, RESYNC, retry_delay};
+use crate::app::{self, AppOwner};
+use crate::cache::KasprAppObject;
+use crate::names;
+use crate::validation::Report;
+
+fn statefulsets(client: &Client, namespace: &str) -> Api<DynamicObject> {
+    // Read as JSON: the comparison runs the webhook's renderer over the template exactly as
+    // stored, unknown fields included.
+    Api::namespaced_with(
+        client.clone(),
+        namespace,
+        &ApiResource::erase::<StatefulSet>(&()),
+    )
+}
+
+fn template_of(statefulset: &DynamicObject) -> Value {
+    statefulset
+        .data
+        .pointer("/spec/template")
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
+pub(super) async fn reconcile_rollout(
+    app: &KasprAppObject,
+    owner: &AppOwner,
+    report: &Report,
+    context: &Context,
+) -> Result<Duration, ControllerError> {
+    let key = ObjectRef::from_obj(app);
+    let name = format!("{}-app", owner.app.name);
+    let object = format!("StatefulSet {}/{name}", owner.app.namespace);
+    let api = statefulsets(&context.client, &owner.app.namespace);
+    let found = api
+        .get_opt(&name)
+        .await
+        .map_err(api_error("read", object.clone()))?;
+    // The app's own: by ownerReference, else (StatefulSets an operator recreated without
+    // one) by its pod-template labels, exactly as the webhook recognises it.
+    let owned = found.as_ref().is_some_and(|sts| {
+        sts.metadata.deletion_timestamp.is_none()
+            && app::statefulset_app(&serde_json::json!({
+                "metadata": sts.metadata,
+                "spec": sts.data.get("spec"),
+            }))
+            .as_deref()
+                == Some(owner.app.name.as_str())
+    });
+    let (Some(statefulset), true) = (found, owned) else {
+        // Nothing the webhook would act on.
+        context.set_out_of_sync(&key, false);
+        context.report(app, Part::Rollout, Vec::new()).await;
+        return Ok(RESYNC);
+    };
+    let render_for = &owner.app;
+    let state_of = |template: &Value| {
+        if report.errors.is_empty() {
+            rollout::sync_state(template, report.spec.as_ref(), render_for, &context.render)
+        } else {
+            SyncState::Blocked(report.error_message(&format!(
+                "KasprApp {}/{}",
+                owner.app.namespace, owner.app.name
+            )))
+        }
+    };
+    let (current, desired) = match state_of(&template_of(&statefulset)) {
+        SyncState::InSync => {
+            context.state().unconverged.remove(&key);
+            context.set_out_of_sync(&key, false);
+            context.report(app, Part::Rollout, Vec::new()).await;
+            context.metrics.count(Part::Rollout, "in_sync");
+            return Ok(RESYNC);
+        }
+        SyncState::Blocked(message) => {
+            context.set_out_of_sync(&key, true);
+            let notice = Notice::warning(
+                "StatefulSetNotInjectable",
+                format!("{object} cannot receive the python-packages injection: {message}"),
+            );
+            context.report(app, Part::Rollout, vec![notice]).await;
+            context.metrics.count(Part::Rollout, "pending");
+            return Ok(RESYNC);
+        }
+        SyncState::OutOfSync { current, desired } => (current, desired),
+    };
+
+    let params = PatchParams {
+        field_manager: Some(FIELD_MANAGER.to_owned()),
+        ..PatchParams::default()
+    };
+    let updated = match api
+        .patch(&name, &params, &Patch::Merge(rollout::resync_patch()))
+        .await
+    {
+        Ok(updated) => updated,
+        Err(error) => {
+            context.set_out_of_sync(&key, true);
+            context.metrics.count(Part::Rollout, "failed");
+            let notice = Notice::warning(
+                "StatefulSetOutOfSync",
+                format!(
+                    "{object} lacks the current python-packages injection and could not be sent \
+                     through the webhook again; retrying with backoff: {}",
+                    describe(&error)
+                ),
+            );
+            context.report(app, Part::Rollout, vec![notice]).await;
+            return Err(api_error("update", object)(error));
+        }
+    };
+    let after = state_of(&template_of(&updated));
+    let changed = updated.metadata.generation != statefulset.metadata.generation;
+    if changed {
+        let hash = rollout_hash(&updated);
+        tracing::info!(
+            namespace = %owner.app.namespace, statefulset = %name,
+            from = current.as_deref().unwrap_or("none"), to = hash.as_deref().unwrap_or("none"),
+            "StatefulSet updated to the current python-packages injection"
+        );
+        let note = match hash {
+            Some(hash) => format!("updated {object} to python-packages template hash {hash}"),
+            None => format!("removed the python-packages injection from {object}"),
+        };
+        context
+            .publish(
+                app,
+                EventType::Normal,
+                Part::Rollout,
+                "PackagesRollout",
+                note,
+            )
+            .await;
+    }
+    if after.in_sync() {
+        context.state().unconverged.remove(&key);
+        context.set_out_of_sync(&key, false);
+        context.report(app, Part::Rollout, Vec::new()).await;
+        context.metrics.count(Part::Rollout, "changed");
+        return Ok(RESYNC);
+    }
+    // The webhook rendered something else: it may still read an older KasprApp (its cache
+    // follows its own watch), or the UPDATE bypassed it. Look again soon, then less often.
+    let attempt = context.state().unconverged(&key);
+    context.set_out_of_sync(&key, true);
+    context.metrics.count(Part::Rollout, "pending");
+    if attempt >= 2 {
+        let notice = Notice::warning(
+            "StatefulSetOutOfSync",
+            format!(
+                "{object} still lacks the current python-packages injection after being sent \
+                 through the webhook (template hash {}, expected {}); the webhook may be bypassed \
+                 (failurePolicy Ignore) or not reading the current KasprApp; retrying with backoff",
+                rollout_hash(&updated).as_deref().unwrap_or("none"),
+                desired.as_deref().unwrap_or("none"),
+            ),
+        );
+        context.report(app, Part::Rollout, vec![notice]).await;
+    }
+    Ok(retry_delay(attempt.saturating_add(1)))
+}
+
+fn rollout_hash(statefulset: &DynamicObject) -> Option<String> {
+    statefulset
+        .data
+        .pointer("/spec/template/metadata/annotations")
+        .and_then(|a| a.get(names::TEMPLATE_HASH_ANNOTATION))
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+}
