@@ -289,6 +289,10 @@ def test_gcs_cache_with_non_root_app(
     deploy(cluster, namespace, "gcsapp", packages, app_image, template=template, fs_group=fs_group,
            run_as_user=1000)
     (first,) = cluster.wait_pods_ready(namespace, "kaspr.io/app=gcsapp", 1)
+    # The key reaches the init container only, readable by whatever user it runs as.
+    key_volume = {v["name"]: v for v in first["spec"]["volumes"]}["kaspr-packages-gcs-key"]["secret"]
+    assert key_volume["defaultMode"] == 0o444 and [i["key"] for i in key_volume["items"]] == ["sa.json"]
+    assert not any(m["name"] == "kaspr-packages-gcs-key" for m in first["spec"]["containers"][0]["volumeMounts"])
     first_log = logs(cluster, namespace, first["metadata"]["name"], INIT_CONTAINER)
     assert "pip:" in first_log, first_log
     objects = gcs.objects(bucket)
