@@ -323,8 +323,9 @@ disabled_plugins = [
             log = self.kubelet.log_path.read_text(errors="replace")
         except OSError:
             return
-        if "cgroup v1" in log:
-            line = next((line for line in log.splitlines() if "cgroup v1" in line), "")
+        refusal = "not run on a host using cgroup v1"  # the kubelet's own words (1.35+)
+        if refusal in log:
+            line = next((line for line in log.splitlines() if refusal in line), "")
             raise E2EError(
                 "the kubelet refused to start on this machine's cgroup v1 hierarchy although its "
                 f"configuration sets failCgroupV1: false; this release no longer supports cgroup v1 here: {line}")

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 
-from e2e_cluster import NODE_IP, ControlPlane
-from e2e_node import NODE_NAME
+import pytest
+
+from e2e_cluster import NODE_IP, ControlPlane, E2EError, Process
+from e2e_node import NODE_NAME, Node
 from e2e_objects import plain_statefulset
 
 
@@ -69,3 +71,21 @@ def test_statefulset_pods_are_scheduled_on_the_node(cluster: ControlPlane, names
     # The scheduler binds them to the one node (their image cannot be pulled: nothing can).
     bound = cluster.wait_pods_where(namespace, "app=plain", lambda p: p["spec"].get("nodeName") == NODE_NAME, 2)
     assert len(bound) == 2
+
+
+def test_a_kubelet_refusing_cgroup_v1_stops_the_suite_with_one_sentence(tmp_path):
+    """Should a future kubelet drop cgroup v1, the suite says so at once instead of waiting."""
+    log = tmp_path / "kubelet.log"
+    log.write_text('E1202 kubelet.go:1] "cgroup v1 detected" deprecated\n'
+                   'E1202 server.go:2] "Failed to run kubelet" err="failed to run Kubelet: kubelet is configured '
+                   'to not run on a host using cgroup v1. cgroup v1 support is unsupported"\n')
+    kubelet = Process("kubelet", ["false"], log)
+    kubelet.start()
+    kubelet.popen.wait(timeout=10)
+    node = Node.__new__(Node)
+    node.kubelet = kubelet
+    with pytest.raises(E2EError, match="refused to start on this machine's cgroup v1 hierarchy"):
+        node._kubelet_refused_cgroups()
+    # A kubelet that stopped for another reason is reported as such, not as cgroup trouble.
+    log.write_text('E1202 kubelet.go:1] "cgroup v1 detected" deprecated\nexit for another reason\n')
+    node._kubelet_refused_cgroups()
