@@ -477,6 +477,22 @@ class ControlPlane:
         ns = ["-n", namespace] if namespace else []
         return self.kubectl(["apply", "-f", "-", *ns, *extra], input=json.dumps(body))
 
+    def apply_each_namespace(self, objects: list[dict], default_namespace: str, *, extra: Sequence[str] = (),
+                             check: bool = True) -> subprocess.CompletedProcess:
+        """Apply rendered objects: those naming their namespace there, the rest in
+        `default_namespace` (kubectl refuses a List that mixes namespaces with `-n`)."""
+        groups: dict[str, list[dict]] = {}
+        for obj in objects:
+            groups.setdefault(obj.get("metadata", {}).get("namespace") or default_namespace, []).append(obj)
+        stdout, stderr, code = [], [], 0
+        for namespace, items in groups.items():
+            proc = self.kubectl(["apply", "-n", namespace, *extra, "-f", "-"], check=check,
+                                input=json.dumps({"apiVersion": "v1", "kind": "List", "items": items}))
+            stdout.append(proc.stdout)
+            stderr.append(proc.stderr)
+            code = code or proc.returncode
+        return subprocess.CompletedProcess(["kubectl", "apply"], code, "".join(stdout), "".join(stderr))
+
     def create(self, obj: dict, *, namespace: str | None = None) -> dict:
         ns = ["-n", namespace] if namespace else []
         return json.loads(self.kubectl(["create", "-f", "-", *ns, "-o", "json"], input=json.dumps(obj)).stdout)

@@ -118,7 +118,7 @@ def test_watched_namespaces_get_workload_rights_there_only(cluster: ControlPlane
     assert roles == set(watched), roles
 
     rbac = [o for o in objects if o["kind"] in ("ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding")]
-    cluster.apply(rbac, namespace=release_ns)
+    cluster.apply_each_namespace(rbac, release_ns)
     account = next(o for o in objects if o["kind"] == "ServiceAccount")["metadata"]["name"]
     who = "system:serviceaccount:%s:%s" % (release_ns, account)
 

@@ -128,8 +128,7 @@ def test_chart_lints_and_renders_valid_manifests_in_every_mode(cluster: ControlP
             _ensure_namespace(cluster, namespace)  # Roles of server.watchNamespaces live there
         if mode == "cert-manager":
             assert {"Certificate"} <= by_kind.keys(), label
-        proc = cluster.kubectl(["apply", "--dry-run=server", "-n", RELEASE_NAMESPACE, "-f", "-"],
-                               input=json.dumps({"apiVersion": "v1", "kind": "List", "items": core}), check=False)
+        proc = cluster.apply_each_namespace(core, RELEASE_NAMESPACE, extra=["--dry-run=server"], check=False)
         assert proc.returncode == 0, f"{label}: server-side validation failed:\n{proc.stderr}"
     assert modes == {"self-managed", "cert-manager", "provided"}, modes
 
