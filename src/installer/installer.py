@@ -456,6 +456,27 @@ def python_tag() -> str:
     return tag + libc_suffix()
 
 
+def build_fingerprint(installed: Dict[str, str], packages: List[str], expanded: List[str]) -> str:
+    """8 hex characters that tell builds of one install key apart: the image's installed
+    distributions (the resolver leaves out what the image provides, so another image may need
+    another set) and, when ``${VAR}`` values were expanded, a digest of the expanded strings.
+    The C library is already part of the Python tag. Values themselves never appear."""
+    digest = hashlib.sha256()
+    for name in sorted(installed):
+        digest.update(("%s==%s\n" % (name, installed[name])).encode())
+    if expanded != packages:
+        digest.update(b"expanded\n")
+        for line in expanded:
+            digest.update(hashlib.sha256(line.encode()).digest())
+    return digest.hexdigest()[:8]
+
+
+def build_tag(image: Dict[str, str], packages: List[str], expanded: List[str]) -> str:
+    """The identity of a build beside its install key: a build is reused only by the same
+    Python, platform and C library, image content and expanded values."""
+    return "%s-%s" % (python_tag(), build_fingerprint(image, packages, expanded))
+
+
 def libc_suffix() -> str:
     if not sys.platform.startswith("linux"):
         return ""
@@ -1061,13 +1082,14 @@ class Context:
         self.expanded = expand_packages(cfg.packages, environ, self.redactor, cfg.expand_env)
         self.index = index_settings(cfg, environ, self.redactor)
         self.credentials = self.index.credentials
-        self.tag = python_tag()
         self.work_dir = os.path.join(cfg.target, ".work")
         version = pip_version()
         if version is None:
             raise InstallError("unknown", "pip is not installed for %s (python3 -m pip is required)" % sys.executable, retryable=False)
         self.pip_version = version
-        self.installed = installed_distributions() if version >= MIN_PIP_FOR_RESOLVE else {}
+        image = installed_distributions()
+        self.installed = image if version >= MIN_PIP_FOR_RESOLVE else {}
+        self.tag = build_tag(image, cfg.packages, self.expanded)
 
 
 def prepare_target(target: str) -> None:

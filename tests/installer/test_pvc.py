@@ -17,7 +17,9 @@ KEY_A, KEY_B, KEY_C, KEY_D = "aaaaaaaaaaaaaaaa", "bbbbbbbbbbbbbbbb", "cccccccccc
 
 
 def tag_of(python):
-    code = "import runpy; print(runpy.run_path(%r, run_name='probe')['python_tag']())" % str(INSTALLER)
+    # The build identity the installer uses for packages without ${VAR} in this image.
+    code = ("import runpy; i = runpy.run_path(%r, run_name='probe'); "
+            "print(i['build_tag'](i['installed_distributions'](), [], []))") % str(INSTALLER)
     return subprocess.run([python, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
 
 

@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import re
 import urllib.parse
 
 import pytest
@@ -254,3 +255,30 @@ def test_a_download_over_the_limit_is_refused():
         capped.write(b"!")
     assert "maxArchiveSize" in str(failure.value)
     assert sink.getvalue() == b"0123456789"
+
+
+def test_the_build_fingerprint_follows_the_image_and_expanded_values_without_showing_them():
+    image = {"pip": "24.0", "requests": "2.31.0"}
+    packages = ["x @ https://${TOKEN}@h/x-1.0-py3-none-any.whl", "a==1"]
+    one = installer.build_fingerprint(image, packages, ["x @ https://s3cr3t@h/x-1.0-py3-none-any.whl", "a==1"])
+    assert one == installer.build_fingerprint(dict(image), packages,
+                                              ["x @ https://s3cr3t@h/x-1.0-py3-none-any.whl", "a==1"])
+    assert re.fullmatch(r"[0-9a-f]{8}", one)
+    other_value = installer.build_fingerprint(image, packages, ["x @ https://other@h/x-1.0-py3-none-any.whl", "a==1"])
+    other_image = installer.build_fingerprint(dict(image, requests="2.32.0"), packages,
+                                              ["x @ https://s3cr3t@h/x-1.0-py3-none-any.whl", "a==1"])
+    assert len({one, other_value, other_image}) == 3
+    # Without variables, only the image counts.
+    plain = ["a==1"]
+    assert installer.build_fingerprint(image, plain, plain) == installer.build_fingerprint(image, ["b==2"], ["b==2"])
+
+
+def test_the_build_identity_carries_the_fingerprint(monkeypatch):
+    cfg = installer.load_config({"KASPR_PACKAGES_CONFIG": json.dumps({
+        "version": 1, "mode": "emptyDir", "app": "a", "namespace": "n", "installKey": "0123456789abcdef",
+        "packages": ["a==1"], "target": "/tmp/kaspr-unused-target"})})
+    first = installer.Context(cfg, {}).tag
+    monkeypatch.setattr(installer, "installed_distributions", lambda: {"only-in-this-image": "1.0"})
+    second = installer.Context(cfg, {}).tag
+    assert first.startswith(installer.python_tag() + "-") and second.startswith(installer.python_tag() + "-")
+    assert first != second
