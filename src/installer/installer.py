@@ -343,14 +343,6 @@ def expand_packages(
     return expanded
 
 
-def with_credentials(url: str, username: str, password: str) -> str:
-    """``url`` with percent-encoded ``username:password@`` in place of any userinfo."""
-    parts = urllib.parse.urlsplit(url)
-    host = parts.netloc.rsplit("@", 1)[-1]
-    userinfo = "%s:%s" % (urllib.parse.quote(username, safe=""), urllib.parse.quote(password, safe=""))
-    return urllib.parse.urlunsplit(parts._replace(netloc="%s@%s" % (userinfo, host)))
-
-
 def same_host(url_a: str, url_b: str) -> bool:
     """True when both URLs name the same host (credentials are scoped to a host, as netrc is)."""
     a, b = urllib.parse.urlsplit(url_a), urllib.parse.urlsplit(url_b)
@@ -387,9 +379,11 @@ class IndexSettings:
 def index_settings(cfg: Config, environ: Dict[str, str], redactor: Redactor) -> IndexSettings:
     """The pip child's index configuration, with credentials only for the ``indexUrl`` host.
 
-    Credentials go to pip through a private netrc file keyed by that host (so extra indexes on
-    the same host get them and no other host does), or, where netrc cannot hold them, inside
-    the index URLs in the child's environment. Never through argv.
+    Credentials go to pip only through a private netrc file keyed by that host (so extra
+    indexes on the same host get them and no other host does). Where this Python's netrc
+    parser cannot hold them (before 3.11: whitespace, quotes, backslash, '#', an empty
+    password), there is no safe way: in the index URL they would reach the command line of the
+    pip that builds an sdist's dependencies, so the run stops with ``invalid_config``.
     """
     env: Dict[str, str] = {}
     credentials = None
@@ -410,17 +404,18 @@ def index_settings(cfg: Config, environ: Dict[str, str], redactor: Redactor) -> 
     if credentials:
         host = urllib.parse.urlsplit(cfg.index_url).hostname
         netrc = netrc_entry(host, *credentials)
-    in_url = credentials is not None and netrc is None
-
-    def index(url):
-        if in_url and same_host(url, cfg.index_url):
-            return with_credentials(url, *credentials)
-        return url
+        if netrc is None:
+            raise _fail_config(
+                "credentials",
+                "Python %d.%d cannot pass this username or password to pip safely (it contains "
+                "whitespace, a quote, a backslash or '#', or the password is empty); in a URL it "
+                "would reach a process's command line. Use an image with Python 3.11 or newer, "
+                "or credentials without those characters" % sys.version_info[:2])
 
     if cfg.index_url:
-        env["PIP_INDEX_URL"] = index(cfg.index_url)
+        env["PIP_INDEX_URL"] = cfg.index_url
     if cfg.extra_index_urls:
-        env["PIP_EXTRA_INDEX_URL"] = " ".join(index(u) for u in cfg.extra_index_urls)
+        env["PIP_EXTRA_INDEX_URL"] = " ".join(cfg.extra_index_urls)
     if cfg.trusted_hosts:
         env["PIP_TRUSTED_HOST"] = " ".join(cfg.trusted_hosts)
     return IndexSettings(env, netrc, credentials)

@@ -37,21 +37,12 @@ def test_redactor_removes_raw_and_encoded_forms():
     assert r(text) == "a *** b *** c ***"
 
 
-def test_credentials_in_url_round_trip_every_printable_character():
-    printable = "".join(chr(c) for c in range(32, 127))
-    url = installer.with_credentials("https://old:creds@idx.example:8443/simple/", printable, printable)
-    parts = urllib.parse.urlsplit(url)
-    assert parts.hostname == "idx.example" and parts.port == 8443 and parts.path == "/simple/"
-    assert urllib.parse.unquote(parts.username) == printable
-    assert urllib.parse.unquote(parts.password) == printable
-
-
 def test_netrc_entry_parses_back_every_printable_character(tmp_path):
     import netrc
     printable = "".join(chr(c) for c in range(32, 127))
     text = installer.netrc_entry("idx.example", printable, printable)
     if text is None:
-        pytest.skip("this Python's netrc cannot hold such values; the installer uses the URL")
+        pytest.skip("this Python's netrc cannot hold such values; the installer refuses them")
     (tmp_path / "netrc").write_text(text)
     login, _account, password = netrc.netrc(str(tmp_path / "netrc")).authenticators("idx.example")
     assert (login, password) == (printable, printable)
@@ -282,3 +273,27 @@ def test_the_build_identity_carries_the_fingerprint(monkeypatch):
     second = installer.Context(cfg, {}).tag
     assert first.startswith(installer.python_tag() + "-") and second.startswith(installer.python_tag() + "-")
     assert first != second
+
+
+
+@pytest.mark.parametrize("password", ["with space", 'quote"d', "back\\slash", "hash#tag", ""])
+def test_credentials_netrc_cannot_hold_are_refused_before_python_3_11(monkeypatch, password):
+    class OldSys:
+        version_info = (3, 10, 14)
+    monkeypatch.setattr(installer, "sys", OldSys)
+    cfg = installer.load_config({"KASPR_PACKAGES_CONFIG": json.dumps({
+        "version": 1, "mode": "emptyDir", "app": "a", "namespace": "n", "installKey": "0123456789abcdef",
+        "packages": ["a==1"], "target": "/tmp/kaspr-unused-target", "credentials": True,
+        "indexUrl": "https://idx.example/simple/", "extraIndexUrls": ["https://idx.example/other/"]})})
+    environ = {"KASPR_PYPI_USERNAME": "user", "KASPR_PYPI_PASSWORD": password}
+    with pytest.raises(installer.InstallError) as failure:
+        installer.index_settings(cfg, environ, installer.Redactor())
+    assert failure.value.category == "invalid_config"
+    assert "Python 3.10 cannot pass this username or password to pip safely" in failure.value.message
+    assert not password or password not in failure.value.message
+    # What netrc can hold still works, and no URL ever carries the credentials.
+    settings = installer.index_settings(cfg, dict(environ, KASPR_PYPI_PASSWORD="plain-token"),
+                                        installer.Redactor())
+    assert settings.netrc == "machine idx.example login user password plain-token\n"
+    assert settings.env["PIP_INDEX_URL"] == "https://idx.example/simple/"
+    assert "plain-token" not in settings.env["PIP_EXTRA_INDEX_URL"]
