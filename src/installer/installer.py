@@ -121,7 +121,8 @@ INSTALL_KEY_RE = re.compile(r"^[0-9a-f]{16}$")
 NAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,251}[A-Za-z0-9])?$")
 VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 # This program's own variables: never expanded into a requirement, whatever the config says.
-RESERVED_ENV = ("KASPR_PACKAGES_CONFIG", "KASPR_PYPI_USERNAME", "KASPR_PYPI_PASSWORD")
+RESERVED_ENV = ("KASPR_PACKAGES_CONFIG", "KASPR_PYPI_USERNAME", "KASPR_PYPI_PASSWORD",
+                "KASPR_PACKAGES_POD_UID")
 
 
 def _fail_config(field: str, problem: str) -> InstallError:
@@ -1180,15 +1181,24 @@ def pod_name(environ: Dict[str, str]) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", name)
 
 
+def lease_file_name(environ: Dict[str, str]) -> str:
+    """One lease per pod: named by the pod's uid (downward API) beside its name, so two pods
+    that share a hostname never overwrite each other's lease; by the name alone without it."""
+    uid = re.sub(r"[^A-Za-z0-9-]", "_", environ.get("KASPR_PACKAGES_POD_UID") or "")
+    return "%s.%s.json" % (pod_name(environ), uid) if uid else pod_name(environ) + ".json"
+
+
 def write_lease(ctx: Context, build_rel: str) -> None:
-    """Record that this pod uses ``build_rel`` (``<key>/<tag>``): one lease file per pod name,
-    replaced atomically, so a restarted pod drops its reference to its previous build."""
+    """Record that this pod uses ``build_rel`` (``<key>/<tag>``): one lease file per pod,
+    replaced atomically, so a restarted container drops its pod's reference to its previous
+    build."""
     leases = os.path.join(ctx.cfg.cache_dir, "leases")
     os.makedirs(leases, exist_ok=True)
-    path = os.path.join(leases, pod_name(ctx.environ) + ".json")
+    path = os.path.join(leases, lease_file_name(ctx.environ))
     tmp = "%s.%d.tmp" % (path, os.getpid())
     with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump({"build": build_rel, "time": int(time.time())}, handle)
+        json.dump({"build": build_rel, "time": int(time.time()), "pod": pod_name(ctx.environ),
+                   "uid": ctx.environ.get("KASPR_PACKAGES_POD_UID") or ""}, handle)
     os.replace(tmp, path)
     # Last-use time of the build, for the pruning grace period.
     used = os.path.join(ctx.cfg.cache_dir, ctx.cfg.install_key, "%s.used" % ctx.tag)
@@ -1257,6 +1267,40 @@ def run_pvc(ctx: Context) -> Plan:
     return plan
 
 
+def live_lease_builds(leases: str, grace: float) -> set:
+    """The builds the leases reference. A lease whose pod name has a newer lease of another pod
+    (a StatefulSet never runs two pods of one name, so its pod is gone) expires once it is
+    older than ``grace``, and its file is removed. The newest lease of each name stays."""
+    found = []
+    for entry in os.listdir(leases) if os.path.isdir(leases) else []:
+        if not entry.endswith(".json"):
+            continue
+        path = os.path.join(leases, entry)
+        try:
+            with open(path, encoding="utf-8") as handle:
+                lease = json.load(handle)
+            written = float(lease.get("time") or os.stat(path).st_mtime)
+            pod = lease.get("pod") or entry[: -len(".json")]
+            found.append((pod, written, lease.get("build"), path))
+        except (OSError, ValueError, AttributeError, TypeError):
+            continue
+    newest: Dict[str, float] = {}
+    for pod, written, _, _ in found:
+        newest[pod] = max(written, newest.get(pod, written))
+    now = time.time()
+    referenced = set()
+    for pod, written, build, path in found:
+        if written < newest[pod] and now - written > grace:
+            try:
+                os.unlink(path)
+                log("expired the lease of a replaced pod %s" % os.path.basename(path))
+            except OSError:
+                pass
+            continue
+        referenced.add(build)
+    return referenced
+
+
 def prune_cache(ctx: Context) -> None:
     """Remove builds no pod references any more, after a grace period, keeping the two most
     recently used builds of each python tag. Failures only log: pruning never fails a pod."""
@@ -1270,14 +1314,7 @@ def prune_cache(ctx: Context) -> None:
         return
     doomed = []
     try:
-        referenced = set()
-        leases = os.path.join(cache, "leases")
-        for entry in os.listdir(leases) if os.path.isdir(leases) else []:
-            try:
-                with open(os.path.join(leases, entry), encoding="utf-8") as handle:
-                    referenced.add(json.load(handle).get("build"))
-            except (OSError, ValueError, AttributeError):
-                continue
+        referenced = live_lease_builds(os.path.join(cache, "leases"), grace)
         by_tag: Dict[str, List[Tuple[float, str]]] = {}
         for key in os.listdir(cache):
             key_dir = os.path.join(cache, key)

@@ -2,7 +2,7 @@
 //! Pure functions of the spec and the pod they are rendered for.
 
 use k8s_openapi::api::core::v1::{
-    Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, KeyToPath,
+    Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, KeyToPath, ObjectFieldSelector,
     PersistentVolumeClaimVolumeSource, SecretKeySelector, SecretVolumeSource, Volume, VolumeMount,
 };
 use serde_json::{Map, Value, json};
@@ -197,6 +197,19 @@ pub fn render(
         value: Some(installer_config(spec, app, &install_key).to_string()),
         ..Default::default()
     }];
+    if matches!(spec.cache, Cache::Pvc(_)) {
+        env.push(EnvVar {
+            name: names::POD_UID_ENV.to_owned(),
+            value_from: Some(EnvVarSource {
+                field_ref: Some(ObjectFieldSelector {
+                    field_path: "metadata.uid".to_owned(),
+                    api_version: None,
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+    }
     if let Some(creds) = &spec.credentials {
         env.push(secret_env(
             names::USERNAME_ENV,
