@@ -166,100 +166,26 @@ pub(super) async fn reconcile_claim(
     Ok(RESYNC)
 }
 
-/// The claim reconciler against a stand-in API server (a tower service behind a real kube
-/// client): what it sends for create, delete and errors, in milliseconds and without a cluster.
+/// The claim reconciler against a stand-in API server: what it sends for create, delete and
+/// errors, in milliseconds and without a cluster.
 #[cfg(test)]
 mod tests {
-    use std::convert::Infallible;
-    use std::sync::{Arc, Mutex};
-
-    use axum::body::Bytes;
-    use futures::StreamExt as _;
-    use http_body_util::{BodyExt as _, StreamBody};
     use serde_json::{Value, json};
 
     use super::*;
-    use crate::controller::ControllerOptions;
-    use crate::controller::context::{ControllerMetrics, State};
-
-    type Body = StreamBody<
-        futures::stream::BoxStream<'static, Result<hyper::body::Frame<Bytes>, Infallible>>,
-    >;
-
-    /// One request the reconciler sent: method, path, query, JSON body.
-    #[derive(Debug, Clone)]
-    struct Sent {
-        method: String,
-        path: String,
-        query: String,
-        body: Value,
-    }
-
-    fn reply(status: u16, body: &Value) -> hyper::Response<Body> {
-        let bytes = Bytes::from(body.to_string());
-        let stream =
-            futures::stream::once(async move { Ok(hyper::body::Frame::data(bytes)) }).boxed();
-        hyper::Response::builder()
-            .status(status)
-            .header("content-type", "application/json")
-            .body(StreamBody::new(stream))
-            .expect("response")
-    }
-
-    fn status(code: u16, reason: &str) -> Value {
-        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": format!("{reason} (test)"), "reason": reason, "code": code})
-    }
+    use crate::controller::test_api::{Log, context, fake_api, status, writes};
 
     const CLAIM_PATH: &str = "/api/v1/namespaces/apps/persistentvolumeclaims/demo-python-packages";
 
-    /// An API server whose claim GET answers `claim` (status, body) and whose DELETE answers
-    /// `delete`; applies echo their body; Events are accepted.
-    fn fake_api(claim: (u16, Value), delete: u16) -> (kube::Client, Arc<Mutex<Vec<Sent>>>) {
-        let sent = Arc::new(Mutex::new(Vec::new()));
-        let log = Arc::clone(&sent);
-        let service = tower::service_fn(move |request: hyper::Request<kube::client::Body>| {
-            let log = Arc::clone(&log);
-            let claim = claim.clone();
-            async move {
-                let method = request.method().to_string();
-                let path = request.uri().path().to_owned();
-                let query = request.uri().query().unwrap_or("").to_owned();
-                let bytes = request
-                    .into_body()
-                    .collect()
-                    .await
-                    .map(|b| b.to_bytes())
-                    .unwrap_or_default();
-                let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-                log.lock().expect("log").push(Sent {
-                    method: method.clone(),
-                    path: path.clone(),
-                    query,
-                    body: body.clone(),
-                });
-                let response = match (method.as_str(), path.as_str()) {
-                    ("GET", CLAIM_PATH) => reply(claim.0, &claim.1),
-                    ("PATCH", CLAIM_PATH) => reply(200, &body),
-                    ("DELETE", CLAIM_PATH) if delete == 200 => reply(200, &claim.1),
-                    ("DELETE", CLAIM_PATH) => reply(delete, &status(delete, "Conflict")),
-                    ("POST", _) if path.ends_with("/events") => reply(201, &body),
-                    _ => reply(404, &status(404, "NotFound")),
-                };
-                Ok::<_, Infallible>(response)
-            }
-        });
-        (kube::Client::new(service, "default"), sent)
-    }
-
-    fn context(client: kube::Client) -> Context {
-        Context {
-            client,
-            options: ControllerOptions::default(),
-            render: crate::config::RenderConfig::default(),
-            metrics: ControllerMetrics::register(&mut crate::metrics::new_registry()),
-            stores: Vec::new(),
-            state: std::sync::Mutex::new(State::default()),
-        }
+    /// Claim GETs answer `claim`, DELETEs `delete`; applies echo their body.
+    fn claims_api(claim: (u16, Value), delete: u16) -> (kube::Client, Log) {
+        fake_api(move |method, path, body| match (method, path) {
+            ("GET", CLAIM_PATH) => claim.clone(),
+            ("PATCH", CLAIM_PATH) => (200, body.clone()),
+            ("DELETE", CLAIM_PATH) if delete == 200 => (200, claim.1.clone()),
+            ("DELETE", CLAIM_PATH) => (delete, status(delete, "Conflict")),
+            _ => (404, status(404, "NotFound")),
+        })
     }
 
     fn app(python_packages: &Value) -> (KasprAppObject, AppOwner, Report) {
@@ -284,18 +210,9 @@ mod tests {
             "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "256Mi"}}}})
     }
 
-    fn writes(sent: &Arc<Mutex<Vec<Sent>>>) -> Vec<Sent> {
-        sent.lock()
-            .expect("log")
-            .iter()
-            .filter(|s| s.method != "GET")
-            .cloned()
-            .collect()
-    }
-
     #[tokio::test]
     async fn a_missing_claim_is_created_by_server_side_apply() {
-        let (client, sent) = fake_api((404, status(404, "NotFound")), 200);
+        let (client, sent) = claims_api((404, status(404, "NotFound")), 200);
         let (object, owner, report) =
             app(&json!({"packages": ["a==1"], "cache": {"enabled": true, "size": "1Gi"}}));
         let next = reconcile_claim(&object, &owner, &report, &context(client))
@@ -336,7 +253,7 @@ mod tests {
     #[case::already_gone(404)]
     #[tokio::test]
     async fn leaving_pvc_mode_deletes_the_claim_with_its_uid_as_precondition(#[case] answer: u16) {
-        let (client, sent) = fake_api((200, managed_claim()), answer);
+        let (client, sent) = claims_api((200, managed_claim()), answer);
         let (object, owner, report) = app(&json!({"packages": ["a==1"]}));
         let next = reconcile_claim(&object, &owner, &report, &context(client))
             .await
@@ -366,7 +283,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_unreadable_claim_is_an_error_naming_it() {
-        let (client, sent) = fake_api((500, status(500, "InternalError")), 200);
+        let (client, sent) = claims_api((500, status(500, "InternalError")), 200);
         let (object, owner, report) =
             app(&json!({"packages": ["a==1"], "cache": {"enabled": true}}));
         let error = reconcile_claim(&object, &owner, &report, &context(client))

@@ -17,6 +17,8 @@ pub mod rollout;
 mod claim_reconciler;
 mod context;
 mod rollout_reconciler;
+#[cfg(test)]
+mod test_api;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

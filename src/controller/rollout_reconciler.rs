@@ -182,3 +182,132 @@ fn rollout_hash(statefulset: &DynamicObject) -> Option<String> {
         .and_then(Value::as_str)
         .map(str::to_owned)
 }
+
+/// The rollout reconciler against a stand-in API server: the patch that sends a StatefulSet
+/// through the webhook, and what follows from the answer.
+#[cfg(test)]
+mod tests {
+    use serde_json::{Value, json};
+
+    use super::*;
+    use crate::app::AppRef;
+    use crate::controller::test_api::{Log, context, fake_api, status, writes};
+
+    const STS_PATH: &str = "/apis/apps/v1/namespaces/apps/statefulsets/demo-app";
+
+    fn app() -> (KasprAppObject, AppOwner, Report) {
+        let value = json!({"apiVersion": "kaspr.io/v1alpha1", "kind": "KasprApp",
+            "metadata": {"name": "demo", "namespace": "apps", "uid": "app-uid", "resourceVersion": "3"},
+            "spec": {"pythonPackages": {"packages": ["a==1"]}}});
+        let report = crate::validation::validate_kasprapp(&value);
+        let owner = AppOwner::of(&value).expect("owner");
+        (
+            serde_json::from_value(value).expect("object"),
+            owner,
+            report,
+        )
+    }
+
+    /// The operator's StatefulSet, as stored without the injection.
+    fn statefulset(generation: i64) -> Value {
+        json!({"apiVersion": "apps/v1", "kind": "StatefulSet",
+            "metadata": {"name": "demo-app", "namespace": "apps", "generation": generation,
+                "ownerReferences": [{"apiVersion": "kaspr.io/v1alpha1", "kind": "KasprApp", "name": "demo", "uid": "app-uid"}]},
+            "spec": {"template": {
+                "metadata": {"labels": {"kaspr.io/kind": "KasprApp", "kaspr.io/app": "demo"}},
+                "spec": {"containers": [{"name": "kaspr", "image": "kaspr:1"}]}}}})
+    }
+
+    /// The same StatefulSet after the webhook rendered the injection into it.
+    fn injected(generation: i64) -> Value {
+        let (_, _, report) = app();
+        let mut sts = statefulset(generation);
+        crate::mutation::apply(
+            &mut sts["spec"]["template"],
+            report.spec.as_ref(),
+            &AppRef::new("apps", "demo"),
+            "spec.template.spec",
+            &crate::config::RenderConfig::default(),
+        )
+        .expect("inject");
+        sts
+    }
+
+    /// GETs answer the stored StatefulSet; the patch answers `patched` (status, body).
+    fn statefulsets_api(patched: (u16, Value)) -> (kube::Client, Log) {
+        fake_api(move |method, path, _| match (method, path) {
+            ("GET", STS_PATH) => (200, statefulset(1)),
+            ("PATCH", STS_PATH) => patched.clone(),
+            _ => (404, status(404, "NotFound")),
+        })
+    }
+
+    #[tokio::test]
+    async fn an_out_of_date_statefulset_is_sent_through_the_webhook_once() {
+        let (client, sent) = statefulsets_api((200, injected(2)));
+        let (object, owner, report) = app();
+        let context = context(client);
+        let next = reconcile_rollout(&object, &owner, &report, &context)
+            .await
+            .expect("ok");
+        assert_eq!(next, RESYNC);
+        let writes = writes(&sent);
+        let patch = writes
+            .iter()
+            .find(|s| s.method == "PATCH")
+            .expect("a patch");
+        assert_eq!(patch.path, STS_PATH);
+        assert_eq!(patch.body, rollout::resync_patch());
+        let events: Vec<&Value> = writes
+            .iter()
+            .filter(|s| s.method == "POST")
+            .map(|s| &s.body["reason"])
+            .collect();
+        assert_eq!(events, [&json!("PackagesRollout")]);
+        assert!(context.state().out_of_sync.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_bypassed_webhook_is_retried_with_backoff_and_reported() {
+        // The API server stored the UPDATE without the injection (failurePolicy Ignore).
+        let (client, sent) = statefulsets_api((200, statefulset(1)));
+        let (object, owner, report) = app();
+        let context = context(client);
+        let first = reconcile_rollout(&object, &owner, &report, &context)
+            .await
+            .expect("ok");
+        let second = reconcile_rollout(&object, &owner, &report, &context)
+            .await
+            .expect("ok");
+        assert_eq!((first, second), (retry_delay(2), retry_delay(3)));
+        assert_eq!(context.state().out_of_sync.len(), 1);
+        let reasons: Vec<Value> = writes(&sent)
+            .iter()
+            .filter(|s| s.method == "POST")
+            .map(|s| s.body["reason"].clone())
+            .collect();
+        assert_eq!(reasons, [json!("StatefulSetOutOfSync")]);
+    }
+
+    #[tokio::test]
+    async fn a_refused_patch_is_an_error_and_a_warning() {
+        let (client, sent) = statefulsets_api((403, status(403, "Forbidden")));
+        let (object, owner, report) = app();
+        let context = context(client);
+        let error = reconcile_rollout(&object, &owner, &report, &context)
+            .await
+            .expect_err("fails");
+        assert!(
+            error.to_string().starts_with(
+                "cannot update StatefulSet apps/demo-app: Forbidden (test) (403 Forbidden)"
+            ),
+            "{error}"
+        );
+        let reasons: Vec<Value> = writes(&sent)
+            .iter()
+            .filter(|s| s.method == "POST")
+            .map(|s| s.body["reason"].clone())
+            .collect();
+        assert_eq!(reasons, [json!("StatefulSetOutOfSync")]);
+    }
+}
