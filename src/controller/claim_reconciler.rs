@@ -77,93 +77,147 @@ pub(super) async fn reconcile_claim(
     };
     let plan = pvc::plan(owner, &wanted, existing.as_ref(), &class);
     context.report(app, Part::Pvc, plan.notices).await;
+    let target = Target {
+        app,
+        api: &api,
+        namespace: &owner.app.namespace,
+        name: &name,
+        object: &object,
+        context,
+    };
     let outcome = match plan.action {
         PvcAction::Nothing => "in_sync",
         PvcAction::Apply(desired) => {
-            // Force: the KasprApp is the source of truth for the fields we declare, and another
-            // manager's value (say a hand edit of the size) must not block reconciling forever.
-            // Every replica applies as the same manager, so replicas never conflict.
-            let applied = api
-                .patch(
-                    &name,
-                    &PatchParams::apply(FIELD_MANAGER).force(),
-                    &Patch::Apply(&*desired),
-                )
-                .await
-                .map_err(|e| {
-                    context.metrics.count(Part::Pvc, "failed");
-                    api_error("apply", object.clone())(e)
-                })?;
-            let size = |c: &PersistentVolumeClaim| {
-                c.spec
-                    .as_ref()
-                    .and_then(|s| s.resources.as_ref())
-                    .and_then(|r| r.requests.as_ref())
-                    .and_then(|r| r.get("storage"))
-                    .map(|q| q.0.clone())
-            };
-            let (reason, note) = match &existing {
-                None => (
-                    Some("PvcCreated"),
-                    format!(
-                        "created PVC {name} ({}) for the python-packages cache",
-                        size(&applied).unwrap_or_default()
-                    ),
-                ),
-                Some(before) if before.request != size(&applied) => (
-                    Some("PvcResized"),
-                    format!(
-                        "requested {} for PVC {name} (was {})",
-                        size(&applied).unwrap_or_default(),
-                        before.request.as_deref().unwrap_or_default()
-                    ),
-                ),
-                Some(_) => (None, String::new()),
-            };
-            tracing::info!(namespace = %owner.app.namespace, claim = %name, "applied the python-packages PVC");
-            if let Some(reason) = reason {
-                context
-                    .publish(app, EventType::Normal, Part::Pvc, reason, note)
-                    .await;
-            }
+            apply_claim(&target, &desired, existing.as_ref()).await?;
             "changed"
         }
         PvcAction::Delete { uid } => {
-            // The uid precondition: never delete a claim that was recreated meanwhile.
-            let params = DeleteParams {
-                preconditions: Some(Preconditions {
-                    uid,
-                    resource_version: None,
-                }),
-                ..DeleteParams::default()
-            };
-            match api.delete(&name, &params).await {
-                Ok(_) => {
-                    tracing::info!(namespace = %owner.app.namespace, claim = %name, "deleted the python-packages PVC");
-                    context
-                        .publish(
-                            app,
-                            EventType::Normal,
-                            Part::Pvc,
-                            "PvcDeleted",
-                            format!(
-                                "deleted PVC {name}: the app left PVC mode and cache.deleteClaim is true"
-                            ),
-                        )
-                        .await;
-                }
-                // Gone already (another replica), or replaced by a claim we look at next time.
-                Err(error) if is_status(&error, &[404, 409]) => {}
-                Err(error) => {
-                    context.metrics.count(Part::Pvc, "failed");
-                    return Err(api_error("delete", object)(error));
-                }
-            }
+            delete_claim(&target, uid).await?;
             "changed"
         }
     };
     context.metrics.count(Part::Pvc, outcome);
     Ok(RESYNC)
+}
+
+/// The claim being reconciled and where to write it.
+struct Target<'a> {
+    app: &'a KasprAppObject,
+    api: &'a Api<PersistentVolumeClaim>,
+    namespace: &'a str,
+    name: &'a str,
+    /// `PersistentVolumeClaim <namespace>/<name>`, for messages.
+    object: &'a str,
+    context: &'a Context,
+}
+
+fn requested_size(claim: &PersistentVolumeClaim) -> Option<String> {
+    claim
+        .spec
+        .as_ref()
+        .and_then(|s| s.resources.as_ref())
+        .and_then(|r| r.requests.as_ref())
+        .and_then(|r| r.get("storage"))
+        .map(|q| q.0.clone())
+}
+
+/// Server-side apply of the desired claim, and an Event when it was created or resized.
+async fn apply_claim(
+    target: &Target<'_>,
+    desired: &PersistentVolumeClaim,
+    existing: Option<&Existing>,
+) -> Result<(), ControllerError> {
+    let Target {
+        app,
+        api,
+        namespace,
+        name,
+        object,
+        context,
+    } = target;
+    // Force: the KasprApp is the source of truth for the fields we declare, and another
+    // manager's value (say a hand edit of the size) must not block reconciling forever.
+    // Every replica applies as the same manager, so replicas never conflict.
+    let applied = api
+        .patch(
+            name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(desired),
+        )
+        .await
+        .map_err(|e| {
+            context.metrics.count(Part::Pvc, "failed");
+            api_error("apply", (*object).to_owned())(e)
+        })?;
+    let size = requested_size(&applied);
+    let event = match existing {
+        None => Some((
+            "PvcCreated",
+            format!(
+                "created PVC {name} ({}) for the python-packages cache",
+                size.as_deref().unwrap_or_default()
+            ),
+        )),
+        Some(before) if before.request != size => Some((
+            "PvcResized",
+            format!(
+                "requested {} for PVC {name} (was {})",
+                size.as_deref().unwrap_or_default(),
+                before.request.as_deref().unwrap_or_default()
+            ),
+        )),
+        Some(_) => None,
+    };
+    tracing::info!(namespace = %namespace, claim = %name, "applied the python-packages PVC");
+    if let Some((reason, note)) = event {
+        context
+            .publish(app, EventType::Normal, Part::Pvc, reason, note)
+            .await;
+    }
+    Ok(())
+}
+
+/// Deletes the claim, only if it is still the one with `uid`.
+async fn delete_claim(target: &Target<'_>, uid: Option<String>) -> Result<(), ControllerError> {
+    let Target {
+        app,
+        api,
+        namespace,
+        name,
+        object,
+        context,
+    } = target;
+    // The uid precondition: never delete a claim that was recreated meanwhile.
+    let params = DeleteParams {
+        preconditions: Some(Preconditions {
+            uid,
+            resource_version: None,
+        }),
+        ..DeleteParams::default()
+    };
+    match api.delete(name, &params).await {
+        Ok(_) => {
+            tracing::info!(namespace = %namespace, claim = %name, "deleted the python-packages PVC");
+            context
+                .publish(
+                    app,
+                    EventType::Normal,
+                    Part::Pvc,
+                    "PvcDeleted",
+                    format!(
+                        "deleted PVC {name}: the app left PVC mode and cache.deleteClaim is true"
+                    ),
+                )
+                .await;
+            Ok(())
+        }
+        // Gone already (another replica), or replaced by a claim we look at next time.
+        Err(error) if is_status(&error, &[404, 409]) => Ok(()),
+        Err(error) => {
+            context.metrics.count(Part::Pvc, "failed");
+            Err(api_error("delete", (*object).to_owned())(error))
+        }
+    }
 }
 
 /// The claim reconciler against a stand-in API server: what it sends for create, delete and
