@@ -99,52 +99,10 @@ pub(super) async fn reconcile_rollout(
         SyncState::OutOfSync { current, desired } => (current, desired),
     };
 
-    let params = PatchParams {
-        field_manager: Some(FIELD_MANAGER.to_owned()),
-        ..PatchParams::default()
-    };
-    let updated = match api
-        .patch(&name, &params, &Patch::Merge(rollout::resync_patch()))
-        .await
-    {
-        Ok(updated) => updated,
-        Err(error) => {
-            context.set_out_of_sync(&key, true);
-            context.metrics.count(Part::Rollout, "failed");
-            let notice = Notice::warning(
-                "StatefulSetOutOfSync",
-                format!(
-                    "{object} lacks the current python-packages injection and could not be sent \
-                     through the webhook again; retrying with backoff: {}",
-                    describe(&error)
-                ),
-            );
-            context.report(app, Part::Rollout, vec![notice]).await;
-            return Err(api_error("update", object)(error));
-        }
-    };
+    let updated = send_through_webhook(app, &api, &name, &object, context).await?;
     let after = state_of(&template_of(&updated));
-    let changed = updated.metadata.generation != statefulset.metadata.generation;
-    if changed {
-        let hash = rollout_hash(&updated);
-        tracing::info!(
-            namespace = %owner.app.namespace, statefulset = %name,
-            from = current.as_deref().unwrap_or("none"), to = hash.as_deref().unwrap_or("none"),
-            "StatefulSet updated to the current python-packages injection"
-        );
-        let note = match hash {
-            Some(hash) => format!("updated {object} to python-packages template hash {hash}"),
-            None => format!("removed the python-packages injection from {object}"),
-        };
-        context
-            .publish(
-                app,
-                EventType::Normal,
-                Part::Rollout,
-                "PackagesRollout",
-                note,
-            )
-            .await;
+    if updated.metadata.generation != statefulset.metadata.generation {
+        announce_rollout(app, owner, &updated, current.as_deref(), context).await;
     }
     if after.in_sync() {
         context.state().unconverged.remove(&key);
@@ -172,6 +130,72 @@ pub(super) async fn reconcile_rollout(
         context.report(app, Part::Rollout, vec![notice]).await;
     }
     Ok(retry_delay(attempt.saturating_add(1)))
+}
+
+/// The resync patch, which makes the API server send the StatefulSet through the webhook; a
+/// refusal marks the app out of sync and warns.
+async fn send_through_webhook(
+    app: &KasprAppObject,
+    api: &Api<DynamicObject>,
+    name: &str,
+    object: &str,
+    context: &Context,
+) -> Result<DynamicObject, ControllerError> {
+    let params = PatchParams {
+        field_manager: Some(FIELD_MANAGER.to_owned()),
+        ..PatchParams::default()
+    };
+    match api
+        .patch(name, &params, &Patch::Merge(rollout::resync_patch()))
+        .await
+    {
+        Ok(updated) => Ok(updated),
+        Err(error) => {
+            context.set_out_of_sync(&ObjectRef::from_obj(app), true);
+            context.metrics.count(Part::Rollout, "failed");
+            let notice = Notice::warning(
+                "StatefulSetOutOfSync",
+                format!(
+                    "{object} lacks the current python-packages injection and could not be sent \
+                     through the webhook again; retrying with backoff: {}",
+                    describe(&error)
+                ),
+            );
+            context.report(app, Part::Rollout, vec![notice]).await;
+            Err(api_error("update", object.to_owned())(error))
+        }
+    }
+}
+
+/// Logs and publishes (as a Normal Event) that the StatefulSet now carries another injection.
+async fn announce_rollout(
+    app: &KasprAppObject,
+    owner: &AppOwner,
+    updated: &DynamicObject,
+    from: Option<&str>,
+    context: &Context,
+) {
+    let name = format!("{}-app", owner.app.name);
+    let object = format!("StatefulSet {}/{name}", owner.app.namespace);
+    let hash = rollout_hash(updated);
+    tracing::info!(
+        namespace = %owner.app.namespace, statefulset = %name,
+        from = from.unwrap_or("none"), to = hash.as_deref().unwrap_or("none"),
+        "StatefulSet updated to the current python-packages injection"
+    );
+    let note = match hash {
+        Some(hash) => format!("updated {object} to python-packages template hash {hash}"),
+        None => format!("removed the python-packages injection from {object}"),
+    };
+    context
+        .publish(
+            app,
+            EventType::Normal,
+            Part::Rollout,
+            "PackagesRollout",
+            note,
+        )
+        .await;
 }
 
 fn rollout_hash(statefulset: &DynamicObject) -> Option<String> {
