@@ -107,6 +107,9 @@ def test_config_defaults_and_unknown_keys():
         "version": 1, "mode": "emptyDir", "app": "a", "namespace": "ns", "installKey": "0" * 16,
         "packages": ["x"], "target": "/t", "brandNew": 1})})
     assert (cfg.retries, cfg.timeout, cfg.on_failure, cfg.index_url) == (3, 600.0, "block", None)
+    # An unknown key (a newer webhook's setting) is ignored: accepted, and not kept anywhere.
+    assert "brandNew" not in vars(cfg) and "brand_new" not in vars(cfg)
+    assert cfg.packages == ["x"] and cfg.expand_env == []
 
 
 def test_source_is_python_3_9_syntax():
