@@ -22,8 +22,10 @@ pub const CONFIG_ENV: &str = "KASPR_PACKAGES_CONFIG";
 pub const USERNAME_ENV: &str = "KASPR_PYPI_USERNAME";
 pub const PASSWORD_ENV: &str = "KASPR_PYPI_PASSWORD";
 pub const PYTHONPATH: &str = "PYTHONPATH";
+/// The pod's uid (downward API), so a PVC lease belongs to one pod, not to a hostname.
+pub const POD_UID_ENV: &str = "KASPR_PACKAGES_POD_UID";
 /// Env vars the injected init container sets itself; users may not set or expand them.
-pub const RESERVED_ENV: &[&str] = &[CONFIG_ENV, USERNAME_ENV, PASSWORD_ENV];
+pub const RESERVED_ENV: &[&str] = &[CONFIG_ENV, USERNAME_ENV, PASSWORD_ENV, POD_UID_ENV];
 /// Directories the injection mounts; user mounts must stay out of them.
 pub const RESERVED_PATHS: &[&str] = &[PACKAGES_PATH, CACHE_PATH, GCS_KEY_ROOT];
 /// The parent of [`GCS_KEY_DIR`], kept free for every secret this product mounts.

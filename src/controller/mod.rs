@@ -17,6 +17,8 @@ pub mod rollout;
 mod claim_reconciler;
 mod context;
 mod rollout_reconciler;
+#[cfg(test)]
+mod test_api;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -112,59 +114,10 @@ pub fn run(
     if scopes.is_empty() {
         scopes.push(None);
     }
-    let api = |scope: Option<&str>| -> (
-        Api<KasprAppObject>,
-        Api<StatefulSet>,
-        Api<PersistentVolumeClaim>,
-    ) {
-        match scope {
-            None => (
-                Api::all(client.clone()),
-                Api::all(client.clone()),
-                Api::all(client.clone()),
-            ),
-            Some(ns) => (
-                Api::namespaced(client.clone(), ns),
-                Api::namespaced(client.clone(), ns),
-                Api::namespaced(client.clone(), ns),
-            ),
-        }
-    };
-    let mut controllers = Vec::new();
-    for scope in scopes {
-        let (apps, statefulsets, claims) = api(scope);
-        let mut controller = Controller::new(apps, watcher::Config::default()).with_config(
-            Config::default()
-                .debounce(Duration::from_millis(500))
-                .concurrency(4),
-        );
-        if options.rollout {
-            // Owned StatefulSets, and those an operator recreated without an ownerReference
-            // (known by their pod-template labels), wake their app.
-            controller = controller.watches(
-                statefulsets,
-                watcher::Config::default(),
-                |statefulset: StatefulSet| {
-                    let namespace = statefulset.metadata.namespace.clone()?;
-                    let object = serde_json::to_value(&statefulset).ok()?;
-                    let app = crate::app::statefulset_app(&object)?;
-                    Some(ObjectRef::new(&app).within(&namespace))
-                },
-            );
-        }
-        if options.pvc {
-            controller = controller.watches(
-                claims,
-                watcher::Config::default().labels(pvc::MANAGED_SELECTOR),
-                |claim: PersistentVolumeClaim| {
-                    let namespace = claim.metadata.namespace.as_deref()?;
-                    let app = claim.metadata.labels.as_ref()?.get(names::APP_LABEL)?;
-                    Some(ObjectRef::new(app).within(namespace))
-                },
-            );
-        }
-        controllers.push(controller);
-    }
+    let controllers: Vec<Controller<KasprAppObject>> = scopes
+        .into_iter()
+        .map(|scope| scoped_controller(client, scope, options))
+        .collect();
     let context = Arc::new(Context {
         client: client.clone(),
         options,
@@ -213,6 +166,57 @@ pub fn run(
         }
         .boxed(),
     )
+}
+
+/// The kube-runtime controller of one scope (a namespace, or all with `None`): woken by its
+/// KasprApps, by their StatefulSets (rollout) and by the claims this product manages (PVC).
+fn scoped_controller(
+    client: &Client,
+    scope: Option<&str>,
+    options: ControllerOptions,
+) -> Controller<KasprAppObject> {
+    fn api<K>(client: &Client, scope: Option<&str>) -> Api<K>
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+        K::DynamicType: Default,
+    {
+        match scope {
+            None => Api::all(client.clone()),
+            Some(namespace) => Api::namespaced(client.clone(), namespace),
+        }
+    }
+    let mut controller = Controller::new(api(client, scope), watcher::Config::default())
+        .with_config(
+            Config::default()
+                .debounce(Duration::from_millis(500))
+                .concurrency(4),
+        );
+    if options.rollout {
+        // Owned StatefulSets, and those an operator recreated without an ownerReference
+        // (known by their pod-template labels), wake their app.
+        controller = controller.watches(
+            api::<StatefulSet>(client, scope),
+            watcher::Config::default(),
+            |statefulset: StatefulSet| {
+                let namespace = statefulset.metadata.namespace.clone()?;
+                let object = serde_json::to_value(&statefulset).ok()?;
+                let app = crate::app::statefulset_app(&object)?;
+                Some(ObjectRef::new(&app).within(&namespace))
+            },
+        );
+    }
+    if options.pvc {
+        controller = controller.watches(
+            api::<PersistentVolumeClaim>(client, scope),
+            watcher::Config::default().labels(pvc::MANAGED_SELECTOR),
+            |claim: PersistentVolumeClaim| {
+                let namespace = claim.metadata.namespace.as_deref()?;
+                let app = claim.metadata.labels.as_ref()?.get(names::APP_LABEL)?;
+                Some(ObjectRef::new(app).within(namespace))
+            },
+        );
+    }
+    controller
 }
 
 /// Drops what is remembered about deleted apps, so the gauge counts only existing ones.

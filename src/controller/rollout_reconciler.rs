@@ -99,52 +99,10 @@ pub(super) async fn reconcile_rollout(
         SyncState::OutOfSync { current, desired } => (current, desired),
     };
 
-    let params = PatchParams {
-        field_manager: Some(FIELD_MANAGER.to_owned()),
-        ..PatchParams::default()
-    };
-    let updated = match api
-        .patch(&name, &params, &Patch::Merge(rollout::resync_patch()))
-        .await
-    {
-        Ok(updated) => updated,
-        Err(error) => {
-            context.set_out_of_sync(&key, true);
-            context.metrics.count(Part::Rollout, "failed");
-            let notice = Notice::warning(
-                "StatefulSetOutOfSync",
-                format!(
-                    "{object} lacks the current python-packages injection and could not be sent \
-                     through the webhook again; retrying with backoff: {}",
-                    describe(&error)
-                ),
-            );
-            context.report(app, Part::Rollout, vec![notice]).await;
-            return Err(api_error("update", object)(error));
-        }
-    };
+    let updated = send_through_webhook(app, &api, &name, &object, context).await?;
     let after = state_of(&template_of(&updated));
-    let changed = updated.metadata.generation != statefulset.metadata.generation;
-    if changed {
-        let hash = rollout_hash(&updated);
-        tracing::info!(
-            namespace = %owner.app.namespace, statefulset = %name,
-            from = current.as_deref().unwrap_or("none"), to = hash.as_deref().unwrap_or("none"),
-            "StatefulSet updated to the current python-packages injection"
-        );
-        let note = match hash {
-            Some(hash) => format!("updated {object} to python-packages template hash {hash}"),
-            None => format!("removed the python-packages injection from {object}"),
-        };
-        context
-            .publish(
-                app,
-                EventType::Normal,
-                Part::Rollout,
-                "PackagesRollout",
-                note,
-            )
-            .await;
+    if updated.metadata.generation != statefulset.metadata.generation {
+        announce_rollout(app, owner, &updated, current.as_deref(), context).await;
     }
     if after.in_sync() {
         context.state().unconverged.remove(&key);
@@ -174,6 +132,72 @@ pub(super) async fn reconcile_rollout(
     Ok(retry_delay(attempt.saturating_add(1)))
 }
 
+/// The resync patch, which makes the API server send the StatefulSet through the webhook; a
+/// refusal marks the app out of sync and warns.
+async fn send_through_webhook(
+    app: &KasprAppObject,
+    api: &Api<DynamicObject>,
+    name: &str,
+    object: &str,
+    context: &Context,
+) -> Result<DynamicObject, ControllerError> {
+    let params = PatchParams {
+        field_manager: Some(FIELD_MANAGER.to_owned()),
+        ..PatchParams::default()
+    };
+    match api
+        .patch(name, &params, &Patch::Merge(rollout::resync_patch()))
+        .await
+    {
+        Ok(updated) => Ok(updated),
+        Err(error) => {
+            context.set_out_of_sync(&ObjectRef::from_obj(app), true);
+            context.metrics.count(Part::Rollout, "failed");
+            let notice = Notice::warning(
+                "StatefulSetOutOfSync",
+                format!(
+                    "{object} lacks the current python-packages injection and could not be sent \
+                     through the webhook again; retrying with backoff: {}",
+                    describe(&error)
+                ),
+            );
+            context.report(app, Part::Rollout, vec![notice]).await;
+            Err(api_error("update", object.to_owned())(error))
+        }
+    }
+}
+
+/// Logs and publishes (as a Normal Event) that the StatefulSet now carries another injection.
+async fn announce_rollout(
+    app: &KasprAppObject,
+    owner: &AppOwner,
+    updated: &DynamicObject,
+    from: Option<&str>,
+    context: &Context,
+) {
+    let name = format!("{}-app", owner.app.name);
+    let object = format!("StatefulSet {}/{name}", owner.app.namespace);
+    let hash = rollout_hash(updated);
+    tracing::info!(
+        namespace = %owner.app.namespace, statefulset = %name,
+        from = from.unwrap_or("none"), to = hash.as_deref().unwrap_or("none"),
+        "StatefulSet updated to the current python-packages injection"
+    );
+    let note = match hash {
+        Some(hash) => format!("updated {object} to python-packages template hash {hash}"),
+        None => format!("removed the python-packages injection from {object}"),
+    };
+    context
+        .publish(
+            app,
+            EventType::Normal,
+            Part::Rollout,
+            "PackagesRollout",
+            note,
+        )
+        .await;
+}
+
 fn rollout_hash(statefulset: &DynamicObject) -> Option<String> {
     statefulset
         .data
@@ -181,4 +205,133 @@ fn rollout_hash(statefulset: &DynamicObject) -> Option<String> {
         .and_then(|a| a.get(names::TEMPLATE_HASH_ANNOTATION))
         .and_then(Value::as_str)
         .map(str::to_owned)
+}
+
+/// The rollout reconciler against a stand-in API server: the patch that sends a StatefulSet
+/// through the webhook, and what follows from the answer.
+#[cfg(test)]
+mod tests {
+    use serde_json::{Value, json};
+
+    use super::*;
+    use crate::app::AppRef;
+    use crate::controller::test_api::{Log, context, fake_api, status, writes};
+
+    const STS_PATH: &str = "/apis/apps/v1/namespaces/apps/statefulsets/demo-app";
+
+    fn app() -> (KasprAppObject, AppOwner, Report) {
+        let value = json!({"apiVersion": "kaspr.io/v1alpha1", "kind": "KasprApp",
+            "metadata": {"name": "demo", "namespace": "apps", "uid": "app-uid", "resourceVersion": "3"},
+            "spec": {"pythonPackages": {"packages": ["a==1"]}}});
+        let report = crate::validation::validate_kasprapp(&value);
+        let owner = AppOwner::of(&value).expect("owner");
+        (
+            serde_json::from_value(value).expect("object"),
+            owner,
+            report,
+        )
+    }
+
+    /// The operator's StatefulSet, as stored without the injection.
+    fn statefulset(generation: i64) -> Value {
+        json!({"apiVersion": "apps/v1", "kind": "StatefulSet",
+            "metadata": {"name": "demo-app", "namespace": "apps", "generation": generation,
+                "ownerReferences": [{"apiVersion": "kaspr.io/v1alpha1", "kind": "KasprApp", "name": "demo", "uid": "app-uid"}]},
+            "spec": {"template": {
+                "metadata": {"labels": {"kaspr.io/kind": "KasprApp", "kaspr.io/app": "demo"}},
+                "spec": {"containers": [{"name": "kaspr", "image": "kaspr:1"}]}}}})
+    }
+
+    /// The same StatefulSet after the webhook rendered the injection into it.
+    fn injected(generation: i64) -> Value {
+        let (_, _, report) = app();
+        let mut sts = statefulset(generation);
+        crate::mutation::apply(
+            &mut sts["spec"]["template"],
+            report.spec.as_ref(),
+            &AppRef::new("apps", "demo"),
+            "spec.template.spec",
+            &crate::config::RenderConfig::default(),
+        )
+        .expect("inject");
+        sts
+    }
+
+    /// GETs answer the stored StatefulSet; the patch answers `patched` (status, body).
+    fn statefulsets_api(patched: (u16, Value)) -> (kube::Client, Log) {
+        fake_api(move |method, path, _| match (method, path) {
+            ("GET", STS_PATH) => (200, statefulset(1)),
+            ("PATCH", STS_PATH) => patched.clone(),
+            _ => (404, status(404, "NotFound")),
+        })
+    }
+
+    #[tokio::test]
+    async fn an_out_of_date_statefulset_is_sent_through_the_webhook_once() {
+        let (client, sent) = statefulsets_api((200, injected(2)));
+        let (object, owner, report) = app();
+        let context = context(client);
+        let next = reconcile_rollout(&object, &owner, &report, &context)
+            .await
+            .expect("ok");
+        assert_eq!(next, RESYNC);
+        let writes = writes(&sent);
+        let patch = writes
+            .iter()
+            .find(|s| s.method == "PATCH")
+            .expect("a patch");
+        assert_eq!(patch.path, STS_PATH);
+        assert_eq!(patch.body, rollout::resync_patch());
+        let events: Vec<&Value> = writes
+            .iter()
+            .filter(|s| s.method == "POST")
+            .map(|s| &s.body["reason"])
+            .collect();
+        assert_eq!(events, [&json!("PackagesRollout")]);
+        assert!(context.state().out_of_sync.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_bypassed_webhook_is_retried_with_backoff_and_reported() {
+        // The API server stored the UPDATE without the injection (failurePolicy Ignore).
+        let (client, sent) = statefulsets_api((200, statefulset(1)));
+        let (object, owner, report) = app();
+        let context = context(client);
+        let first = reconcile_rollout(&object, &owner, &report, &context)
+            .await
+            .expect("ok");
+        let second = reconcile_rollout(&object, &owner, &report, &context)
+            .await
+            .expect("ok");
+        assert_eq!((first, second), (retry_delay(2), retry_delay(3)));
+        assert_eq!(context.state().out_of_sync.len(), 1);
+        let reasons: Vec<Value> = writes(&sent)
+            .iter()
+            .filter(|s| s.method == "POST")
+            .map(|s| s.body["reason"].clone())
+            .collect();
+        assert_eq!(reasons, [json!("StatefulSetOutOfSync")]);
+    }
+
+    #[tokio::test]
+    async fn a_refused_patch_is_an_error_and_a_warning() {
+        let (client, sent) = statefulsets_api((403, status(403, "Forbidden")));
+        let (object, owner, report) = app();
+        let context = context(client);
+        let error = reconcile_rollout(&object, &owner, &report, &context)
+            .await
+            .expect_err("fails");
+        assert!(
+            error.to_string().starts_with(
+                "cannot update StatefulSet apps/demo-app: Forbidden (test) (403 Forbidden)"
+            ),
+            "{error}"
+        );
+        let reasons: Vec<Value> = writes(&sent)
+            .iter()
+            .filter(|s| s.method == "POST")
+            .map(|s| s.body["reason"].clone())
+            .collect();
+        assert_eq!(reasons, [json!("StatefulSetOutOfSync")]);
+    }
 }

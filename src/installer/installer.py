@@ -121,7 +121,8 @@ INSTALL_KEY_RE = re.compile(r"^[0-9a-f]{16}$")
 NAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,251}[A-Za-z0-9])?$")
 VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 # This program's own variables: never expanded into a requirement, whatever the config says.
-RESERVED_ENV = ("KASPR_PACKAGES_CONFIG", "KASPR_PYPI_USERNAME", "KASPR_PYPI_PASSWORD")
+RESERVED_ENV = ("KASPR_PACKAGES_CONFIG", "KASPR_PYPI_USERNAME", "KASPR_PYPI_PASSWORD",
+                "KASPR_PACKAGES_POD_UID")
 
 
 def _fail_config(field: str, problem: str) -> InstallError:
@@ -343,14 +344,6 @@ def expand_packages(
     return expanded
 
 
-def with_credentials(url: str, username: str, password: str) -> str:
-    """``url`` with percent-encoded ``username:password@`` in place of any userinfo."""
-    parts = urllib.parse.urlsplit(url)
-    host = parts.netloc.rsplit("@", 1)[-1]
-    userinfo = "%s:%s" % (urllib.parse.quote(username, safe=""), urllib.parse.quote(password, safe=""))
-    return urllib.parse.urlunsplit(parts._replace(netloc="%s@%s" % (userinfo, host)))
-
-
 def same_host(url_a: str, url_b: str) -> bool:
     """True when both URLs name the same host (credentials are scoped to a host, as netrc is)."""
     a, b = urllib.parse.urlsplit(url_a), urllib.parse.urlsplit(url_b)
@@ -387,9 +380,11 @@ class IndexSettings:
 def index_settings(cfg: Config, environ: Dict[str, str], redactor: Redactor) -> IndexSettings:
     """The pip child's index configuration, with credentials only for the ``indexUrl`` host.
 
-    Credentials go to pip through a private netrc file keyed by that host (so extra indexes on
-    the same host get them and no other host does), or, where netrc cannot hold them, inside
-    the index URLs in the child's environment. Never through argv.
+    Credentials go to pip only through a private netrc file keyed by that host (so extra
+    indexes on the same host get them and no other host does). Where this Python's netrc
+    parser cannot hold them (before 3.11: whitespace, quotes, backslash, '#', an empty
+    password), there is no safe way: in the index URL they would reach the command line of the
+    pip that builds an sdist's dependencies, so the run stops with ``invalid_config``.
     """
     env: Dict[str, str] = {}
     credentials = None
@@ -410,17 +405,18 @@ def index_settings(cfg: Config, environ: Dict[str, str], redactor: Redactor) -> 
     if credentials:
         host = urllib.parse.urlsplit(cfg.index_url).hostname
         netrc = netrc_entry(host, *credentials)
-    in_url = credentials is not None and netrc is None
-
-    def index(url):
-        if in_url and same_host(url, cfg.index_url):
-            return with_credentials(url, *credentials)
-        return url
+        if netrc is None:
+            raise _fail_config(
+                "credentials",
+                "Python %d.%d cannot pass this username or password to pip safely (it contains "
+                "whitespace, a quote, a backslash or '#', or the password is empty); in a URL it "
+                "would reach a process's command line. Use an image with Python 3.11 or newer, "
+                "or credentials without those characters" % sys.version_info[:2])
 
     if cfg.index_url:
-        env["PIP_INDEX_URL"] = index(cfg.index_url)
+        env["PIP_INDEX_URL"] = cfg.index_url
     if cfg.extra_index_urls:
-        env["PIP_EXTRA_INDEX_URL"] = " ".join(index(u) for u in cfg.extra_index_urls)
+        env["PIP_EXTRA_INDEX_URL"] = " ".join(cfg.extra_index_urls)
     if cfg.trusted_hosts:
         env["PIP_TRUSTED_HOST"] = " ".join(cfg.trusted_hosts)
     return IndexSettings(env, netrc, credentials)
@@ -454,6 +450,27 @@ def python_tag() -> str:
     plat = sysconfig.get_platform().replace(".", "_")
     tag = "%s-%s-%s" % (impl, version, plat)
     return tag + libc_suffix()
+
+
+def build_fingerprint(installed: Dict[str, str], packages: List[str], expanded: List[str]) -> str:
+    """8 hex characters that tell builds of one install key apart: the image's installed
+    distributions (the resolver leaves out what the image provides, so another image may need
+    another set) and, when ``${VAR}`` values were expanded, a digest of the expanded strings.
+    The C library is already part of the Python tag. Values themselves never appear."""
+    digest = hashlib.sha256()
+    for name in sorted(installed):
+        digest.update(("%s==%s\n" % (name, installed[name])).encode())
+    if expanded != packages:
+        digest.update(b"expanded\n")
+        for line in expanded:
+            digest.update(hashlib.sha256(line.encode()).digest())
+    return digest.hexdigest()[:8]
+
+
+def build_tag(image: Dict[str, str], packages: List[str], expanded: List[str]) -> str:
+    """The identity of a build beside its install key: a build is reused only by the same
+    Python, platform and C library, image content and expanded values."""
+    return "%s-%s" % (python_tag(), build_fingerprint(image, packages, expanded))
 
 
 def libc_suffix() -> str:
@@ -1061,13 +1078,14 @@ class Context:
         self.expanded = expand_packages(cfg.packages, environ, self.redactor, cfg.expand_env)
         self.index = index_settings(cfg, environ, self.redactor)
         self.credentials = self.index.credentials
-        self.tag = python_tag()
         self.work_dir = os.path.join(cfg.target, ".work")
         version = pip_version()
         if version is None:
             raise InstallError("unknown", "pip is not installed for %s (python3 -m pip is required)" % sys.executable, retryable=False)
         self.pip_version = version
-        self.installed = installed_distributions() if version >= MIN_PIP_FOR_RESOLVE else {}
+        image = installed_distributions()
+        self.installed = image if version >= MIN_PIP_FOR_RESOLVE else {}
+        self.tag = build_tag(image, cfg.packages, self.expanded)
 
 
 def prepare_target(target: str) -> None:
@@ -1163,15 +1181,24 @@ def pod_name(environ: Dict[str, str]) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", name)
 
 
+def lease_file_name(environ: Dict[str, str]) -> str:
+    """One lease per pod: named by the pod's uid (downward API) beside its name, so two pods
+    that share a hostname never overwrite each other's lease; by the name alone without it."""
+    uid = re.sub(r"[^A-Za-z0-9-]", "_", environ.get("KASPR_PACKAGES_POD_UID") or "")
+    return "%s.%s.json" % (pod_name(environ), uid) if uid else pod_name(environ) + ".json"
+
+
 def write_lease(ctx: Context, build_rel: str) -> None:
-    """Record that this pod uses ``build_rel`` (``<key>/<tag>``): one lease file per pod name,
-    replaced atomically, so a restarted pod drops its reference to its previous build."""
+    """Record that this pod uses ``build_rel`` (``<key>/<tag>``): one lease file per pod,
+    replaced atomically, so a restarted container drops its pod's reference to its previous
+    build."""
     leases = os.path.join(ctx.cfg.cache_dir, "leases")
     os.makedirs(leases, exist_ok=True)
-    path = os.path.join(leases, pod_name(ctx.environ) + ".json")
+    path = os.path.join(leases, lease_file_name(ctx.environ))
     tmp = "%s.%d.tmp" % (path, os.getpid())
     with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump({"build": build_rel, "time": int(time.time())}, handle)
+        json.dump({"build": build_rel, "time": int(time.time()), "pod": pod_name(ctx.environ),
+                   "uid": ctx.environ.get("KASPR_PACKAGES_POD_UID") or ""}, handle)
     os.replace(tmp, path)
     # Last-use time of the build, for the pruning grace period.
     used = os.path.join(ctx.cfg.cache_dir, ctx.cfg.install_key, "%s.used" % ctx.tag)
@@ -1240,6 +1267,40 @@ def run_pvc(ctx: Context) -> Plan:
     return plan
 
 
+def live_lease_builds(leases: str, grace: float) -> set:
+    """The builds the leases reference. A lease whose pod name has a newer lease of another pod
+    (a StatefulSet never runs two pods of one name, so its pod is gone) expires once it is
+    older than ``grace``, and its file is removed. The newest lease of each name stays."""
+    found = []
+    for entry in os.listdir(leases) if os.path.isdir(leases) else []:
+        if not entry.endswith(".json"):
+            continue
+        path = os.path.join(leases, entry)
+        try:
+            with open(path, encoding="utf-8") as handle:
+                lease = json.load(handle)
+            written = float(lease.get("time") or os.stat(path).st_mtime)
+            pod = lease.get("pod") or entry[: -len(".json")]
+            found.append((pod, written, lease.get("build"), path))
+        except (OSError, ValueError, AttributeError, TypeError):
+            continue
+    newest: Dict[str, float] = {}
+    for pod, written, _, _ in found:
+        newest[pod] = max(written, newest.get(pod, written))
+    now = time.time()
+    referenced = set()
+    for pod, written, build, path in found:
+        if written < newest[pod] and now - written > grace:
+            try:
+                os.unlink(path)
+                log("expired the lease of a replaced pod %s" % os.path.basename(path))
+            except OSError:
+                pass
+            continue
+        referenced.add(build)
+    return referenced
+
+
 def prune_cache(ctx: Context) -> None:
     """Remove builds no pod references any more, after a grace period, keeping the two most
     recently used builds of each python tag. Failures only log: pruning never fails a pod."""
@@ -1253,14 +1314,7 @@ def prune_cache(ctx: Context) -> None:
         return
     doomed = []
     try:
-        referenced = set()
-        leases = os.path.join(cache, "leases")
-        for entry in os.listdir(leases) if os.path.isdir(leases) else []:
-            try:
-                with open(os.path.join(leases, entry), encoding="utf-8") as handle:
-                    referenced.add(json.load(handle).get("build"))
-            except (OSError, ValueError, AttributeError):
-                continue
+        referenced = live_lease_builds(os.path.join(cache, "leases"), grace)
         by_tag: Dict[str, List[Tuple[float, str]]] = {}
         for key in os.listdir(cache):
             key_dir = os.path.join(cache, key)

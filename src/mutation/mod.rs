@@ -149,22 +149,10 @@ pub fn apply(
     for volume in &injection.volumes {
         push(pod_spec, "volumes", volume.clone());
     }
-    let mut mount_names = Vec::new();
-    if let Some(main) = pod_spec
-        .get_mut("containers")
-        .and_then(Value::as_array_mut)
-        .and_then(|c| c.get_mut(main_index))
-        .and_then(Value::as_object_mut)
-    {
-        for m in &injection.main_mounts {
-            push(main, "volumeMounts", m.clone());
-            if let Some(n) = m.get("name").and_then(Value::as_str) {
-                mount_names.push(n.to_owned());
-            }
-        }
-        let path = format!("{field_prefix}.containers[{main_index}]");
-        warnings.extend(set_pythonpath(main, &path));
-    }
+    let path = format!("{field_prefix}.containers[{main_index}]");
+    let (mount_names, pythonpath_warning) =
+        inject_main_container(pod_spec, main_index, &injection, &path);
+    warnings.extend(pythonpath_warning);
 
     let record = Record {
         init_containers: vec![names::INIT_CONTAINER.to_owned()],
@@ -177,25 +165,57 @@ pub fn apply(
         volume_mounts: mount_names,
         env: vec![names::PYTHONPATH.to_owned()],
     };
+    write_annotations(template, &injection, &record);
+    Ok(warnings)
+}
+
+/// The template hash, the install key and the record of what was injected.
+fn write_annotations(template: &mut Map<String, Value>, injection: &Injection, record: &Record) {
     let metadata = template.entry("metadata").or_insert_with(|| json!({}));
-    if let Some(metadata) = metadata.as_object_mut() {
-        let annotations = metadata.entry("annotations").or_insert_with(|| json!({}));
-        if let Some(annotations) = annotations.as_object_mut() {
-            annotations.insert(
-                names::TEMPLATE_HASH_ANNOTATION.into(),
-                json!(injection.template_hash),
-            );
-            annotations.insert(
-                names::INSTALL_KEY_ANNOTATION.into(),
-                json!(injection.install_key),
-            );
-            annotations.insert(
-                names::INJECTED_ANNOTATION.into(),
-                json!(record.to_annotation()),
-            );
+    let Some(metadata) = metadata.as_object_mut() else {
+        return;
+    };
+    let annotations = metadata.entry("annotations").or_insert_with(|| json!({}));
+    if let Some(annotations) = annotations.as_object_mut() {
+        annotations.insert(
+            names::TEMPLATE_HASH_ANNOTATION.into(),
+            json!(injection.template_hash),
+        );
+        annotations.insert(
+            names::INSTALL_KEY_ANNOTATION.into(),
+            json!(injection.install_key),
+        );
+        annotations.insert(
+            names::INJECTED_ANNOTATION.into(),
+            json!(record.to_annotation()),
+        );
+    }
+}
+
+/// Mounts our volumes into the main container and puts our site directory on its PYTHONPATH.
+/// Returns the names of the mounts added and a PYTHONPATH warning, if any.
+fn inject_main_container(
+    pod_spec: &mut Map<String, Value>,
+    main_index: usize,
+    injection: &Injection,
+    path: &str,
+) -> (Vec<String>, Option<String>) {
+    let Some(main) = pod_spec
+        .get_mut("containers")
+        .and_then(Value::as_array_mut)
+        .and_then(|c| c.get_mut(main_index))
+        .and_then(Value::as_object_mut)
+    else {
+        return (Vec::new(), None);
+    };
+    let mut mount_names = Vec::new();
+    for m in &injection.main_mounts {
+        push(main, "volumeMounts", m.clone());
+        if let Some(n) = m.get("name").and_then(Value::as_str) {
+            mount_names.push(n.to_owned());
         }
     }
-    Ok(warnings)
+    (mount_names, set_pythonpath(main, path))
 }
 
 /// Removes our annotations; an annotation map left empty is removed too (the injection

@@ -2,7 +2,7 @@
 //! Pure functions of the spec and the pod they are rendered for.
 
 use k8s_openapi::api::core::v1::{
-    Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, KeyToPath,
+    Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, KeyToPath, ObjectFieldSelector,
     PersistentVolumeClaimVolumeSource, SecretKeySelector, SecretVolumeSource, Volume, VolumeMount,
 };
 use serde_json::{Map, Value, json};
@@ -133,16 +133,14 @@ fn security_context(main: &Map<String, Value>, pod_spec: &Map<String, Value>) ->
     Value::Object(context)
 }
 
-/// Renders the injection for one pod template.
-pub fn render(
-    spec: &PythonPackages,
-    app: &AppRef,
-    main: &Map<String, Value>,
-    pod_spec: &Map<String, Value>,
-    config: &RenderConfig,
-) -> Injection {
-    let install_key = spec.install_key();
+/// The volumes an injection adds, and the mounts of the init and the main container.
+struct Mounts {
+    volumes: Vec<Volume>,
+    init_mounts: Vec<VolumeMount>,
+    main_mounts: Vec<VolumeMount>,
+}
 
+fn volumes_and_mounts(spec: &PythonPackages, app: &AppRef, config: &RenderConfig) -> Mounts {
     let mut volumes = vec![Volume {
         name: names::PACKAGES_VOLUME.to_owned(),
         empty_dir: Some(EmptyDirVolumeSource {
@@ -191,12 +189,34 @@ pub fn render(
         }
     }
     init_mounts.extend(spec.init_container.volume_mounts.iter().cloned());
+    Mounts {
+        volumes,
+        init_mounts,
+        main_mounts,
+    }
+}
 
+/// The init container's env: its configuration, the pod uid for PVC leases, the credentials'
+/// Secret references, then the app's own extra env.
+fn init_env(spec: &PythonPackages, app: &AppRef, install_key: &str) -> Vec<EnvVar> {
     let mut env = vec![EnvVar {
         name: names::CONFIG_ENV.to_owned(),
-        value: Some(installer_config(spec, app, &install_key).to_string()),
+        value: Some(installer_config(spec, app, install_key).to_string()),
         ..Default::default()
     }];
+    if matches!(spec.cache, Cache::Pvc(_)) {
+        env.push(EnvVar {
+            name: names::POD_UID_ENV.to_owned(),
+            value_from: Some(EnvVarSource {
+                field_ref: Some(ObjectFieldSelector {
+                    field_path: "metadata.uid".to_owned(),
+                    api_version: None,
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+    }
     if let Some(creds) = &spec.credentials {
         env.push(secret_env(
             names::USERNAME_ENV,
@@ -210,6 +230,25 @@ pub fn render(
         ));
     }
     env.extend(spec.init_container.env.iter().cloned());
+    env
+}
+
+/// Renders the injection for one pod template.
+pub fn render(
+    spec: &PythonPackages,
+    app: &AppRef,
+    main: &Map<String, Value>,
+    pod_spec: &Map<String, Value>,
+    config: &RenderConfig,
+) -> Injection {
+    let install_key = spec.install_key();
+
+    let Mounts {
+        volumes,
+        init_mounts,
+        main_mounts,
+    } = volumes_and_mounts(spec, app, config);
+    let env = init_env(spec, app, &install_key);
 
     let container = Container {
         name: names::INIT_CONTAINER.to_owned(),

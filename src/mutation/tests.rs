@@ -887,3 +887,17 @@ fn an_operator_statefulset_without_owner_reference_is_recognised_by_its_template
         crate::admission::decide(endpoint, &request, Some(&found), &RenderConfig::default());
     assert!(decision.allowed && decision.patch.is_some(), "{decision:?}");
 }
+
+#[test]
+fn pvc_mode_gives_the_installer_the_pod_uid_for_its_lease() {
+    let app = kasprapp(json!({"packages": ["a==1"], "cache": {"enabled": true}}));
+    let (out, _) = mutate(&statefulset(), &app);
+    assert_eq!(
+        env(init_container(&out), "KASPR_PACKAGES_POD_UID"),
+        Some(
+            &json!({"name": "KASPR_PACKAGES_POD_UID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.uid"}}})
+        )
+    );
+    let (plain, _) = mutate(&statefulset(), &basic_app());
+    assert_eq!(env(init_container(&plain), "KASPR_PACKAGES_POD_UID"), None);
+}

@@ -397,7 +397,7 @@ pub async fn start(
         .http1()
         .keep_alive(true)
         .header_read_timeout(Some(header_timeout));
-    let mut webhook_server =
+    let webhook_server =
         tokio::spawn(server.serve(webhook::router(webhook_state).into_make_service()));
 
     let probe_state = probes::ProbeState::new(
@@ -425,64 +425,16 @@ pub async fn start(
         });
     }
 
-    let supervisor_shutdown = shutdown.clone();
-    let done = tokio::spawn(async move {
-        let shutdown = supervisor_shutdown;
-        let mut failure = None;
-        let mut webhook_ended = false;
-        tokio::select! {
-            () = shutdown.wait() => {}
-            Some(ended) = background.join_next() => {
-                let name = ended.unwrap_or("a background task (panicked)");
-                tracing::error!(task = name, "background task stopped; shutting down");
-                failure = Some(anyhow::anyhow!("background task {name} stopped"));
-            }
-            result = &mut webhook_server => {
-                webhook_ended = true;
-                failure = Some(match result {
-                    Ok(Ok(())) => anyhow::anyhow!("webhook server stopped"),
-                    Ok(Err(error)) => anyhow::Error::new(error).context("webhook server failed"),
-                    Err(error) => anyhow::Error::new(error).context("webhook server panicked"),
-                });
-            }
-        }
-        // Readiness turns false first; the listener stays open for `shutdown_delay` so that
-        // requests routed before the endpoint update still find it.
-        shutdown.trigger();
-        if failure.is_none() && !shutdown_delay.is_zero() {
-            tracing::info!(delay = %humantime::format_duration(shutdown_delay), "not ready; still accepting before draining");
-            tokio::time::sleep(shutdown_delay).await;
-        }
-        handle.graceful_shutdown(Some(shutdown_timeout));
-        if !webhook_ended {
-            // Bounded: axum-server closes what is left once the grace period is over.
-            let drained = tokio::time::timeout(
-                shutdown_timeout + Duration::from_secs(2),
-                &mut webhook_server,
-            );
-            match drained.await {
-                Ok(Ok(Ok(()))) => {}
-                Ok(Ok(Err(error))) => tracing::warn!(%error, "webhook server ended with an error"),
-                Ok(Err(error)) => tracing::warn!(%error, "webhook server task failed"),
-                Err(_) => {
-                    tracing::warn!("in-flight requests did not finish in time");
-                    webhook_server.abort();
-                }
-            }
-        }
-        probes_stop.trigger();
-        let mut probe_server = probe_server;
-        match tokio::time::timeout(Duration::from_secs(2), &mut probe_server).await {
-            Ok(Ok(Ok(()))) => {}
-            Ok(Ok(Err(error))) => tracing::warn!(%error, "probe server ended with an error"),
-            Ok(Err(error)) => tracing::warn!(%error, "probe server task failed"),
-            // A scraper's idle keep-alive connection must not hold the exit.
-            Err(_) => probe_server.abort(),
-        }
-        background.shutdown().await;
-        tracing::info!("stopped");
-        failure.map_or(Ok(()), Err)
-    });
+    let done = tokio::spawn(supervise(Supervised {
+        shutdown: shutdown.clone(),
+        shutdown_delay,
+        shutdown_timeout,
+        handle,
+        webhook_server,
+        probes_stop,
+        probe_server,
+        background,
+    }));
 
     Ok(Running {
         webhook_addr,
@@ -490,4 +442,86 @@ pub async fn start(
         shutdown,
         done,
     })
+}
+
+/// What runs after `start` returns, and what stopping it takes.
+struct Supervised {
+    shutdown: Shutdown,
+    shutdown_delay: Duration,
+    shutdown_timeout: Duration,
+    handle: axum_server::Handle<SocketAddr>,
+    webhook_server: tokio::task::JoinHandle<std::io::Result<()>>,
+    probes_stop: Shutdown,
+    probe_server: tokio::task::JoinHandle<std::io::Result<()>>,
+    background: tokio::task::JoinSet<&'static str>,
+}
+
+/// Waits for the shutdown signal (or for a part to stop), then stops in order: readiness off,
+/// the delay, draining the webhook port within the timeout, the probe port, the background
+/// tasks. An unexpected stop is the error returned.
+async fn supervise(parts: Supervised) -> anyhow::Result<()> {
+    let Supervised {
+        shutdown,
+        shutdown_delay,
+        shutdown_timeout,
+        handle,
+        mut webhook_server,
+        probes_stop,
+        probe_server,
+        mut background,
+    } = parts;
+    let mut failure = None;
+    let mut webhook_ended = false;
+    tokio::select! {
+        () = shutdown.wait() => {}
+        Some(ended) = background.join_next() => {
+            let name = ended.unwrap_or("a background task (panicked)");
+            tracing::error!(task = name, "background task stopped; shutting down");
+            failure = Some(anyhow::anyhow!("background task {name} stopped"));
+        }
+        result = &mut webhook_server => {
+            webhook_ended = true;
+            failure = Some(match result {
+                Ok(Ok(())) => anyhow::anyhow!("webhook server stopped"),
+                Ok(Err(error)) => anyhow::Error::new(error).context("webhook server failed"),
+                Err(error) => anyhow::Error::new(error).context("webhook server panicked"),
+            });
+        }
+    }
+    // Readiness turns false first; the listener stays open for `shutdown_delay` so that
+    // requests routed before the endpoint update still find it.
+    shutdown.trigger();
+    if failure.is_none() && !shutdown_delay.is_zero() {
+        tracing::info!(delay = %humantime::format_duration(shutdown_delay), "not ready; still accepting before draining");
+        tokio::time::sleep(shutdown_delay).await;
+    }
+    handle.graceful_shutdown(Some(shutdown_timeout));
+    if !webhook_ended {
+        // Bounded: axum-server closes what is left once the grace period is over.
+        let drained = tokio::time::timeout(
+            shutdown_timeout + Duration::from_secs(2),
+            &mut webhook_server,
+        );
+        match drained.await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(error))) => tracing::warn!(%error, "webhook server ended with an error"),
+            Ok(Err(error)) => tracing::warn!(%error, "webhook server task failed"),
+            Err(_) => {
+                tracing::warn!("in-flight requests did not finish in time");
+                webhook_server.abort();
+            }
+        }
+    }
+    probes_stop.trigger();
+    let mut probe_server = probe_server;
+    match tokio::time::timeout(Duration::from_secs(2), &mut probe_server).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(error))) => tracing::warn!(%error, "probe server ended with an error"),
+        Ok(Err(error)) => tracing::warn!(%error, "probe server task failed"),
+        // A scraper's idle keep-alive connection must not hold the exit.
+        Err(_) => probe_server.abort(),
+    }
+    background.shutdown().await;
+    tracing::info!("stopped");
+    failure.map_or(Ok(()), Err)
 }

@@ -18,7 +18,7 @@ use axum::routing::post;
 use http_body_util::BodyExt;
 
 use crate::admission::{self, Decision, Endpoint, Outcome};
-use crate::app::AppLookup;
+use crate::app::{AppLookup, AppRef};
 use crate::cache::{self, KasprApps};
 use crate::config::RenderConfig;
 use crate::metrics::{self, AdmissionLabels, WebhookMetrics};
@@ -160,102 +160,158 @@ fn declared_length(request: &Request) -> Option<u64> {
 }
 
 async fn admit(state: &Inner, endpoint: Endpoint, request: Request) -> Response {
-    let started = Instant::now();
-    let deadline = tokio::time::Instant::from_std(started) + state.request_timeout;
-    let endpoint_label = metrics::endpoint_label(endpoint);
-    let reject = |status: StatusCode, outcome: &'static str, message: String| {
-        state.metrics.observe_request(
+    let reject = Rejecter {
+        state,
+        started: Instant::now(),
+        endpoint_label: metrics::endpoint_label(endpoint),
+    };
+    let deadline = tokio::time::Instant::from_std(reject.started) + state.request_timeout;
+    let body = match read_request_body(state, request, deadline).await {
+        Ok(body) => body,
+        Err((status, outcome, message)) => return reject.with(status, outcome, &message),
+    };
+    let (review, app) = match parse_guarded(endpoint, &body) {
+        Ok(parsed) => parsed,
+        Err((status, outcome, message)) => return reject.with(status, outcome, &message),
+    };
+    drop(body);
+    let lookup = match app {
+        None => None,
+        Some(app) => Some(lookup_until(state, &app, deadline).await),
+    };
+    let (decision, outcome) = decide_guarded(state, endpoint, &review, lookup.as_ref());
+    let answer = match decision.to_review_bytes() {
+        Ok(answer) => answer,
+        Err(error) => {
+            return reject.with(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "error",
+                &format!("cannot serialize the answer: {error}"),
+            );
+        }
+    };
+    record_admission(&reject, &review, &decision, outcome);
+
+    let mut response = (StatusCode::OK, answer).into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// Why a request got no AdmissionReview answer: HTTP status, metrics outcome, message.
+type Rejection = (StatusCode, &'static str, String);
+
+/// Answers a malformed request with an HTTP error, counted and logged.
+struct Rejecter<'a> {
+    state: &'a Inner,
+    started: Instant,
+    endpoint_label: &'static str,
+}
+
+impl Rejecter<'_> {
+    fn with(&self, status: StatusCode, outcome: &'static str, message: &str) -> Response {
+        self.state.metrics.observe_request(
             &AdmissionLabels {
-                endpoint: endpoint_label,
+                endpoint: self.endpoint_label,
                 kind: "unknown",
                 operation: "unknown",
                 outcome,
             },
-            started.elapsed().as_secs_f64(),
+            self.started.elapsed().as_secs_f64(),
         );
-        tracing::info!(endpoint = endpoint_label, status = status.as_u16(), reason = %message, "admission request rejected");
+        tracing::info!(endpoint = self.endpoint_label, status = status.as_u16(), reason = %message, "admission request rejected");
         text(status, format!("{message}\n"))
-    };
+    }
+}
 
-    // Refuse a declared oversize body before reading any of it.
+/// The request body, within the size limit and the deadline.
+async fn read_request_body(
+    state: &Inner,
+    request: Request,
+    deadline: tokio::time::Instant,
+) -> Result<Bytes, Rejection> {
     let limit = state.max_body_bytes;
     let too_large = || {
-        reject(
+        (
             StatusCode::PAYLOAD_TOO_LARGE,
             "too_large",
             format!("request body exceeds {limit} bytes"),
         )
     };
-    // Over HTTP/1.1 an oversize body is refused from its declared length, before reading any of
-    // it. Over HTTP/2 the answer is sent only once the client's upload has reached the limit:
-    // clients that are still sending their first window when the answer and RST_STREAM arrive
-    // (curl, for one) report a stream error instead of the 413.
-    // What is left of an oversize body is read and thrown away after the answer (see
-    // `discard_in_background`), up to a few times the limit.
+    // An oversize body is answered from its declared length before reading any of it, or as
+    // soon as a chunked body passes the limit; the rest of the upload is read and thrown away
+    // after the answer (see `discard_in_background`), up to a few times the limit.
     let discard_cap = limit.saturating_mul(8);
     if declared_length(&request).is_some_and(|len| len > limit as u64) {
         discard_in_background(request.into_body(), discard_cap, deadline);
-        return too_large();
+        return Err(too_large());
     }
-    let body = match read_body(request.into_body(), limit, deadline).await {
-        Ok(body) => body,
+    match read_body(request.into_body(), limit, deadline).await {
+        Ok(body) => Ok(body),
         Err(BodyError::TooLarge(rest)) => {
             discard_in_background(rest, discard_cap, deadline);
-            return too_large();
+            Err(too_large())
         }
-        Err(BodyError::TimedOut) => {
-            return reject(
-                StatusCode::REQUEST_TIMEOUT,
-                "timeout",
-                "request body not received in time".to_owned(),
-            );
-        }
-        Err(BodyError::Broken(error)) => {
-            return reject(
-                StatusCode::BAD_REQUEST,
-                "bad_request",
-                format!("cannot read request body: {error}"),
-            );
-        }
-    };
-    // The pure core runs under `catch_unwind`: a defect there becomes an answer the API server
-    // can show, instead of a dropped connection.
+        Err(BodyError::TimedOut) => Err((
+            StatusCode::REQUEST_TIMEOUT,
+            "timeout",
+            "request body not received in time".to_owned(),
+        )),
+        Err(BodyError::Broken(error)) => Err((
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("cannot read request body: {error}"),
+        )),
+    }
+}
+
+/// Parses the review and names the app it needs. The pure core runs under `catch_unwind`: a
+/// defect there becomes an answer the API server can show, instead of a dropped connection.
+fn parse_guarded(
+    endpoint: Endpoint,
+    body: &[u8],
+) -> Result<(admission::AdmissionRequest, Option<AppRef>), Rejection> {
     let parsed = std::panic::catch_unwind(|| {
-        let review = admission::parse_review(&body)?;
+        let review = admission::parse_review(body)?;
         let app = admission::required_app(endpoint, &review);
         Ok::<_, admission::ReviewError>((review, app))
     });
-    let (review, app) = match parsed {
-        Ok(Ok(parsed)) => parsed,
-        Ok(Err(error)) => return reject(StatusCode::BAD_REQUEST, "bad_request", error.to_string()),
-        Err(_) => {
-            return reject(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "error",
-                "internal error while reading the AdmissionReview".to_owned(),
-            );
-        }
-    };
-    drop(body);
+    match parsed {
+        Ok(Ok(parsed)) => Ok(parsed),
+        Ok(Err(error)) => Err((StatusCode::BAD_REQUEST, "bad_request", error.to_string())),
+        Err(_) => Err((
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "error",
+            "internal error while reading the AdmissionReview".to_owned(),
+        )),
+    }
+}
 
-    let lookup = match app {
-        None => None,
-        Some(app) => Some(
-            match tokio::time::timeout_at(deadline, cache::lookup(state.apps.as_ref(), &app)).await
-            {
-                Ok(found) => found,
-                Err(_) => AppLookup::Unavailable(format!(
-                    "no answer from the API server within {}",
-                    humantime::format_duration(state.request_timeout)
-                )),
-            },
-        ),
-    };
+/// Looks the app up, giving up (as unavailable) at the request deadline.
+async fn lookup_until(state: &Inner, app: &AppRef, deadline: tokio::time::Instant) -> AppLookup {
+    match tokio::time::timeout_at(deadline, cache::lookup(state.apps.as_ref(), app)).await {
+        Ok(found) => found,
+        Err(_) => AppLookup::Unavailable(format!(
+            "no answer from the API server within {}",
+            humantime::format_duration(state.request_timeout)
+        )),
+    }
+}
 
+/// Decides under `catch_unwind`; a defect denies the object with a message. Returns the
+/// decision and its metrics outcome.
+fn decide_guarded(
+    state: &Inner,
+    endpoint: Endpoint,
+    review: &admission::AdmissionRequest,
+    lookup: Option<&AppLookup>,
+) -> (Decision, &'static str) {
     let decided = std::panic::catch_unwind(AssertUnwindSafe(|| {
-        admission::decide(endpoint, &review, lookup.as_ref(), &state.render)
+        admission::decide(endpoint, review, lookup, &state.render)
     }));
-    let (decision, outcome) = match decided {
+    match decided {
         Ok(decision) => {
             let outcome = decision.outcome.as_str();
             (decision, outcome)
@@ -275,21 +331,19 @@ async fn admit(state: &Inner, endpoint: Endpoint, request: Request) -> Response 
             };
             (decision, "error")
         }
-    };
+    }
+}
 
-    let answer = match decision.to_review_bytes() {
-        Ok(answer) => answer,
-        Err(error) => {
-            return reject(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "error",
-                format!("cannot serialize the answer: {error}"),
-            );
-        }
-    };
-
-    let elapsed = started.elapsed();
-    state.metrics.observe_request(
+/// Metrics and the one log line of an answered admission.
+fn record_admission(
+    reject: &Rejecter<'_>,
+    review: &admission::AdmissionRequest,
+    decision: &Decision,
+    outcome: &'static str,
+) {
+    let endpoint_label = reject.endpoint_label;
+    let elapsed = reject.started.elapsed();
+    reject.state.metrics.observe_request(
         &AdmissionLabels {
             endpoint: endpoint_label,
             kind: metrics::kind_label(&review.kind),
@@ -325,15 +379,8 @@ async fn admit(state: &Inner, endpoint: Endpoint, request: Request) -> Response 
         _ => admission_line!(),
     }
     if tracing::enabled!(tracing::Level::DEBUG) {
-        debug_details(&review, &decision);
+        debug_details(review, decision);
     }
-
-    let mut response = (StatusCode::OK, answer).into_response();
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    response
 }
 
 /// Full objects, only at debug level, and never a Secret (which a misconfigured webhook

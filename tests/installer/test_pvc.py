@@ -17,7 +17,9 @@ KEY_A, KEY_B, KEY_C, KEY_D = "aaaaaaaaaaaaaaaa", "bbbbbbbbbbbbbbbb", "cccccccccc
 
 
 def tag_of(python):
-    code = "import runpy; print(runpy.run_path(%r, run_name='probe')['python_tag']())" % str(INSTALLER)
+    # The build identity the installer uses for packages without ${VAR} in this image.
+    code = ("import runpy; i = runpy.run_path(%r, run_name='probe'); "
+            "print(i['build_tag'](i['installed_distributions'](), [], []))") % str(INSTALLER)
     return subprocess.run([python, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
 
 
@@ -154,3 +156,34 @@ def test_unusable_cache_dir_is_cache_error(image_python, pypi, env, tmp_path):
     cfg["cacheDir"] = str(blocker / "cache")
     run = run_installer(image_python, cfg, pod_env(env, "app-0"), tmp_path / "t.log")
     assert run.returncode == EXIT["cache_error"], run
+
+
+def test_pods_sharing_a_hostname_keep_their_own_leases(image_python, pypi, env, tmp_path):
+    """Two pods with one hostname (pod.spec.hostname) but different uids hold two leases; the
+    build each one uses stays referenced."""
+    keep = {"KASPR_PACKAGES_PRUNE_GRACE_SECONDS": "3600"}
+    prune = {"KASPR_PACKAGES_PRUNE_GRACE_SECONDS": "0"}
+    cache = tmp_path / "cache"
+    tag = tag_of(image_python)
+    first = install(image_python, tmp_path, env, pypi, "shared", ["kasprdemo==1.0"], KEY_A,
+                    dict(keep, KASPR_PACKAGES_POD_UID="11111111-aaaa-4aaa-8aaa-111111111111"))
+    assert first.returncode == 0, first
+    # The twin has its own volume (target) but the same hostname.
+    twin_cfg = pvc_config(tmp_path, "twin", pypi.url, ["kasprdemo==2.0"], key=KEY_B)
+    second = run_installer(image_python, twin_cfg,
+                           dict(pod_env(env, "shared"), KASPR_PACKAGES_POD_UID="22222222-bbbb-4bbb-8bbb-222222222222",
+                                **keep), tmp_path / "twin.termlog")
+    assert second.returncode == 0, second
+    leases = {}
+    for entry in os.listdir(cache / "leases"):
+        leases[entry] = json.loads((cache / "leases" / entry).read_text())["build"]
+    assert sorted(leases.values()) == sorted(["%s/%s" % (KEY_A, tag), "%s/%s" % (KEY_B, tag)]), leases
+    # Once the grace period is over (0 here), two more builds make A and B prunable unless
+    # referenced: the newest lease of "shared" (B's pod) keeps B; A's lease is older than the
+    # grace period and its pod name has a newer lease, so its pod is taken as gone and A goes.
+    for pod, packages, key in (("other-1", ["needsbase==1.0"], KEY_C), ("other-2", ["basedep==2.0"], KEY_D)):
+        time.sleep(1.1)
+        assert install(image_python, tmp_path, env, pypi, pod, packages, key, prune).returncode == 0
+    assert (cache / KEY_B / tag).is_dir()
+    assert not (cache / KEY_A / tag).exists()
+    assert len([e for e in os.listdir(cache / "leases") if e.startswith("shared.")]) == 1

@@ -54,8 +54,8 @@ def strings_from_tests() -> list:
     """Package strings of the webhook's requirement and validation tests."""
     found = []
     case = re.compile(r'#\[case::\w+\(\s*"((?:[^"\\]|\\.)*)"')
-    text = (REPO / "src" / "requirement.rs").read_text()
-    found += [_rust_string(m.group(1)) for m in case.finditer(text)]
+    for path in sorted((REPO / "src" / "requirement").glob("*.rs")):
+        found += [_rust_string(m.group(1)) for m in case.finditer(path.read_text())]
     packages = re.compile(r'"packages":\s*\[([^\]]*)\]')
     literal = re.compile(r'"((?:[^"\\]|\\.)*)"')
     for path in sorted((REPO / "src" / "validation").glob("*.rs")):

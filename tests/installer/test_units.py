@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import re
 import urllib.parse
 
 import pytest
@@ -36,21 +37,12 @@ def test_redactor_removes_raw_and_encoded_forms():
     assert r(text) == "a *** b *** c ***"
 
 
-def test_credentials_in_url_round_trip_every_printable_character():
-    printable = "".join(chr(c) for c in range(32, 127))
-    url = installer.with_credentials("https://old:creds@idx.example:8443/simple/", printable, printable)
-    parts = urllib.parse.urlsplit(url)
-    assert parts.hostname == "idx.example" and parts.port == 8443 and parts.path == "/simple/"
-    assert urllib.parse.unquote(parts.username) == printable
-    assert urllib.parse.unquote(parts.password) == printable
-
-
 def test_netrc_entry_parses_back_every_printable_character(tmp_path):
     import netrc
     printable = "".join(chr(c) for c in range(32, 127))
     text = installer.netrc_entry("idx.example", printable, printable)
     if text is None:
-        pytest.skip("this Python's netrc cannot hold such values; the installer uses the URL")
+        pytest.skip("this Python's netrc cannot hold such values; the installer refuses them")
     (tmp_path / "netrc").write_text(text)
     login, _account, password = netrc.netrc(str(tmp_path / "netrc")).authenticators("idx.example")
     assert (login, password) == (printable, printable)
@@ -115,6 +107,9 @@ def test_config_defaults_and_unknown_keys():
         "version": 1, "mode": "emptyDir", "app": "a", "namespace": "ns", "installKey": "0" * 16,
         "packages": ["x"], "target": "/t", "brandNew": 1})})
     assert (cfg.retries, cfg.timeout, cfg.on_failure, cfg.index_url) == (3, 600.0, "block", None)
+    # An unknown key (a newer webhook's setting) is ignored: accepted, and not kept anywhere.
+    assert "brandNew" not in vars(cfg) and "brand_new" not in vars(cfg)
+    assert cfg.packages == ["x"] and cfg.expand_env == []
 
 
 def test_source_is_python_3_9_syntax():
@@ -254,3 +249,54 @@ def test_a_download_over_the_limit_is_refused():
         capped.write(b"!")
     assert "maxArchiveSize" in str(failure.value)
     assert sink.getvalue() == b"0123456789"
+
+
+def test_the_build_fingerprint_follows_the_image_and_expanded_values_without_showing_them():
+    image = {"pip": "24.0", "requests": "2.31.0"}
+    packages = ["x @ https://${TOKEN}@h/x-1.0-py3-none-any.whl", "a==1"]
+    one = installer.build_fingerprint(image, packages, ["x @ https://s3cr3t@h/x-1.0-py3-none-any.whl", "a==1"])
+    assert one == installer.build_fingerprint(dict(image), packages,
+                                              ["x @ https://s3cr3t@h/x-1.0-py3-none-any.whl", "a==1"])
+    assert re.fullmatch(r"[0-9a-f]{8}", one)
+    other_value = installer.build_fingerprint(image, packages, ["x @ https://other@h/x-1.0-py3-none-any.whl", "a==1"])
+    other_image = installer.build_fingerprint(dict(image, requests="2.32.0"), packages,
+                                              ["x @ https://s3cr3t@h/x-1.0-py3-none-any.whl", "a==1"])
+    assert len({one, other_value, other_image}) == 3
+    # Without variables, only the image counts.
+    plain = ["a==1"]
+    assert installer.build_fingerprint(image, plain, plain) == installer.build_fingerprint(image, ["b==2"], ["b==2"])
+
+
+def test_the_build_identity_carries_the_fingerprint(monkeypatch):
+    cfg = installer.load_config({"KASPR_PACKAGES_CONFIG": json.dumps({
+        "version": 1, "mode": "emptyDir", "app": "a", "namespace": "n", "installKey": "0123456789abcdef",
+        "packages": ["a==1"], "target": "/tmp/kaspr-unused-target"})})
+    first = installer.Context(cfg, {}).tag
+    monkeypatch.setattr(installer, "installed_distributions", lambda: {"only-in-this-image": "1.0"})
+    second = installer.Context(cfg, {}).tag
+    assert first.startswith(installer.python_tag() + "-") and second.startswith(installer.python_tag() + "-")
+    assert first != second
+
+
+
+@pytest.mark.parametrize("password", ["with space", 'quote"d', "back\\slash", "hash#tag", ""])
+def test_credentials_netrc_cannot_hold_are_refused_before_python_3_11(monkeypatch, password):
+    class OldSys:
+        version_info = (3, 10, 14)
+    monkeypatch.setattr(installer, "sys", OldSys)
+    cfg = installer.load_config({"KASPR_PACKAGES_CONFIG": json.dumps({
+        "version": 1, "mode": "emptyDir", "app": "a", "namespace": "n", "installKey": "0123456789abcdef",
+        "packages": ["a==1"], "target": "/tmp/kaspr-unused-target", "credentials": True,
+        "indexUrl": "https://idx.example/simple/", "extraIndexUrls": ["https://idx.example/other/"]})})
+    environ = {"KASPR_PYPI_USERNAME": "user", "KASPR_PYPI_PASSWORD": password}
+    with pytest.raises(installer.InstallError) as failure:
+        installer.index_settings(cfg, environ, installer.Redactor())
+    assert failure.value.category == "invalid_config"
+    assert "Python 3.10 cannot pass this username or password to pip safely" in failure.value.message
+    assert not password or password not in failure.value.message
+    # What netrc can hold still works, and no URL ever carries the credentials.
+    settings = installer.index_settings(cfg, dict(environ, KASPR_PYPI_PASSWORD="plain-token"),
+                                        installer.Redactor())
+    assert settings.netrc == "machine idx.example login user password plain-token\n"
+    assert settings.env["PIP_INDEX_URL"] == "https://idx.example/simple/"
+    assert "plain-token" not in settings.env["PIP_EXTRA_INDEX_URL"]

@@ -1,0 +1,197 @@
+use super::*;
+use clap::CommandFactory;
+
+fn serve_args(args: &[&str]) -> Result<ServeArgs, clap::Error> {
+    let mut argv = vec!["kaspr-packages-webhook", "serve"];
+    argv.extend_from_slice(args);
+    match Cli::try_parse_from(argv)?.command {
+        Command::Serve(args) => Ok(*args),
+        _ => panic!("not serve"),
+    }
+}
+
+#[test]
+fn every_serve_flag_reads_its_environment_variable() {
+    let command = Cli::command();
+    let serve = command.find_subcommand("serve").expect("serve");
+    for arg in serve.get_arguments() {
+        let id = arg.get_id().as_str();
+        if id == "help" {
+            continue;
+        }
+        let expected = format!("KASPR_WEBHOOK_{}", id.to_uppercase());
+        assert_eq!(
+            arg.get_env().and_then(|e| e.to_str()),
+            Some(expected.as_str()),
+            "--{id}"
+        );
+        assert!(arg.get_help().is_some(), "--{id} has no help text");
+    }
+}
+
+#[test]
+fn defaults_are_local_and_safe() {
+    let options = serve_args(&[]).expect("parse").into_options();
+    let settings = &options.settings;
+    assert_eq!(settings.listen.to_string(), "127.0.0.1:8443");
+    assert_eq!(settings.probe_listen.to_string(), "127.0.0.1:8080");
+    assert_eq!(settings.max_body_bytes, 3 * 1024 * 1024);
+    assert_eq!(settings.request_timeout, std::time::Duration::from_secs(8));
+    assert_eq!(
+        settings.shutdown_timeout,
+        std::time::Duration::from_secs(20)
+    );
+    assert!(matches!(
+        options.certs,
+        crate::server::CertSource::SelfSigned { .. }
+    ));
+    assert!(matches!(
+        options.apps,
+        crate::server::AppSource::Cluster { ref namespaces } if namespaces.is_empty()
+    ));
+    assert_eq!(
+        options.controller,
+        crate::controller::ControllerOptions {
+            pvc: true,
+            rollout: true
+        }
+    );
+}
+
+#[test]
+fn controller_parts_can_be_switched_off() {
+    let options = serve_args(&["--controller-pvc=false", "--controller-rollout", "false"])
+        .expect("parse")
+        .into_options();
+    assert_eq!(
+        options.controller,
+        crate::controller::ControllerOptions {
+            pvc: false,
+            rollout: false
+        }
+    );
+    assert!(serve_args(&["--controller-pvc=maybe"]).is_err());
+}
+
+#[test]
+fn flags_turn_into_options() {
+    let options = serve_args(&[
+        "--listen",
+        "0.0.0.0:9443",
+        "--tls-cert",
+        "/certs/tls.crt",
+        "--tls-key",
+        "/certs/tls.key",
+        "--namespaces",
+        "a, b,",
+        "--request-timeout",
+        "3",
+        "--shutdown-timeout",
+        "1m",
+        "--init-container-resources",
+        r#"{"requests":{"cpu":"100m","memory":"256Mi"},"limits":{"memory":"1Gi"}}"#,
+        "--packages-volume-size-limit",
+        "4Gi",
+    ])
+    .expect("parse")
+    .into_options();
+    assert_eq!(
+        options.settings.render.packages_volume_size_limit,
+        Some(k8s_openapi::apimachinery::pkg::api::resource::Quantity(
+            "4Gi".into()
+        ))
+    );
+    assert_eq!(options.settings.listen.to_string(), "0.0.0.0:9443");
+    assert_eq!(
+        options.settings.request_timeout,
+        std::time::Duration::from_secs(3)
+    );
+    assert_eq!(
+        options.settings.shutdown_timeout,
+        std::time::Duration::from_secs(60)
+    );
+    assert!(matches!(
+        options.certs,
+        crate::server::CertSource::Files { .. }
+    ));
+    match options.apps {
+        crate::server::AppSource::Cluster { namespaces } => assert_eq!(namespaces, ["a", "b"]),
+        other => panic!("unexpected {other:?}"),
+    }
+    let resources = options
+        .settings
+        .render
+        .default_resources
+        .expect("resources");
+    let requests = resources.requests.expect("requests");
+    assert_eq!(requests["cpu"].0, "100m");
+    assert_eq!(resources.limits.expect("limits")["memory"].0, "1Gi");
+}
+
+#[test]
+fn self_managed_certificate_flags_turn_into_options() {
+    let options = serve_args(&[
+        "--self-managed-certs",
+        "--cert-secret",
+        "hook-certs",
+        "--cert-namespace",
+        "system",
+        "--webhook-configs",
+        "hook, other",
+        "--service-name",
+        "hook",
+        "--cert-extra-names",
+        "127.0.0.1",
+        "--cert-dir",
+        "/run/certs",
+        "--cert-validity",
+        "90s",
+        "--cert-renew-before",
+        "60s",
+        "--cert-overlap",
+        "10s",
+        "--cert-check-interval",
+        "1s",
+    ])
+    .expect("parse")
+    .into_options();
+    let crate::server::CertSource::SelfManaged(certs) = options.certs else {
+        panic!("not self-managed: {:?}", options.certs);
+    };
+    assert_eq!(certs.secret, "hook-certs");
+    assert_eq!(certs.webhook_configs, ["hook", "other"]);
+    assert_eq!(certs.dir, std::path::PathBuf::from("/run/certs"));
+    assert_eq!(certs.overlap, std::time::Duration::from_secs(10));
+    assert!(
+        serve_args(&["--self-managed-certs"]).is_err(),
+        "needs --cert-secret"
+    );
+    assert!(
+        serve_args(&["--cert-secret", "x"]).is_err(),
+        "needs --self-managed-certs"
+    );
+    assert!(
+        serve_args(&[
+            "--self-managed-certs",
+            "--cert-secret",
+            "x",
+            "--tls-cert",
+            "/c",
+            "--tls-key",
+            "/k"
+        ])
+        .is_err()
+    );
+}
+
+#[test]
+fn inconsistent_flags_are_refused() {
+    assert!(serve_args(&["--tls-cert", "/c"]).is_err());
+    assert!(serve_args(&["--kasprapps", "/d", "--namespaces", "a"]).is_err());
+    assert!(serve_args(&["--init-container-resources", "{\"request\":{}}"]).is_err());
+    assert!(serve_args(&["--packages-volume-size-limit", "lots"]).is_err());
+    assert!(serve_args(&["--packages-volume-size-limit", "0"]).is_err());
+    assert!(serve_args(&["--init-container-resources", "cpu=1"]).is_err());
+    assert!(serve_args(&["--request-timeout", "soon"]).is_err());
+    assert!(serve_args(&["--log-format", "xml"]).is_err());
+}
