@@ -26,10 +26,31 @@ pub enum Command {
     /// Run the admission webhook: HTTPS `/mutate` and `/validate`, plain-HTTP probes and metrics.
     #[command(long_about = SERVE_ABOUT)]
     Serve(Box<ServeArgs>),
+    /// Send synthetic dry-run AdmissionReviews to a running webhook and check the answers.
+    // A later flag wins over an earlier one, so the chart's tests.extraArgs can override its own.
+    #[command(name = "self-test", long_about = SELF_TEST_ABOUT, args_override_self = true)]
+    SelfTest(SelfTestArgs),
+}
+
+/// The name the program was started as, when it is a kubectl plugin (`kubectl-kaspr_packages`):
+/// then help and completions say `kubectl kaspr-packages`.
+fn plugin_bin_name() -> Option<String> {
+    let argv0 = std::env::args_os().next()?;
+    let file = std::path::Path::new(&argv0).file_name()?.to_str()?;
+    let plugin = file.strip_prefix("kubectl-")?;
+    Some(format!("kubectl {}", plugin.replace('_', "-")))
 }
 
 pub fn run() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match plugin_bin_name() {
+        None => Cli::parse(),
+        Some(bin_name) => {
+            let matches = <Cli as clap::CommandFactory>::command()
+                .bin_name(bin_name)
+                .get_matches();
+            <Cli as clap::FromArgMatches>::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+        }
+    };
     match cli.command {
         Command::Preview(args) => preview(args),
         Command::Validate(args) => validate(&args),
@@ -38,6 +59,92 @@ pub fn run() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Serve(args) => serve(*args),
+        Command::SelfTest(args) => self_test(args),
+    }
+}
+
+const SELF_TEST_ABOUT: &str = "Send synthetic dry-run AdmissionReviews to a running webhook and \
+check the answers.
+
+Three requests, each on a new TLS connection verified against --ca-file: a valid KasprApp to \
+/validate (must be allowed), an invalid one (must be denied, naming the field), and a StatefulSet \
+owned by a KasprApp to /mutate. /mutate looks the app up (watch cache or API server), so without \
+--app the StatefulSet names an app that does not exist and must be allowed unchanged; this \
+also proves the webhook can read KasprApps (an unreadable app is a denial). With --app NAME, a \
+KasprApp in --namespace that lists spec.pythonPackages, the answer must carry a well-formed \
+JSON patch. Every answer must echo the request's uid and arrive within --max-response-time.
+
+Prints one line per check and a summary. Exit status 0 when every check passed, 1 when one \
+failed, 2 when the options are unusable (the message names the flag and its value). Every flag \
+also reads KASPR_WEBHOOK_<FLAG> from the environment. The chart's `helm test` runs it.";
+
+/// Options of `self-test`.
+#[derive(Debug, clap::Args)]
+pub struct SelfTestArgs {
+    /// Base URL of the webhook; /mutate and /validate are appended,
+    /// e.g. https://kaspr-packages-webhook.kaspr.svc:443.
+    #[arg(long, env = "KASPR_WEBHOOK_URL", value_name = "URL")]
+    pub url: url::Url,
+
+    /// PEM file of the CA that signed the webhook's certificate (the caBundle).
+    #[arg(long, env = "KASPR_WEBHOOK_CA_FILE", value_name = "FILE")]
+    pub ca_file: std::path::PathBuf,
+
+    /// Namespace of the synthetic objects.
+    #[arg(
+        long,
+        env = "KASPR_WEBHOOK_NAMESPACE",
+        value_name = "NS",
+        default_value = "default"
+    )]
+    pub namespace: String,
+
+    /// A KasprApp in --namespace listing spec.pythonPackages: its StatefulSet must be patched
+    /// [default: an app that does not exist, answered unchanged].
+    #[arg(long, env = "KASPR_WEBHOOK_APP", value_name = "NAME")]
+    pub app: Option<String>,
+
+    /// Deadline of each request: connection, TLS handshake and answer.
+    #[arg(long, env = "KASPR_WEBHOOK_TIMEOUT", value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub timeout: std::time::Duration,
+
+    /// Slowest acceptable answer (the API server gives a webhook 10 s by default).
+    #[arg(long, env = "KASPR_WEBHOOK_MAX_RESPONSE_TIME", value_name = "DURATION", default_value = "2s", value_parser = parse_duration)]
+    pub max_response_time: std::time::Duration,
+}
+
+fn self_test(args: SelfTestArgs) -> ExitCode {
+    let SelfTestArgs {
+        url,
+        ca_file,
+        namespace,
+        app,
+        timeout,
+        max_response_time,
+    } = args;
+    let options = crate::selftest::SelfTestOptions {
+        url,
+        ca_file,
+        namespace,
+        app,
+        timeout,
+        max_response_time,
+    };
+    match crate::selftest::run_blocking(&options) {
+        Ok(report) => {
+            for line in report.lines() {
+                println!("{line}");
+            }
+            if report.passed() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(error) => {
+            eprintln!("error: {error}");
+            ExitCode::from(2)
+        }
     }
 }
 
@@ -661,6 +768,54 @@ mod serve_args_tests {
             );
             assert!(arg.get_help().is_some(), "--{id} has no help text");
         }
+    }
+
+    #[test]
+    fn every_self_test_flag_reads_its_environment_variable() {
+        let command = Cli::command();
+        let self_test = command.find_subcommand("self-test").expect("self-test");
+        for arg in self_test.get_arguments() {
+            let id = arg.get_id().as_str();
+            if id == "help" {
+                continue;
+            }
+            let expected = format!("KASPR_WEBHOOK_{}", id.to_uppercase());
+            assert_eq!(
+                arg.get_env().and_then(|e| e.to_str()),
+                Some(expected.as_str()),
+                "--{id}"
+            );
+        }
+    }
+
+    #[test]
+    fn self_test_needs_a_url_and_a_ca_file() {
+        let parse = |args: &[&str]| {
+            let mut argv = vec!["kaspr-packages-webhook", "self-test"];
+            argv.extend_from_slice(args);
+            Cli::try_parse_from(argv)
+        };
+        assert!(parse(&["--url", "https://hook.kaspr.svc"]).is_err());
+        assert!(parse(&["--url", "not a url", "--ca-file", "/ca"]).is_err());
+        let cli =
+            parse(&["--url", "https://hook.kaspr.svc:443", "--ca-file", "/ca"]).expect("parse");
+        let Command::SelfTest(args) = cli.command else {
+            panic!("not self-test")
+        };
+        assert_eq!(args.namespace, "default");
+        assert_eq!(args.app, None);
+        assert_eq!(args.max_response_time, std::time::Duration::from_secs(2));
+        let cli = parse(&[
+            "--url=https://hook.kaspr.svc",
+            "--ca-file=/ca",
+            "--namespace=kaspr",
+            "--namespace=apps",
+        ])
+        .expect("a later flag wins");
+        let Command::SelfTest(args) = cli.command else {
+            panic!("not self-test")
+        };
+        assert_eq!(args.namespace, "apps");
     }
 
     #[test]
