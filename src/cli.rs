@@ -30,19 +30,22 @@ pub enum Command {
     // A later flag wins over an earlier one, so the chart's tests.extraArgs can override its own.
     #[command(name = "self-test", long_about = SELF_TEST_ABOUT, args_override_self = true)]
     SelfTest(SelfTestArgs),
+    /// Print a shell completion script (bash, zsh or fish) to stdout.
+    #[command(long_about = COMPLETIONS_ABOUT)]
+    Completions(CompletionsArgs),
 }
 
 /// The name the program was started as, when it is a kubectl plugin (`kubectl-kaspr_packages`):
 /// then help and completions say `kubectl kaspr-packages`.
-fn plugin_bin_name() -> Option<String> {
-    let argv0 = std::env::args_os().next()?;
-    let file = std::path::Path::new(&argv0).file_name()?.to_str()?;
+fn plugin_bin_name(argv0: &std::ffi::OsStr) -> Option<String> {
+    let file = std::path::Path::new(argv0).file_name()?.to_str()?;
     let plugin = file.strip_prefix("kubectl-")?;
     Some(format!("kubectl {}", plugin.replace('_', "-")))
 }
 
 pub fn run() -> ExitCode {
-    let cli = match plugin_bin_name() {
+    let argv0 = std::env::args_os().next().unwrap_or_default();
+    let cli = match plugin_bin_name(&argv0) {
         None => Cli::parse(),
         Some(bin_name) => {
             let matches = <Cli as clap::CommandFactory>::command()
@@ -60,6 +63,7 @@ pub fn run() -> ExitCode {
         }
         Command::Serve(args) => serve(*args),
         Command::SelfTest(args) => self_test(args),
+        Command::Completions(args) => completions(&args),
     }
 }
 
@@ -144,6 +148,53 @@ fn self_test(args: SelfTestArgs) -> ExitCode {
         Err(error) => {
             eprintln!("error: {error}");
             ExitCode::from(2)
+        }
+    }
+}
+
+const COMPLETIONS_ABOUT: &str = "Print a shell completion script to stdout.
+
+  bash: kaspr-packages-webhook completions bash > ~/.local/share/bash-completion/completions/kaspr-packages-webhook
+  zsh:  kaspr-packages-webhook completions zsh > \"${fpath[1]}/_kaspr-packages-webhook\"
+  fish: kaspr-packages-webhook completions fish > ~/.config/fish/completions/kaspr-packages-webhook.fish";
+
+/// Options of `completions`.
+#[derive(Debug, clap::Args)]
+pub struct CompletionsArgs {
+    /// The shell.
+    #[arg(value_enum)]
+    pub shell: ShellArg,
+}
+
+/// Shells with completion scripts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ShellArg {
+    Bash,
+    Zsh,
+    Fish,
+}
+
+/// The completion script of `shell`.
+pub fn completion_script(shell: ShellArg) -> Vec<u8> {
+    let shell = match shell {
+        ShellArg::Bash => clap_complete::Shell::Bash,
+        ShellArg::Zsh => clap_complete::Shell::Zsh,
+        ShellArg::Fish => clap_complete::Shell::Fish,
+    };
+    let mut command = <Cli as clap::CommandFactory>::command();
+    let mut out = Vec::new();
+    clap_complete::generate(shell, &mut command, "kaspr-packages-webhook", &mut out);
+    out
+}
+
+fn completions(args: &CompletionsArgs) -> ExitCode {
+    use std::io::Write as _;
+    let script = completion_script(args.shell);
+    match std::io::stdout().lock().write_all(&script) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: writing the completion script: {error}");
+            ExitCode::FAILURE
         }
     }
 }
@@ -816,6 +867,37 @@ mod serve_args_tests {
             panic!("not self-test")
         };
         assert_eq!(args.namespace, "apps");
+    }
+
+    #[test]
+    fn a_kubectl_plugin_name_becomes_the_displayed_command() {
+        let name = |argv0: &str| plugin_bin_name(std::ffi::OsStr::new(argv0));
+        assert_eq!(
+            name("/usr/local/bin/kubectl-kaspr_packages").as_deref(),
+            Some("kubectl kaspr-packages")
+        );
+        assert_eq!(name("kaspr-packages-webhook"), None);
+        assert_eq!(name("/usr/bin/kaspr-packages-webhook"), None);
+    }
+
+    #[rstest::rstest]
+    #[case::bash(ShellArg::Bash, "complete -F")]
+    #[case::zsh(ShellArg::Zsh, "#compdef kaspr-packages-webhook")]
+    #[case::fish(ShellArg::Fish, "complete -c kaspr-packages-webhook")]
+    fn completions_cover_every_subcommand(#[case] shell: ShellArg, #[case] marker: &str) {
+        let script = String::from_utf8(completion_script(shell)).expect("UTF-8");
+        assert!(script.contains(marker), "{script}");
+        for subcommand in [
+            "preview",
+            "validate",
+            "serve",
+            "self-test",
+            "completions",
+            "installer",
+        ] {
+            assert!(script.contains(subcommand), "{subcommand} missing");
+        }
+        assert!(script.contains("max-response-time"));
     }
 
     #[test]
