@@ -1,5 +1,5 @@
 """The chart without a cluster: `helm template` renders of every value (Kubernetes 1.37), the
-`helm test` Pod, the schema, and the README's values table.
+`helm test` Pod, the monitoring objects, the schema, and the README's values table.
 
 helm comes from the pinned tools the end-to-end suite builds (scripts/build-k8s-tools) under
 ${KASPR_CACHE_DIR:-~/.cache/kaspr-packages-webhook}/k8s/1.37-*/bin/helm; the render tests are
@@ -20,6 +20,14 @@ CHART = REPO / "charts" / "kaspr-packages-webhook"
 KUBE_VERSION = "v1.37.2"
 NAMESPACE = "kaspr-system"
 EVERYTHING = Path(__file__).with_name("values-everything.yaml")
+ALERTS = {
+    "KasprPackagesWebhookCertificateExpiresSoon",
+    "KasprPackagesWebhookAppsOutOfSync",
+    "KasprPackagesWebhookAdmissionErrors",
+    "KasprPackagesWebhookDenialsRising",
+    "KasprPackagesWebhookSlow",
+    "KasprPackagesWebhookReconcileFailures",
+}
 
 
 def _helm() -> Path | None:
@@ -180,10 +188,84 @@ def test_every_new_value_is_rendered():
     (["--set", "unknownValue=1"], "unknownValue"),
     (["--set", "extraArgs[0]=header-timeout=3s"], "extraArgs"),
     (["--set", "probes.liveness.httpGet.path=/"], "httpGet"),
+    (["--set", "metrics.prometheusRule.disabled[0]=NoSuchAlert"], "disabled"),
+    (["--set", "metrics.prometheusRule.latencyTimeoutRatio=2"], "latencyTimeoutRatio"),
+    (["--set", "metrics.serviceMonitor.enabled=true", "--set", "metrics.service=false"], "metrics.service"),
 ])
 def test_unusable_values_are_refused_by_name(args, message):
     proc = render(*args, check=False)
     assert proc.returncode != 0 and message in proc.stderr, proc.stderr
+
+
+# --- monitoring ------------------------------------------------------------------------------
+
+@needs_helm
+def test_monitoring_objects_are_off_by_default():
+    kinds = {o["kind"] for o in objects()}
+    assert not kinds & {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
+    assert not [o for o in objects() if o["kind"] == "ConfigMap" and o["metadata"]["name"].endswith("-dashboard")]
+
+
+@needs_helm
+def test_monitors_scrape_the_metrics_port_of_the_webhook_pods():
+    objs = objects("-f", str(EVERYTHING))
+    selector = one(objs, "Deployment")["spec"]["selector"]["matchLabels"]
+    service_monitor = one(objs, "ServiceMonitor")
+    assert service_monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    assert service_monitor["spec"]["selector"]["matchLabels"] == selector
+    assert service_monitor["spec"]["endpoints"] == [
+        {"port": "metrics", "path": "/metrics", "scheme": "http", "interval": "15s", "scrapeTimeout": "5s"}]
+    assert "metrics" in [p["name"] for p in one(objs, "Service")["spec"]["ports"]]
+    pod_monitor = one(objs, "PodMonitor")
+    assert pod_monitor["spec"]["selector"]["matchLabels"] == selector
+    assert pod_monitor["spec"]["podMetricsEndpoints"] == [{"port": "probes", "path": "/metrics", "scheme": "http"}]
+
+
+@needs_helm
+def test_the_alerts_render_with_their_thresholds_and_labels():
+    rules = one(objects("--set", "metrics.prometheusRule.enabled=true"), "PrometheusRule")
+    alerts = {r["alert"]: r for r in rules["spec"]["groups"][0]["rules"]}
+    assert alerts.keys() == ALERTS
+    for rule in alerts.values():
+        assert rule["labels"]["severity"] in ("warning", "critical")
+        assert rule["annotations"]["summary"] and rule["annotations"]["description"]
+        assert "kaspr_packages_webhook_" in rule["expr"]
+    assert alerts["KasprPackagesWebhookSlow"]["expr"].endswith("> 5")  # 0.5 of 10 s
+    assert alerts["KasprPackagesWebhookCertificateExpiresSoon"]["expr"].endswith("< 604800")
+
+    rules = one(objects("-f", str(EVERYTHING)), "PrometheusRule")
+    alerts = {r["alert"]: r for r in rules["spec"]["groups"][0]["rules"]}
+    assert alerts.keys() == ALERTS - {"KasprPackagesWebhookDenialsRising"}
+    assert rules["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    assert all(r["labels"]["team"] == "platform" for r in alerts.values())
+    assert alerts["KasprPackagesWebhookSlow"]["expr"].endswith("> 8")
+    assert alerts["KasprPackagesWebhookCertificateExpiresSoon"]["expr"].endswith(f"< {10 * 86400}")
+
+
+@needs_helm
+def test_the_dashboard_is_a_labelled_configmap_with_the_chart_file():
+    objs = objects("-f", str(EVERYTHING))
+    dashboard = one(objs, "ConfigMap", "-dashboard")
+    assert dashboard["metadata"]["namespace"] == "monitoring"
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert dashboard["metadata"]["annotations"] == {"grafana_folder": "Kaspr"}
+    (key, text), = dashboard["data"].items()
+    assert key.endswith(".json")
+    assert json.loads(text) == json.loads((CHART / "files" / "dashboard.json").read_text())
+    default = one(objects("--set", "metrics.dashboard.enabled=true"), "ConfigMap", "-dashboard")
+    assert default["metadata"]["namespace"] == NAMESPACE
+    assert default["metadata"]["labels"]["grafana_dashboard"] == "1"
+
+
+def test_the_dashboard_is_valid_grafana_json():
+    dashboard = json.loads((CHART / "files" / "dashboard.json").read_text())
+    assert dashboard["uid"] == "kaspr-packages-webhook"
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
+    for panel in dashboard["panels"]:
+        assert panel["targets"], panel["title"]
+        assert {"x", "y", "w", "h"} <= panel["gridPos"].keys()
+        assert all(t["expr"] for t in panel["targets"])
 
 
 # --- Chart.yaml, README, schema -------------------------------------------------------------
