@@ -21,6 +21,7 @@ pub mod preview;
 pub mod quantity;
 pub mod releases;
 pub mod requirement;
+pub mod selftest;
 pub mod server;
 pub mod spec;
 pub mod telemetry;

@@ -99,6 +99,7 @@ impl WebhookMetrics {
             Unit::Seconds,
             metrics.certificate_expiry.clone(),
         );
+        metrics.initialise_series();
         let build_info = Family::<BuildLabels, Gauge>::default();
         build_info
             .get_or_create(&BuildLabels {
@@ -111,6 +112,43 @@ impl WebhookMetrics {
             build_info,
         );
         metrics
+    }
+
+    /// Creates, at 0, the series of the requests the API server sends, so `rate()` sees a
+    /// process's first denial or error (a series born at 1 has no earlier sample to rise from)
+    /// and dashboards show every outcome from the start.
+    fn initialise_series(&self) {
+        const MUTATE: [&str; 6] = [
+            "patched",
+            "unchanged",
+            "ignored",
+            "denied",
+            "unavailable",
+            "error",
+        ];
+        const VALIDATE: [&str; 3] = ["unchanged", "denied", "error"];
+        let requests: [(Endpoint, &str, &str, &[&'static str]); 5] = [
+            (Endpoint::Mutate, "StatefulSet", "CREATE", &MUTATE),
+            (Endpoint::Mutate, "StatefulSet", "UPDATE", &MUTATE),
+            (Endpoint::Mutate, "Pod", "CREATE", &MUTATE),
+            (Endpoint::Validate, "KasprApp", "CREATE", &VALIDATE),
+            (Endpoint::Validate, "KasprApp", "UPDATE", &VALIDATE),
+        ];
+        for (endpoint, kind, operation, outcomes) in requests {
+            for outcome in outcomes {
+                drop(self.requests.get_or_create(&AdmissionLabels {
+                    endpoint: endpoint_label(endpoint),
+                    kind: kind_label(kind),
+                    operation: operation_label(operation),
+                    outcome,
+                }));
+            }
+        }
+        for endpoint in [Endpoint::Mutate, Endpoint::Validate] {
+            drop(self.duration.get_or_create(&EndpointLabels {
+                endpoint: endpoint_label(endpoint),
+            }));
+        }
     }
 
     /// Records one answered request.
@@ -199,6 +237,20 @@ mod tests {
             "kaspr_packages_webhook_kasprapps_cached 3",
             "kaspr_packages_webhook_certificate_expiry_timestamp_seconds 1900000000",
             "kaspr_packages_webhook_build_info{version=\"",
+        ] {
+            assert!(text.contains(needle), "missing {needle} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn a_fresh_registry_has_every_admission_outcome_at_zero() {
+        let mut registry = new_registry();
+        let _metrics = WebhookMetrics::register(&mut registry);
+        let text = encode(&registry).expect("encode");
+        for needle in [
+            "kaspr_packages_webhook_admission_requests_total{endpoint=\"mutate\",kind=\"Pod\",operation=\"CREATE\",outcome=\"error\"} 0",
+            "kaspr_packages_webhook_admission_requests_total{endpoint=\"validate\",kind=\"KasprApp\",operation=\"UPDATE\",outcome=\"denied\"} 0",
+            "kaspr_packages_webhook_admission_duration_seconds_count{endpoint=\"validate\"} 0",
         ] {
             assert!(text.contains(needle), "missing {needle} in\n{text}");
         }

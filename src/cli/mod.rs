@@ -26,10 +26,34 @@ pub enum Command {
     /// Run the admission webhook: HTTPS `/mutate` and `/validate`, plain-HTTP probes and metrics.
     #[command(long_about = SERVE_ABOUT)]
     Serve(Box<ServeArgs>),
+    /// Send synthetic dry-run AdmissionReviews to a running webhook and check the answers.
+    // A later flag wins over an earlier one, so the chart's tests.extraArgs can override its own.
+    #[command(name = "self-test", long_about = SELF_TEST_ABOUT, args_override_self = true)]
+    SelfTest(SelfTestArgs),
+    /// Print a shell completion script (bash, zsh or fish) to stdout.
+    #[command(long_about = COMPLETIONS_ABOUT)]
+    Completions(CompletionsArgs),
+}
+
+/// The name the program was started as, when it is a kubectl plugin (`kubectl-kaspr_packages`):
+/// then help and completions say `kubectl kaspr-packages`.
+fn plugin_bin_name(argv0: &std::ffi::OsStr) -> Option<String> {
+    let file = std::path::Path::new(argv0).file_name()?.to_str()?;
+    let plugin = file.strip_prefix("kubectl-")?;
+    Some(format!("kubectl {}", plugin.replace('_', "-")))
 }
 
 pub fn run() -> ExitCode {
-    let cli = Cli::parse();
+    let argv0 = std::env::args_os().next().unwrap_or_default();
+    let cli = match plugin_bin_name(&argv0) {
+        None => Cli::parse(),
+        Some(bin_name) => {
+            let matches = <Cli as clap::CommandFactory>::command()
+                .bin_name(bin_name)
+                .get_matches();
+            <Cli as clap::FromArgMatches>::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+        }
+    };
     match cli.command {
         Command::Preview(args) => preview(args),
         Command::Validate(args) => validate(&args),
@@ -38,6 +62,140 @@ pub fn run() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Serve(args) => serve(*args),
+        Command::SelfTest(args) => self_test(args),
+        Command::Completions(args) => completions(&args),
+    }
+}
+
+const SELF_TEST_ABOUT: &str = "Send synthetic dry-run AdmissionReviews to a running webhook and \
+check the answers.
+
+Three requests, each on a new TLS connection verified against --ca-file: a valid KasprApp to \
+/validate (must be allowed), an invalid one (must be denied, naming the field), and a StatefulSet \
+owned by a KasprApp to /mutate. /mutate looks the app up (watch cache or API server), so without \
+--app the StatefulSet names an app that does not exist and must be allowed unchanged; this \
+also proves the webhook can read KasprApps (an unreadable app is a denial). With --app NAME, a \
+KasprApp in --namespace that lists spec.pythonPackages, the answer must carry a well-formed \
+JSON patch. Every answer must echo the request's uid and arrive within --max-response-time.
+
+Prints one line per check and a summary. Exit status 0 when every check passed, 1 when one \
+failed, 2 when the options are unusable (the message names the flag and its value). Every flag \
+also reads KASPR_WEBHOOK_<FLAG> from the environment. The chart's `helm test` runs it.";
+
+/// Options of `self-test`.
+#[derive(Debug, clap::Args)]
+pub struct SelfTestArgs {
+    /// Base URL of the webhook; /mutate and /validate are appended,
+    /// e.g. https://kaspr-packages-webhook.kaspr.svc:443.
+    #[arg(long, env = "KASPR_WEBHOOK_URL", value_name = "URL")]
+    pub url: url::Url,
+
+    /// PEM file of the CA that signed the webhook's certificate (the caBundle).
+    #[arg(long, env = "KASPR_WEBHOOK_CA_FILE", value_name = "FILE")]
+    pub ca_file: std::path::PathBuf,
+
+    /// Namespace of the synthetic objects.
+    #[arg(
+        long,
+        env = "KASPR_WEBHOOK_NAMESPACE",
+        value_name = "NS",
+        default_value = "default"
+    )]
+    pub namespace: String,
+
+    /// A KasprApp in --namespace listing spec.pythonPackages: its StatefulSet must be patched
+    /// [default: an app that does not exist, answered unchanged].
+    #[arg(long, env = "KASPR_WEBHOOK_APP", value_name = "NAME")]
+    pub app: Option<String>,
+
+    /// Deadline of each request: connection, TLS handshake and answer.
+    #[arg(long, env = "KASPR_WEBHOOK_TIMEOUT", value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub timeout: std::time::Duration,
+
+    /// Slowest acceptable answer (the API server gives a webhook 10 s by default).
+    #[arg(long, env = "KASPR_WEBHOOK_MAX_RESPONSE_TIME", value_name = "DURATION", default_value = "2s", value_parser = parse_duration)]
+    pub max_response_time: std::time::Duration,
+}
+
+fn self_test(args: SelfTestArgs) -> ExitCode {
+    let SelfTestArgs {
+        url,
+        ca_file,
+        namespace,
+        app,
+        timeout,
+        max_response_time,
+    } = args;
+    let options = crate::selftest::SelfTestOptions {
+        url,
+        ca_file,
+        namespace,
+        app,
+        timeout,
+        max_response_time,
+    };
+    match crate::selftest::run_blocking(&options) {
+        Ok(report) => {
+            for line in report.lines() {
+                println!("{line}");
+            }
+            if report.passed() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(error) => {
+            eprintln!("error: {error}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+const COMPLETIONS_ABOUT: &str = "Print a shell completion script to stdout.
+
+  bash: kaspr-packages-webhook completions bash > ~/.local/share/bash-completion/completions/kaspr-packages-webhook
+  zsh:  kaspr-packages-webhook completions zsh > \"${fpath[1]}/_kaspr-packages-webhook\"
+  fish: kaspr-packages-webhook completions fish > ~/.config/fish/completions/kaspr-packages-webhook.fish";
+
+/// Options of `completions`.
+#[derive(Debug, clap::Args)]
+pub struct CompletionsArgs {
+    /// The shell.
+    #[arg(value_enum)]
+    pub shell: ShellArg,
+}
+
+/// Shells with completion scripts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ShellArg {
+    Bash,
+    Zsh,
+    Fish,
+}
+
+/// The completion script of `shell`.
+pub fn completion_script(shell: ShellArg) -> Vec<u8> {
+    let shell = match shell {
+        ShellArg::Bash => clap_complete::Shell::Bash,
+        ShellArg::Zsh => clap_complete::Shell::Zsh,
+        ShellArg::Fish => clap_complete::Shell::Fish,
+    };
+    let mut command = <Cli as clap::CommandFactory>::command();
+    let mut out = Vec::new();
+    clap_complete::generate(shell, &mut command, "kaspr-packages-webhook", &mut out);
+    out
+}
+
+fn completions(args: &CompletionsArgs) -> ExitCode {
+    use std::io::Write as _;
+    let script = completion_script(args.shell);
+    match std::io::stdout().lock().write_all(&script) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: writing the completion script: {error}");
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -195,3 +195,81 @@ fn inconsistent_flags_are_refused() {
     assert!(serve_args(&["--request-timeout", "soon"]).is_err());
     assert!(serve_args(&["--log-format", "xml"]).is_err());
 }
+
+#[test]
+fn every_self_test_flag_reads_its_environment_variable() {
+    let command = Cli::command();
+    let self_test = command.find_subcommand("self-test").expect("self-test");
+    for arg in self_test.get_arguments() {
+        let id = arg.get_id().as_str();
+        if id == "help" {
+            continue;
+        }
+        let expected = format!("KASPR_WEBHOOK_{}", id.to_uppercase());
+        assert_eq!(
+            arg.get_env().and_then(|e| e.to_str()),
+            Some(expected.as_str()),
+            "--{id}"
+        );
+    }
+}
+
+#[test]
+fn self_test_needs_a_url_and_a_ca_file() {
+    let parse = |args: &[&str]| {
+        let mut argv = vec!["kaspr-packages-webhook", "self-test"];
+        argv.extend_from_slice(args);
+        Cli::try_parse_from(argv)
+    };
+    assert!(parse(&["--url", "https://hook.kaspr.svc"]).is_err());
+    assert!(parse(&["--url", "not a url", "--ca-file", "/ca"]).is_err());
+    let cli = parse(&["--url", "https://hook.kaspr.svc:443", "--ca-file", "/ca"]).expect("parse");
+    let Command::SelfTest(args) = cli.command else {
+        panic!("not self-test")
+    };
+    assert_eq!(args.namespace, "default");
+    assert_eq!(args.app, None);
+    assert_eq!(args.max_response_time, std::time::Duration::from_secs(2));
+    let cli = parse(&[
+        "--url=https://hook.kaspr.svc",
+        "--ca-file=/ca",
+        "--namespace=kaspr",
+        "--namespace=apps",
+    ])
+    .expect("a later flag wins");
+    let Command::SelfTest(args) = cli.command else {
+        panic!("not self-test")
+    };
+    assert_eq!(args.namespace, "apps");
+}
+
+#[test]
+fn a_kubectl_plugin_name_becomes_the_displayed_command() {
+    let name = |argv0: &str| plugin_bin_name(std::ffi::OsStr::new(argv0));
+    assert_eq!(
+        name("/usr/local/bin/kubectl-kaspr_packages").as_deref(),
+        Some("kubectl kaspr-packages")
+    );
+    assert_eq!(name("kaspr-packages-webhook"), None);
+    assert_eq!(name("/usr/bin/kaspr-packages-webhook"), None);
+}
+
+#[rstest::rstest]
+#[case::bash(ShellArg::Bash, "complete -F")]
+#[case::zsh(ShellArg::Zsh, "#compdef kaspr-packages-webhook")]
+#[case::fish(ShellArg::Fish, "complete -c kaspr-packages-webhook")]
+fn completions_cover_every_subcommand(#[case] shell: ShellArg, #[case] marker: &str) {
+    let script = String::from_utf8(completion_script(shell)).expect("UTF-8");
+    assert!(script.contains(marker), "{script}");
+    for subcommand in [
+        "preview",
+        "validate",
+        "serve",
+        "self-test",
+        "completions",
+        "installer",
+    ] {
+        assert!(script.contains(subcommand), "{subcommand} missing");
+    }
+    assert!(script.contains("max-response-time"));
+}

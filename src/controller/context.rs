@@ -110,6 +110,9 @@ struct ReconcileLabels {
     outcome: &'static str,
 }
 
+/// The `outcome` label values of `controller_reconciles_total`.
+const RECONCILE_OUTCOMES: [&str; 4] = ["in_sync", "changed", "pending", "failed"];
+
 /// The controller's metrics, in the server's registry.
 #[derive(Debug, Clone)]
 pub struct ControllerMetrics {
@@ -133,6 +136,16 @@ impl ControllerMetrics {
             "Controller reconciles by part (pvc, rollout) and outcome (in_sync, changed, pending, failed)",
             metrics.reconciles.clone(),
         );
+        // Every series exists from the start at 0, so `rate()` sees a process's first failure
+        // (a series born at 1 has no earlier sample to rise from) and alerts match at once.
+        for part in [Part::Pvc, Part::Rollout] {
+            for outcome in RECONCILE_OUTCOMES {
+                drop(metrics.reconciles.get_or_create(&ReconcileLabels {
+                    part: part.label(),
+                    outcome,
+                }));
+            }
+        }
         metrics
     }
 

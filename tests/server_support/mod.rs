@@ -70,6 +70,19 @@ impl TestPki {
         }
     }
 
+    /// The root CA as PEM, as a caBundle or a `--ca-file` holds it.
+    pub fn root_pem(&self) -> String {
+        use base64::Engine as _;
+        let encoded = base64::engine::general_purpose::STANDARD.encode(&self.root_der);
+        let mut pem = String::from("-----BEGIN CERTIFICATE-----\n");
+        for line in encoded.as_bytes().chunks(64) {
+            pem.push_str(&String::from_utf8_lossy(line));
+            pem.push('\n');
+        }
+        pem.push_str("-----END CERTIFICATE-----\n");
+        pem
+    }
+
     /// A chain PEM (leaf, intermediate) for `localhost`/127.0.0.1 with the given key, and the
     /// leaf's DER.
     pub fn leaf_for(&self, key: &KeyPair) -> (String, Vec<u8>) {

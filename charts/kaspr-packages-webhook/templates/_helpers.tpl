@@ -31,6 +31,22 @@ app.kubernetes.io/part-of: kaspr
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 
+{{/* Labels of the `helm test` objects: never the Deployment's selector labels, so neither its
+ReplicaSets nor the Service can pick the test Pod up. */}}
+{{- define "kpw.testSelectorLabels" -}}
+app.kubernetes.io/name: {{ printf "%s-self-test" (include "kpw.name" .) | trunc 63 | trimSuffix "-" }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "kpw.testLabels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{ include "kpw.testSelectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/component: self-test
+app.kubernetes.io/part-of: kaspr
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
 {{- define "kpw.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create }}
 {{- default (include "kpw.fullname" .) .Values.serviceAccount.name }}
