@@ -22,7 +22,7 @@ from e2e_cluster import ControlPlane, pod_ready, wait_for
 from e2e_gcs import GcsStandIn
 from e2e_index import PackageIndex
 from e2e_webhook import Webhook
-from test_node_pods import app_statefulset, credentials_secret, host_path_volume, python_packages
+from test_node_pods import app_statefulset, cache_claim, credentials_secret, host_path_volume, python_packages
 from e2e_objects import kasprapp
 
 ROUNDS = int(os.environ.get("KASPR_BENCH_ROUNDS", "5"))
@@ -91,14 +91,8 @@ def test_empty_dir_cold(cluster: ControlPlane, webhook: Webhook, namespace: str,
 
 def test_pvc_warm(cluster: ControlPlane, webhook: Webhook, namespace: str, package_index: PackageIndex,
                   app_image: str):
-    volume = host_path_volume(cluster, f"bench-{namespace}")
+    cache_claim(cluster, namespace, "warm", host_path_volume(cluster, f"bench-{namespace}"))
     credentials_secret(cluster, namespace, package_index)
-    cluster.apply({
-        "apiVersion": "v1", "kind": "PersistentVolumeClaim",
-        "metadata": {"name": "warm-python-packages", "labels": {"kaspr.io/app": "warm"}},
-        "spec": {"accessModes": ["ReadWriteMany"], "storageClassName": "", "volumeName": volume,
-                 "resources": {"requests": {"storage": "256Mi"}}},
-    }, namespace=namespace)
     _deploy(cluster, namespace, "warm", python_packages(package_index, ["kasprdemo==1.0"], cache={"enabled": True}),
             app_image)
     _measure("PVC, build present", cluster, namespace, "warm", warmup=True)

@@ -234,19 +234,23 @@ def host_path_volume(cluster: ControlPlane, name: str, owner: int = 1000) -> str
     return name
 
 
+def cache_claim(cluster: ControlPlane, namespace: str, app: str, volume: str) -> None:
+    """The app's cache claim (as the controller would make it), bound to `volume`."""
+    cluster.apply({
+        "apiVersion": "v1", "kind": "PersistentVolumeClaim",
+        "metadata": {"name": f"{app}-python-packages", "labels": {"kaspr.io/app": app}},
+        "spec": {"accessModes": ["ReadWriteMany"], "storageClassName": "", "volumeName": volume,
+                 "resources": {"requests": {"storage": "256Mi"}}},
+    }, namespace=namespace)
+
+
 def test_pvc_cache_is_shared_by_running_pods(
     cluster: ControlPlane, webhook: Webhook, namespace: str, package_index: PackageIndex, app_image: str
 ):
     """PVC mode on a ReadWriteMany claim bound to a pre-made volume: one build, used by both
     replicas, and a restarted pod comes back without running pip."""
-    volume = host_path_volume(cluster, f"cache-{namespace}")
+    cache_claim(cluster, namespace, "warm", host_path_volume(cluster, f"cache-{namespace}"))
     credentials_secret(cluster, namespace, package_index)
-    cluster.apply({
-        "apiVersion": "v1", "kind": "PersistentVolumeClaim",
-        "metadata": {"name": "warm-python-packages", "labels": {"kaspr.io/app": "warm"}},
-        "spec": {"accessModes": ["ReadWriteMany"], "storageClassName": "", "volumeName": volume,
-                 "resources": {"requests": {"storage": "256Mi"}}},
-    }, namespace=namespace)
     deploy(cluster, namespace, "warm", python_packages(package_index, ["kasprdemo==1.0"], cache={"enabled": True}),
            app_image, replicas=2)
     pods = cluster.wait_pods_ready(namespace, "kaspr.io/app=warm", 2)
