@@ -1,9 +1,11 @@
 """The chart without a cluster: `helm template` renders of every value (Kubernetes 1.37), the
 `helm test` Pod, the monitoring objects, the schema, and the README's values table.
 
-helm comes from the pinned tools the end-to-end suite builds (scripts/build-k8s-tools) under
-${KASPR_CACHE_DIR:-~/.cache/kaspr-packages-webhook}/k8s/1.37-*/bin/helm; the render tests are
-skipped, saying so, when it is not there.
+helm comes from the pinned tools the end-to-end suite builds (scripts/build-k8s-tools):
+scripts/test-chart passes it as KASPR_HELM (building it when needed), and a missing KASPR_HELM
+is an error. Run by hand without it, the newest cached
+${KASPR_CACHE_DIR:-~/.cache/kaspr-packages-webhook}/k8s/1.37-*/bin/helm is used, and the
+render tests are skipped, saying so, when there is none.
 """
 import base64
 import json
@@ -31,6 +33,11 @@ ALERTS = {
 
 
 def _helm() -> Path | None:
+    chosen = os.environ.get("KASPR_HELM")
+    if chosen:
+        if not os.access(chosen, os.X_OK):
+            raise RuntimeError(f"KASPR_HELM={chosen} is not an executable helm")
+        return Path(chosen)
     cache = Path(os.environ.get("KASPR_CACHE_DIR", Path.home() / ".cache" / "kaspr-packages-webhook"))
     found = sorted((cache / "k8s").glob("1.37-*/bin/helm"))
     return found[-1] if found else None
