@@ -80,16 +80,28 @@ class AdmissionLoop:
         self.limit, self.seconds = limit, seconds
         self.count = 0
         self.failures: list[str] = []
+        self.replica_states: list[str] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        deadline = time.monotonic() + self.seconds
+        start = time.monotonic()
+        deadline = start + self.seconds
+        last_look = -10.0
         while not self._stop.is_set() and self.count < self.limit and time.monotonic() < deadline:
             ok, error = admit(*self.args)
             self.count += 1
             if not ok:
-                self.failures.append(error)
+                now = time.monotonic() - start
+                self.failures.append(f"[{now:.1f}s] {error}")
+                if now - last_look >= 5:
+                    # What the replicas looked like when admissions failed, for the report.
+                    last_look = now
+                    self.replica_states.append(f"[{now:.1f}s] " + "; ".join(
+                        f"{p['metadata']['name']} ready={pod_ready(p)} restarts="
+                        f"{[c.get('restartCount', 0) for c in p['status'].get('containerStatuses') or []]} "
+                        f"last={[c.get('lastState') for c in p['status'].get('containerStatuses') or []]}"
+                        for p in release_pods(self.args[0])))
 
     def __enter__(self) -> "AdmissionLoop":
         self._thread.start()
@@ -177,7 +189,8 @@ def test_chart_deployment_serves_through_its_service_through_rotation_and_upgrad
             assert min(ready_seen) >= 1, ready_seen
             time.sleep(5)  # admissions against the new replicas only
         assert loop.count >= 30, loop.count
-        assert not loop.failures, f"{len(loop.failures)} of {loop.count} admissions failed: {loop.failures[:5]}"
+        assert not loop.failures, (f"{len(loop.failures)} of {loop.count} admissions failed: {loop.failures[:3]} "
+                                   f"... {loop.failures[-2:]}\nreplicas then: {loop.replica_states}")
         # The leaf the Service presents chains to the CA the Secret holds now.
         leaf = served_certificate(cluster, name)
         assert "BEGIN CERTIFICATE" in leaf, leaf
