@@ -169,7 +169,7 @@ def test_defaults_keep_the_hardened_security_contexts():
     assert container["livenessProbe"] == {"httpGet": {"path": "/livez", "port": "probes"},
                                           "periodSeconds": 10, "timeoutSeconds": 2, "failureThreshold": 3}
     assert container["readinessProbe"] == {"httpGet": {"path": "/readyz", "port": "probes"},
-                                           "periodSeconds": 2, "timeoutSeconds": 2, "failureThreshold": 2}
+                                           "periodSeconds": 5, "timeoutSeconds": 3, "failureThreshold": 3}
 
 
 @needs_helm
@@ -186,7 +186,7 @@ def test_every_new_value_is_rendered():
     assert {"name": "extra-ca", "mountPath": "/etc/extra-ca", "readOnly": True} in container["volumeMounts"]
     assert container["livenessProbe"] == {"httpGet": {"path": "/livez", "port": "probes"}, "initialDelaySeconds": 5,
                                           "periodSeconds": 20, "timeoutSeconds": 3, "failureThreshold": 4}
-    assert container["readinessProbe"]["periodSeconds"] == 5
+    assert container["readinessProbe"]["periodSeconds"] == 7
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "probes"}
 
 
