@@ -13,6 +13,7 @@ import json
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -97,7 +98,8 @@ class AdmissionLoop:
                 if now - last_look >= 5:
                     # What the replicas looked like when admissions failed, for the report.
                     last_look = now
-                    self.replica_states.append(f"[{now:.1f}s] " + "; ".join(
+                    load = Path("/proc/loadavg").read_text().split()[:3]
+                    self.replica_states.append(f"[{now:.1f}s] load {' '.join(load)}; " + "; ".join(
                         f"{p['metadata']['name']} ready={pod_ready(p)} restarts="
                         f"{[c.get('restartCount', 0) for c in p['status'].get('containerStatuses') or []]} "
                         f"last={[c.get('lastState') for c in p['status'].get('containerStatuses') or []]}"
@@ -110,6 +112,14 @@ class AdmissionLoop:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join(timeout=60)
+
+
+def release_pod_events(cluster: ControlPlane) -> str:
+    """The release's pod Events (probe failures, kills, restarts), oldest first."""
+    proc = cluster.kubectl(["get", "events", "-n", RELEASE_NAMESPACE, "--field-selector", "involvedObject.kind=Pod",
+                            "--sort-by", ".lastTimestamp", "-o", "custom-columns=LAST:.lastTimestamp,COUNT:.count,"
+                            "POD:.involvedObject.name,REASON:.reason,MESSAGE:.message"], check=False)
+    return proc.stdout or proc.stderr
 
 
 def secret_data(cluster: ControlPlane, name: str) -> dict[str, bytes]:
@@ -193,7 +203,8 @@ def test_chart_deployment_serves_through_its_service_through_rotation_and_upgrad
             time.sleep(5)  # admissions against the new replicas only
         assert loop.count >= 30, loop.count
         assert not loop.failures, (f"{len(loop.failures)} of {loop.count} admissions failed: {loop.failures[:3]} "
-                                   f"... {loop.failures[-2:]}\nreplicas then: {loop.replica_states}")
+                                   f"... {loop.failures[-2:]}\nreplicas then: {loop.replica_states}\n"
+                                   f"their events:\n{release_pod_events(cluster)}")
         # The leaf the Service presents chains to the CA the Secret holds now.
         leaf = served_certificate(cluster, name)
         assert "BEGIN CERTIFICATE" in leaf, leaf
