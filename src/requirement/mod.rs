@@ -132,6 +132,27 @@ fn check_requirements_line(input: &str) -> Result<(), String> {
 }
 
 fn parse_requirement(input: &str) -> Result<Requirement, String> {
+    check_characters(input)?;
+    // Split off the marker: it starts at the first `;` (after whitespace for URLs).
+    let (head, marker) = match input.find(';') {
+        Some(i) => (&input[..i], Some(&input[i + 1..])),
+        None => (input, None),
+    };
+    if is_url_start(head) || SCP_LIKE.is_match(head.trim_end()) {
+        return parse_bare_url(head, marker);
+    }
+    if let Some(parsed) = head
+        .find('@')
+        .and_then(|at| parse_named_url(head, at, marker))
+    {
+        return parsed;
+    }
+    parse_versioned(head, marker)
+}
+
+/// What no requirement may be or contain, whatever its form: too long, empty, control or
+/// non-ASCII characters, pip options, `file:` URLs and local paths.
+fn check_characters(input: &str) -> Result<(), String> {
     if input.chars().count() > MAX_LEN {
         return Err(format!("longer than {MAX_LEN} characters"));
     }
@@ -147,62 +168,72 @@ fn parse_requirement(input: &str) -> Result<Requirement, String> {
     if !input.is_ascii() {
         return Err("contains a non-ASCII character".into());
     }
-    let lower = input.to_ascii_lowercase();
-    if lower.starts_with("file:") {
+    if input.to_ascii_lowercase().starts_with("file:") {
         return Err("file: URLs are not allowed".into());
     }
     if input.starts_with(['.', '/', '~']) {
         return Err("local paths are not allowed".into());
     }
-    // Split off the marker: it starts at the first `;` (after whitespace for URLs).
-    let (head, marker) = match input.find(';') {
-        Some(i) => (&input[..i], Some(&input[i + 1..])),
-        None => (input, None),
-    };
+    Ok(())
+}
 
-    // A bare direct reference.
-    if is_url_start(head) || SCP_LIKE.is_match(head.trim_end()) {
-        let url = check_marker_separation(head, marker)?;
-        check_url(url)?;
-        // Without a name, pip takes the distribution from a wheel's file name.
-        check_wheel_file(url)?;
-        if let Some(m) = marker {
-            check_marker(m)?;
-        }
-        return Ok(Requirement {
-            name: None,
-            kind: RequirementKind::Direct,
-        });
+fn url_scheme_not_allowed() -> String {
+    format!(
+        "URL scheme not allowed (use one of {})",
+        URL_SCHEMES.join(" ")
+    )
+}
+
+/// A bare direct reference: a URL, which must name a wheel file (pip takes the distribution's
+/// name from it).
+fn parse_bare_url(head: &str, marker: Option<&str>) -> Result<Requirement, String> {
+    let url = check_marker_separation(head, marker)?;
+    check_url(url)?;
+    check_wheel_file(url)?;
+    if let Some(m) = marker {
+        check_marker(m)?;
     }
+    Ok(Requirement {
+        name: None,
+        kind: RequirementKind::Direct,
+    })
+}
 
-    // `name[extras] @ url`
-    if let Some(at) = head.find('@') {
-        let (name_part, url_part) = (&head[..at], &head[at + 1..]);
-        let url_part = url_part.trim_start_matches(' ');
-        if is_url_start(url_part) {
+/// `name[extras] @ url`; `None` when what follows the `@` is not a URL, so the text is read as
+/// a name requirement instead.
+fn parse_named_url(
+    head: &str,
+    at: usize,
+    marker: Option<&str>,
+) -> Option<Result<Requirement, String>> {
+    let (name_part, url_part) = (&head[..at], &head[at + 1..]);
+    let url_part = url_part.trim_start_matches(' ');
+    if is_url_start(url_part) {
+        let parsed = (|| -> Result<Requirement, String> {
             let name = check_name_and_extras(name_part.trim_end_matches(' '))?;
             let url = check_marker_separation(url_part, marker)?;
             check_url(url)?;
             if let Some(m) = marker {
                 check_marker(m)?;
             }
-            return Ok(Requirement {
+            Ok(Requirement {
                 name: Some(name),
                 kind: RequirementKind::Direct,
-            });
-        }
-        if url_part.to_ascii_lowercase().starts_with("file:") {
-            return Err("file: URLs are not allowed".into());
-        }
-        if head.contains("://") {
-            return Err(format!(
-                "URL scheme not allowed (use one of {})",
-                URL_SCHEMES.join(" ")
-            ));
-        }
+            })
+        })();
+        return Some(parsed);
     }
+    if url_part.to_ascii_lowercase().starts_with("file:") {
+        return Some(Err("file: URLs are not allowed".into()));
+    }
+    if head.contains("://") {
+        return Some(Err(url_scheme_not_allowed()));
+    }
+    None
+}
 
-    // A PEP 508 name requirement; whitespace is only allowed right before the marker's `;`.
+/// A PEP 508 name requirement; whitespace is only allowed right before the marker's `;`.
+fn parse_versioned(head: &str, marker: Option<&str>) -> Result<Requirement, String> {
     let head_trimmed = if marker.is_some() {
         head.trim_end_matches(' ')
     } else {
@@ -212,10 +243,7 @@ fn parse_requirement(input: &str) -> Result<Requirement, String> {
         return Err("whitespace is only allowed in an environment marker after ';'".into());
     }
     if head_trimmed.contains("://") {
-        return Err(format!(
-            "URL scheme not allowed (use one of {})",
-            URL_SCHEMES.join(" ")
-        ));
+        return Err(url_scheme_not_allowed());
     }
     let (name_and_extras, specs) = split_specifiers(head_trimmed);
     if name_and_extras.contains('/') || name_and_extras.contains('\\') {

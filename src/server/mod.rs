@@ -154,32 +154,7 @@ pub async fn serve(options: ServeOptions, shutdown: Shutdown) -> anyhow::Result<
     let mut registry = metrics::new_registry();
     let mut tasks = Vec::new();
 
-    let mut self_managed = None;
-    let (cert_path, key_path) = match certs {
-        CertSource::Files { cert, key } => (cert, key),
-        CertSource::SelfManaged(mut config) => {
-            let policy = config.prepare()?;
-            let paths = (
-                config.dir.join(crate::certs::authority::TLS_CERT),
-                config.dir.join(crate::certs::authority::TLS_KEY),
-            );
-            self_managed = Some((config, policy));
-            paths
-        }
-        CertSource::SelfSigned { dir } => {
-            let generated = tokio::task::spawn_blocking(move || crate::certs::local::write_self_signed(&dir))
-                .await
-                .context("self-signed certificate task failed")?
-                .context("no --tls-cert/--tls-key given, and the self-signed pair for local use could not be written (choose a directory with --self-signed-dir)")?;
-            tracing::warn!(
-                ca = %generated.ca_path.display(),
-                "no --tls-cert/--tls-key given: serving a self-signed certificate for localhost; \
-                 trust its CA with `curl --cacert {}`",
-                generated.ca_path.display()
-            );
-            (generated.cert_path, generated.key_path)
-        }
-    };
+    let (cert_path, key_path, self_managed) = serving_pair(certs).await?;
     let certs = Arc::new(CertReloader::new(cert_path, key_path));
     // The first load is synchronous with start so the server is ready at once when the files
     // exist; when they do not yet (a Secret still being written), the reload task keeps looking.
@@ -189,33 +164,10 @@ pub async fn serve(options: ServeOptions, shutdown: Shutdown) -> anyhow::Result<
         Arc::clone(&certs).watch(reload_interval),
     ));
 
-    let mut watched_namespaces = Vec::new();
-    let (apps, client): (Arc<dyn KasprApps>, Option<kube::Client>) = match apps {
-        AppSource::Files { dir } => {
-            let loaded = tokio::task::spawn_blocking(move || FileKasprApps::load(&dir))
-                .await
-                .context("KasprApp file task failed")?
-                .context("cannot read the --kasprapps directory")?;
-            let loaded = Arc::new(loaded);
-            tracing::info!(dir = %loaded.dir().display(), apps = loaded.len(), "KasprApps read from files; the controller is off");
-            tasks.push(BackgroundTask::new(
-                "kasprapp-files",
-                Arc::clone(&loaded).watch(reload_interval),
-            ));
-            (loaded, None)
-        }
-        AppSource::Cluster { namespaces } => {
-            let client = kube::Client::try_default()
-                .await
-                .context("cannot configure a Kubernetes client (KUBECONFIG or in-cluster service account); use --kasprapps DIR to run without a cluster")?;
-            let (cache, runner) = KubeKasprApps::new(client.clone(), &namespaces);
-            watched_namespaces = namespaces;
-            tasks.push(BackgroundTask::new("kasprapp-cache", runner));
-            (Arc::new(cache), Some(client))
-        }
-    };
+    let source = app_source(apps, reload_interval, &mut tasks).await?;
     if let Some((config, policy)) = self_managed {
-        let client = client
+        let client = source
+            .client
             .clone()
             .context("self-managed certificates need the API server (not --kasprapps)")?;
         tasks.push(BackgroundTask::new(
@@ -223,12 +175,10 @@ pub async fn serve(options: ServeOptions, shutdown: Shutdown) -> anyhow::Result<
             crate::certs::run(client, config, policy, Arc::clone(&certs)),
         ));
     }
-    if let Some(client) = &client {
+    if let Some(client) = source.client {
         tokio::spawn(warn_if_untested_release(client.clone()));
-    }
-    if let Some(client) = client {
         let cluster = ClusterTasks {
-            namespaces: &watched_namespaces,
+            namespaces: &source.namespaces,
             controller,
             render: &settings.render,
         };
@@ -236,7 +186,7 @@ pub async fn serve(options: ServeOptions, shutdown: Shutdown) -> anyhow::Result<
     }
 
     let services = Services {
-        apps,
+        apps: source.apps,
         certs,
         registry,
         tasks,
@@ -249,6 +199,86 @@ pub async fn serve(options: ServeOptions, shutdown: Shutdown) -> anyhow::Result<
         "serving"
     );
     running.wait().await
+}
+
+type SelfManaged = (
+    crate::certs::SelfManagedCerts,
+    crate::certs::authority::Policy,
+);
+
+/// The certificate and key files to serve, and for self-managed certificates the settings the
+/// rotation task needs. Writes the local self-signed pair when no files were given.
+async fn serving_pair(
+    certs: CertSource,
+) -> anyhow::Result<(PathBuf, PathBuf, Option<SelfManaged>)> {
+    match certs {
+        CertSource::Files { cert, key } => Ok((cert, key, None)),
+        CertSource::SelfManaged(mut config) => {
+            let policy = config.prepare()?;
+            let cert = config.dir.join(crate::certs::authority::TLS_CERT);
+            let key = config.dir.join(crate::certs::authority::TLS_KEY);
+            Ok((cert, key, Some((config, policy))))
+        }
+        CertSource::SelfSigned { dir } => {
+            let generated = tokio::task::spawn_blocking(move || crate::certs::local::write_self_signed(&dir))
+                .await
+                .context("self-signed certificate task failed")?
+                .context("no --tls-cert/--tls-key given, and the self-signed pair for local use could not be written (choose a directory with --self-signed-dir)")?;
+            tracing::warn!(
+                ca = %generated.ca_path.display(),
+                "no --tls-cert/--tls-key given: serving a self-signed certificate for localhost; \
+                 trust its CA with `curl --cacert {}`",
+                generated.ca_path.display()
+            );
+            Ok((generated.cert_path, generated.key_path, None))
+        }
+    }
+}
+
+/// Where KasprApps come from, the API client when that is the cluster, and the namespaces
+/// watched there (empty: all).
+struct AppSourceParts {
+    apps: Arc<dyn KasprApps>,
+    client: Option<kube::Client>,
+    namespaces: Vec<String>,
+}
+
+async fn app_source(
+    apps: AppSource,
+    reload_interval: Duration,
+    tasks: &mut Vec<BackgroundTask>,
+) -> anyhow::Result<AppSourceParts> {
+    match apps {
+        AppSource::Files { dir } => {
+            let loaded = tokio::task::spawn_blocking(move || FileKasprApps::load(&dir))
+                .await
+                .context("KasprApp file task failed")?
+                .context("cannot read the --kasprapps directory")?;
+            let loaded = Arc::new(loaded);
+            tracing::info!(dir = %loaded.dir().display(), apps = loaded.len(), "KasprApps read from files; the controller is off");
+            tasks.push(BackgroundTask::new(
+                "kasprapp-files",
+                Arc::clone(&loaded).watch(reload_interval),
+            ));
+            Ok(AppSourceParts {
+                apps: loaded,
+                client: None,
+                namespaces: Vec::new(),
+            })
+        }
+        AppSource::Cluster { namespaces } => {
+            let client = kube::Client::try_default()
+                .await
+                .context("cannot configure a Kubernetes client (KUBECONFIG or in-cluster service account); use --kasprapps DIR to run without a cluster")?;
+            let (cache, runner) = KubeKasprApps::new(client.clone(), &namespaces);
+            tasks.push(BackgroundTask::new("kasprapp-cache", runner));
+            Ok(AppSourceParts {
+                apps: Arc::new(cache),
+                client: Some(client),
+                namespaces,
+            })
+        }
+    }
 }
 
 /// Logs one warning when the API server runs a Kubernetes release outside the tested range;
@@ -360,14 +390,7 @@ pub async fn start(
     let webhook_metrics = WebhookMetrics::register(&mut registry);
     let registry = Arc::new(registry);
 
-    let webhook_listener = std::net::TcpListener::bind(listen)
-        .with_context(|| format!("cannot listen on {listen} (--listen)"))?;
-    webhook_listener
-        .set_nonblocking(true)
-        .context("cannot configure the webhook socket")?;
-    let webhook_addr = webhook_listener
-        .local_addr()
-        .context("webhook socket has no address")?;
+    let (webhook_listener, webhook_addr) = bind_webhook(listen)?;
     let probe_listener = tokio::net::TcpListener::bind(probe_listen)
         .await
         .with_context(|| format!("cannot listen on {probe_listen} (--probe-listen)"))?;
@@ -383,22 +406,8 @@ pub async fn start(
         max_body_bytes,
         request_timeout,
     );
-    let handle = axum_server::Handle::new();
-    let mut server = axum_server::tls_rustls::from_tcp_rustls(
-        webhook_listener,
-        axum_server::tls_rustls::RustlsConfig::from_config(tls_config),
-    )
-    .context("cannot start the webhook server")?
-    .map(|acceptor| acceptor.handshake_timeout(header_timeout))
-    .handle(handle.clone())
-    .first_request_timeout(header_timeout);
-    server
-        .http_builder()
-        .http1()
-        .keep_alive(true)
-        .header_read_timeout(Some(header_timeout));
-    let webhook_server =
-        tokio::spawn(server.serve(webhook::router(webhook_state).into_make_service()));
+    let (handle, webhook_server) =
+        spawn_webhook_server(webhook_listener, tls_config, header_timeout, webhook_state)?;
 
     let probe_state = probes::ProbeState::new(
         Arc::clone(&certs),
@@ -417,14 +426,7 @@ pub async fn start(
         }
     });
 
-    let mut background = tokio::task::JoinSet::new();
-    for BackgroundTask { name, future } in tasks {
-        background.spawn(async move {
-            future.await;
-            name
-        });
-    }
-
+    let background = spawn_background(tasks);
     let done = tokio::spawn(supervise(Supervised {
         shutdown: shutdown.clone(),
         shutdown_delay,
@@ -442,6 +444,59 @@ pub async fn start(
         shutdown,
         done,
     })
+}
+
+fn bind_webhook(listen: SocketAddr) -> anyhow::Result<(std::net::TcpListener, SocketAddr)> {
+    let listener = std::net::TcpListener::bind(listen)
+        .with_context(|| format!("cannot listen on {listen} (--listen)"))?;
+    listener
+        .set_nonblocking(true)
+        .context("cannot configure the webhook socket")?;
+    let addr = listener
+        .local_addr()
+        .context("webhook socket has no address")?;
+    Ok((listener, addr))
+}
+
+/// The HTTPS server for `/mutate` and `/validate`: handshake and first-request deadlines, HTTP/1.1
+/// keep-alive with a header deadline, HTTP/2 as negotiated.
+fn spawn_webhook_server(
+    listener: std::net::TcpListener,
+    tls_config: Arc<rustls::ServerConfig>,
+    header_timeout: Duration,
+    state: webhook::WebhookState,
+) -> anyhow::Result<(
+    axum_server::Handle<SocketAddr>,
+    tokio::task::JoinHandle<std::io::Result<()>>,
+)> {
+    let handle = axum_server::Handle::new();
+    let mut server = axum_server::tls_rustls::from_tcp_rustls(
+        listener,
+        axum_server::tls_rustls::RustlsConfig::from_config(tls_config),
+    )
+    .context("cannot start the webhook server")?
+    .map(|acceptor| acceptor.handshake_timeout(header_timeout))
+    .handle(handle.clone())
+    .first_request_timeout(header_timeout);
+    server
+        .http_builder()
+        .http1()
+        .keep_alive(true)
+        .header_read_timeout(Some(header_timeout));
+    let task = tokio::spawn(server.serve(webhook::router(state).into_make_service()));
+    Ok((handle, task))
+}
+
+/// Each background task on its own, reporting its name when it ends.
+fn spawn_background(tasks: Vec<BackgroundTask>) -> tokio::task::JoinSet<&'static str> {
+    let mut background = tokio::task::JoinSet::new();
+    for BackgroundTask { name, future } in tasks {
+        background.spawn(async move {
+            future.await;
+            name
+        });
+    }
+    background
 }
 
 /// What runs after `start` returns, and what stopping it takes.

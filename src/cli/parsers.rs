@@ -1,0 +1,50 @@
+//! Value parsers shared by the subcommands' flags: each error names what was wrong with the value.
+
+pub(super) fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let text = text.trim();
+    // A bare number is seconds.
+    if let Ok(seconds) = text.parse::<u64>() {
+        return Ok(std::time::Duration::from_secs(seconds));
+    }
+    humantime::parse_duration(text).map_err(|e| format!("{e} (examples: 500ms, 8s, 2m)"))
+}
+
+pub(super) fn parse_size_limit(
+    text: &str,
+) -> Result<k8s_openapi::apimachinery::pkg::api::resource::Quantity, String> {
+    match crate::quantity::parse(text).map(crate::quantity::Quantity::to_bytes) {
+        Ok(Some(bytes)) if bytes > 0 => Ok(
+            k8s_openapi::apimachinery::pkg::api::resource::Quantity(text.to_owned()),
+        ),
+        Ok(_) => Err(format!("{text:?} must be a positive size such as 4Gi")),
+        Err(e) => Err(e),
+    }
+}
+
+pub(super) fn parse_resources(
+    text: &str,
+) -> Result<k8s_openapi::api::core::v1::ResourceRequirements, String> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Resources {
+        requests: Option<
+            std::collections::BTreeMap<
+                String,
+                k8s_openapi::apimachinery::pkg::api::resource::Quantity,
+            >,
+        >,
+        limits: Option<
+            std::collections::BTreeMap<
+                String,
+                k8s_openapi::apimachinery::pkg::api::resource::Quantity,
+            >,
+        >,
+    }
+    let Resources { requests, limits } = serde_json::from_str(text)
+        .map_err(|e| format!("expected JSON like {{\"requests\":{{\"cpu\":\"100m\"}},\"limits\":{{\"memory\":\"1Gi\"}}}}: {e}"))?;
+    Ok(k8s_openapi::api::core::v1::ResourceRequirements {
+        requests,
+        limits,
+        claims: None,
+    })
+}
