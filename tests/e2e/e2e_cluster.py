@@ -349,6 +349,13 @@ class ControlPlane:
         self.processes.append(proc)
         return proc
 
+    def stop_process(self, proc: Process | None) -> None:
+        """Stop a process started by `spawn` before teardown (no-op for None)."""
+        if proc is not None:
+            proc.stop()
+            if proc in self.processes:
+                self.processes.remove(proc)
+
     def _make_pki(self) -> None:
         pki = self.pki
         self.ca = make_ca(pki, "ca", "kaspr-e2e-ca")

@@ -156,11 +156,8 @@ class Webhook:
                  on_timeout=lambda: tail(self.log_path))
 
     def stop(self) -> None:
-        if self.process is not None:
-            self.process.stop()
-            if self.process in self.cluster.processes:
-                self.cluster.processes.remove(self.process)
-            self.process = None
+        self.cluster.stop_process(self.process)
+        self.process = None
 
     def metrics(self) -> list[tuple[str, dict[str, str], float]]:
         status, body = self.cluster.http_get(f"{self.probe_url}/metrics")

@@ -192,11 +192,8 @@ class ChartReplica:
         return tail(self.cluster.logs / f"{self.name}.log", 60)
 
     def stop(self) -> None:
-        if self.process is not None:
-            self.process.stop()
-            if self.process in self.cluster.processes:
-                self.cluster.processes.remove(self.process)
-            self.process = None
+        self.cluster.stop_process(self.process)
+        self.process = None
 
 
 def _deployment_args(manifest: list[dict]) -> tuple[list[str], str]:
