@@ -52,6 +52,8 @@ pub(super) struct State {
     pub(super) failures: HashMap<AppKey, u32>,
     /// Rollout patches in a row that did not bring the StatefulSet in sync.
     pub(super) unconverged: HashMap<AppKey, u32>,
+    /// Since when the API server has failed to call the webhook for an app's StatefulSet.
+    pub(super) unreachable_since: HashMap<AppKey, std::time::Instant>,
 }
 
 impl State {
@@ -100,6 +102,7 @@ impl State {
         self.notices.retain(|(_, app), _| exists(app));
         self.failures.retain(|app, _| exists(app));
         self.unconverged.retain(|app, _| exists(app));
+        self.unreachable_since.retain(|app, _| exists(app));
         self.out_of_sync.len()
     }
 }

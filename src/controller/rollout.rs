@@ -85,8 +85,37 @@ pub fn resync_patch() -> Value {
     json!({"spec": {"template": {"metadata": {"annotations": {TEMPLATE_HASH_ANNOTATION: null}}}}})
 }
 
+/// How long the API server may fail to reach this webhook for an app before that app gets a
+/// Warning Event. At install and upgrade the controller starts before its own Service has
+/// endpoints (or the API server has read the new registration); that is not worth an alarm.
+pub const UNREACHABLE_GRACE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Whether the API server refused an update because it could not call one of this product's
+/// webhooks (no endpoints, connection refused, TLS, timeout), as opposed to any other refusal.
+pub fn webhook_unreachable(message: &str) -> bool {
+    message.contains("failed calling webhook")
+        && message
+            .split('"')
+            .any(|quoted| quoted.ends_with(".packages.kaspr.io"))
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn only_a_failed_call_of_our_own_webhook_counts_as_unreachable() {
+        let ours = "Internal error occurred: failed calling webhook \"statefulsets.packages.kaspr.io\": \
+                    failed to call webhook: Post \"https://kpw.kaspr.svc:443/mutate?timeout=10s\": \
+                    no endpoints available for service \"kpw\"";
+        assert!(webhook_unreachable(ours));
+        let other = "Internal error occurred: failed calling webhook \"validate.kyverno.svc\": EOF";
+        assert!(!webhook_unreachable(other));
+        assert!(!webhook_unreachable("statefulsets.apps \"x\" is forbidden"));
+        // A denial by our webhook is an answer, not an unreachable webhook.
+        assert!(!webhook_unreachable(
+            "admission webhook \"statefulsets.packages.kaspr.io\" denied the request: bad"
+        ));
+    }
+
     use super::*;
     use rstest::rstest;
 

@@ -99,7 +99,10 @@ pub(super) async fn reconcile_rollout(
         SyncState::OutOfSync { current, desired } => (current, desired),
     };
 
-    let updated = send_through_webhook(app, &api, &name, &object, context).await?;
+    let Some(updated) = send_through_webhook(app, &api, &name, &object, context).await? else {
+        // The webhook is not reachable through the API server yet: look again shortly.
+        return Ok(UNREACHABLE_RETRY);
+    };
     let after = state_of(&template_of(&updated));
     if updated.metadata.generation != statefulset.metadata.generation {
         announce_rollout(app, owner, &updated, current.as_deref(), context).await;
@@ -132,26 +135,47 @@ pub(super) async fn reconcile_rollout(
     Ok(retry_delay(attempt.saturating_add(1)))
 }
 
+/// How soon to look again while the webhook is not reachable through the API server.
+const UNREACHABLE_RETRY: Duration = Duration::from_secs(3);
+
 /// The resync patch, which makes the API server send the StatefulSet through the webhook; a
-/// refusal marks the app out of sync and warns.
+/// refusal marks the app out of sync and warns. `None` while the API server cannot reach the
+/// webhook and has not for longer than [`rollout::UNREACHABLE_GRACE`] (a fresh install or an
+/// upgrade whose Service has no ready endpoint yet): logged, counted, no Warning Event.
 async fn send_through_webhook(
     app: &KasprAppObject,
     api: &Api<DynamicObject>,
     name: &str,
     object: &str,
     context: &Context,
-) -> Result<DynamicObject, ControllerError> {
+) -> Result<Option<DynamicObject>, ControllerError> {
     let params = PatchParams {
         field_manager: Some(FIELD_MANAGER.to_owned()),
         ..PatchParams::default()
     };
+    let key = ObjectRef::from_obj(app);
     match api
         .patch(name, &params, &Patch::Merge(rollout::resync_patch()))
         .await
     {
-        Ok(updated) => Ok(updated),
+        Ok(updated) => {
+            context.state().unreachable_since.remove(&key);
+            Ok(Some(updated))
+        }
+        Err(error)
+            if rollout::webhook_unreachable(&describe(&error)) && within_grace(&key, context) =>
+        {
+            context.set_out_of_sync(&key, true);
+            context.metrics.count(Part::Rollout, "waiting");
+            tracing::info!(
+                %object,
+                error = %describe(&error),
+                "the API server cannot reach the webhook yet; trying again shortly"
+            );
+            Ok(None)
+        }
         Err(error) => {
-            context.set_out_of_sync(&ObjectRef::from_obj(app), true);
+            context.set_out_of_sync(&key, true);
             context.metrics.count(Part::Rollout, "failed");
             let notice = Notice::warning(
                 "StatefulSetOutOfSync",
@@ -165,6 +189,17 @@ async fn send_through_webhook(
             Err(api_error("update", object.to_owned())(error))
         }
     }
+}
+
+/// Whether the webhook has been unreachable for this app for less than the grace period
+/// (starting the clock at the first failure).
+fn within_grace(key: &ObjectRef<KasprAppObject>, context: &Context) -> bool {
+    let mut state = context.state();
+    let since = *state
+        .unreachable_since
+        .entry(key.clone())
+        .or_insert_with(std::time::Instant::now);
+    since.elapsed() < rollout::UNREACHABLE_GRACE
 }
 
 /// Logs and publishes (as a Normal Event) that the StatefulSet now carries another injection.
@@ -305,6 +340,50 @@ mod tests {
             .expect("ok");
         assert_eq!((first, second), (retry_delay(2), retry_delay(3)));
         assert_eq!(context.state().out_of_sync.len(), 1);
+        let reasons: Vec<Value> = writes(&sent)
+            .iter()
+            .filter(|s| s.method == "POST")
+            .map(|s| s.body["reason"].clone())
+            .collect();
+        assert_eq!(reasons, [json!("StatefulSetOutOfSync")]);
+    }
+
+    fn unreachable() -> (u16, Value) {
+        let mut body = status(500, "InternalError");
+        body["message"] = json!(
+            "Internal error occurred: failed calling webhook \"statefulsets.packages.kaspr.io\": \
+             failed to call webhook: Post \"https://kpw.kaspr.svc:443/mutate?timeout=10s\": \
+             no endpoints available for service \"kpw\""
+        );
+        (500, body)
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_webhook_is_waited_for_without_a_warning_at_first() {
+        let (client, sent) = statefulsets_api(unreachable());
+        let (object, owner, report) = app();
+        let context = context(client);
+        for _ in 0..2 {
+            let next = reconcile_rollout(&object, &owner, &report, &context)
+                .await
+                .expect("not an error while within the grace period");
+            assert_eq!(next, UNREACHABLE_RETRY);
+        }
+        assert!(
+            !writes(&sent).iter().any(|s| s.method == "POST"),
+            "no Event while the webhook may still be starting"
+        );
+        assert_eq!(context.state().out_of_sync.len(), 1);
+
+        // Unreachable for longer than the grace period: now it is worth a Warning.
+        let key = ObjectRef::from_obj(&object);
+        let long_ago = std::time::Instant::now()
+            .checked_sub(rollout::UNREACHABLE_GRACE + Duration::from_secs(1))
+            .expect("clock");
+        context.state().unreachable_since.insert(key, long_ago);
+        reconcile_rollout(&object, &owner, &report, &context)
+            .await
+            .expect_err("fails after the grace period");
         let reasons: Vec<Value> = writes(&sent)
             .iter()
             .filter(|s| s.method == "POST")
