@@ -60,9 +60,24 @@ pub async fn lookup(apps: &dyn KasprApps, app: &AppRef) -> AppLookup {
 
 const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
 
-/// Drops the parts of a stored object that only cost memory.
+/// The parts of a KasprApp's `spec` that the webhook and the controller read; everything else
+/// (bootstrap servers, authentication, resources, the rest of the template, status) is dropped
+/// from the caches, so a cluster of many apps costs memory in proportion to their package
+/// settings only. Each entry is a path of keys below `spec`.
+pub(crate) const KEPT_SPEC: &[&[&str]] = &[
+    &["pythonPackages"],
+    &["template", "pythonPackagesInitContainer"],
+    &["template", "kasprContainer", "securityContext"],
+];
+
+/// Keeps only what the render, the validation and the controller read: `apiVersion`, `kind`,
+/// the metadata without `managedFields` and the last-applied annotation, and [`KEPT_SPEC`].
 pub(crate) fn trim(app: &mut Value) {
-    if let Some(metadata) = app.get_mut("metadata").and_then(Value::as_object_mut) {
+    let Some(object) = app.as_object_mut() else {
+        return;
+    };
+    object.retain(|key, _| matches!(key.as_str(), "apiVersion" | "kind" | "metadata" | "spec"));
+    if let Some(metadata) = object.get_mut("metadata").and_then(Value::as_object_mut) {
         metadata.remove("managedFields");
         if let Some(annotations) = metadata
             .get_mut("annotations")
@@ -71,6 +86,45 @@ pub(crate) fn trim(app: &mut Value) {
             annotations.remove(LAST_APPLIED);
         }
     }
+    if let Some(spec) = object.get_mut("spec") {
+        let kept = keep_paths(spec, KEPT_SPEC);
+        *spec = kept;
+    }
+}
+
+/// A copy of `value` holding only the given key paths (that exist), moved out of `value`.
+fn keep_paths(value: &mut Value, paths: &[&[&str]]) -> Value {
+    let mut kept = serde_json::Map::new();
+    let Some(object) = value.as_object_mut() else {
+        return Value::Object(kept);
+    };
+    for path in paths {
+        let Some((first, rest)) = path.split_first() else {
+            continue;
+        };
+        if rest.is_empty() {
+            if let Some(found) = object.remove(*first) {
+                kept.insert((*first).to_owned(), found);
+            }
+            continue;
+        }
+        if let Some(child) = object.get_mut(*first) {
+            let below = keep_paths(child, &[rest]);
+            if below.as_object().is_some_and(|m| !m.is_empty()) {
+                match kept.get_mut(*first) {
+                    Some(Value::Object(existing)) => {
+                        if let Value::Object(more) = below {
+                            existing.extend(more);
+                        }
+                    }
+                    _ => {
+                        kept.insert((*first).to_owned(), below);
+                    }
+                }
+            }
+        }
+    }
+    Value::Object(kept)
 }
 
 #[cfg(test)]

@@ -154,3 +154,61 @@ fn the_stored_object_keeps_identity_and_drops_bulk() {
             .is_some()
     );
 }
+
+#[test]
+fn the_stored_object_keeps_only_what_is_read() {
+    let object: KasprAppObject = serde_json::from_value(json!({
+        "apiVersion": "kaspr.io/v1alpha1", "kind": "KasprApp",
+        "metadata": {"name": "a", "namespace": "n", "uid": "u", "managedFields": [{"manager": "kubectl"}],
+                     "labels": {"team": "x"}},
+        "spec": {
+            "bootstrapServers": "kafka:9092",
+            "authentication": {"sasl": {"passwordSecret": {"secretName": "s"}}},
+            "resources": {"limits": {"memory": "1Gi"}},
+            "pythonPackages": {"packages": ["x"], "cache": {"enabled": true}},
+            "template": {
+                "pythonPackagesInitContainer": {"env": [{"name": "A", "value": "1"}]},
+                "kasprContainer": {"securityContext": {"runAsNonRoot": true},
+                                   "env": [{"name": "BIG", "value": "y"}]},
+                "serviceAccount": {"metadata": {"labels": {"a": "b"}}}
+            }
+        },
+        "status": {"availableMembers": 3}
+    }))
+    .expect("deserialize");
+    assert_eq!(
+        **object.value(),
+        json!({
+            "apiVersion": "kaspr.io/v1alpha1", "kind": "KasprApp",
+            "metadata": {"name": "a", "namespace": "n", "uid": "u", "labels": {"team": "x"}},
+            "spec": {
+                "pythonPackages": {"packages": ["x"], "cache": {"enabled": true}},
+                "template": {
+                    "pythonPackagesInitContainer": {"env": [{"name": "A", "value": "1"}]},
+                    "kasprContainer": {"securityContext": {"runAsNonRoot": true}}
+                }
+            }
+        })
+    );
+}
+
+#[test]
+fn an_app_without_spec_or_with_odd_shapes_is_kept_as_far_as_it_goes() {
+    for (input, expected) in [
+        (
+            json!({"metadata": {"name": "a"}}),
+            json!({"metadata": {"name": "a"}}),
+        ),
+        (json!({"spec": "text"}), json!({"spec": {}})),
+        (json!({"spec": {"template": "text"}}), json!({"spec": {}})),
+        (json!({"spec": {"template": {}}}), json!({"spec": {}})),
+        (
+            json!(["not", "an", "object"]),
+            json!(["not", "an", "object"]),
+        ),
+    ] {
+        let mut value = input.clone();
+        trim(&mut value);
+        assert_eq!(value, expected, "{input}");
+    }
+}
