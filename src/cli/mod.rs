@@ -3,6 +3,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod explain;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "kaspr-packages-webhook",
@@ -33,6 +35,9 @@ pub enum Command {
     /// Print a shell completion script (bash, zsh or fish) to stdout.
     #[command(long_about = COMPLETIONS_ABOUT)]
     Completions(CompletionsArgs),
+    /// Explain from the live cluster why a pod, StatefulSet or KasprApp is (not) injected.
+    #[command(long_about = explain::EXPLAIN_ABOUT)]
+    Explain(explain::ExplainArgs),
 }
 
 /// The name the program was started as, when it is a kubectl plugin (`kubectl-kaspr_packages`):
@@ -64,6 +69,7 @@ pub fn run() -> ExitCode {
         Command::Serve(args) => serve(*args),
         Command::SelfTest(args) => self_test(args),
         Command::Completions(args) => completions(&args),
+        Command::Explain(args) => explain::explain(args),
     }
 }
 
