@@ -152,7 +152,13 @@ pub fn init_container(lines: &mut Lines, pod: &Value) {
     let name = names::INIT_CONTAINER;
     if let Some(t) = terminated("state") {
         let (code, text) = describe(t);
-        if code == 0 {
+        let allowed_failure = str_at(t, "/message").is_some_and(|m| m.contains(" FAILED "));
+        if code == 0 && allowed_failure {
+            lines.problem(format!(
+                "init container {name}: the install failed and onFailure: allow let the app start \
+                 without its packages, {text}"
+            ));
+        } else if code == 0 {
             lines.ok(format!("init container {name}: completed, {text}"));
         } else {
             lines.problem(format!("init container {name}: failed, {text}"));
@@ -285,6 +291,23 @@ mod tests {
         assert_eq!(
             lines.0[0].text,
             "init container kaspr-packages: completed, exit code 0 (Completed): kaspr-packages: installed 1 package"
+        );
+    }
+
+    #[test]
+    fn an_allowed_failure_is_a_problem_though_the_exit_code_is_0() {
+        let mut lines = Lines::default();
+        init_container(
+            &mut lines,
+            &pod(json!({"name": "kaspr-packages",
+            "state": {"terminated": {"exitCode": 0, "reason": "Completed",
+                "message": "kaspr-packages: FAILED network: index down (onFailure=allow: the app starts without packages)"}}})),
+        );
+        assert_eq!(severities(&lines), [Severity::Problem]);
+        assert!(
+            lines.0[0].text.contains("onFailure: allow"),
+            "{:?}",
+            lines.0
         );
     }
 
