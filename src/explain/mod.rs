@@ -11,6 +11,7 @@ pub mod diff;
 pub mod fetch;
 mod objects;
 pub mod report;
+mod sections;
 pub mod status;
 pub mod webhooks;
 
