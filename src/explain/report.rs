@@ -138,6 +138,10 @@ impl Report {
     /// The plain-text form: a heading, then one line each, marked by severity.
     pub fn to_text(&self) -> String {
         let verdict = match self.verdict {
+            // An app is not injected itself: what it owns is.
+            Verdict::InjectedAndCurrent if self.kind == "KasprApp" => {
+                "valid, and what it owns is current"
+            }
             Verdict::InjectedAndCurrent => "injected and current",
             Verdict::NotInjected => "not injected (by design)",
             Verdict::Problem => "problem found",

@@ -384,6 +384,11 @@ fn pvc_mode_reports_the_claim_and_a_missing_one_is_a_problem() {
     ));
     let report = explain(&snapshot);
     assert_eq!(report.exit_code, 0, "{}", report.to_text());
+    assert!(
+        report
+            .to_text()
+            .starts_with("KasprApp apps/demo: valid, and what it owns is current\n")
+    );
 }
 
 #[test]

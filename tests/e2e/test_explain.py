@@ -59,6 +59,7 @@ def test_explain_injected_pod_then_out_of_sync_statefulset(
         f"ok      pods: all 1 carry template hash {current}",
     )
     assert_explained(explain(cluster, webhook_binary, "kasprapp", "told", "-n", namespace), 0,
+                     f"KasprApp {namespace}/told: valid, and what it owns is current",
                      f"ok      StatefulSet told-app: injected and current: template hash {current}")
 
     # The rollout trigger off, a package change leaves the StatefulSet behind its app.
