@@ -12,6 +12,7 @@ pub mod cli;
 pub mod config;
 pub mod controller;
 pub mod documents;
+pub mod explain;
 pub mod installer;
 pub mod metrics;
 pub mod mutation;

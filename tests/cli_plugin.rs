@@ -37,7 +37,8 @@ fn completions_print_a_script_per_shell_and_refuse_others() {
             .expect("runs");
         assert!(output.status.success(), "{shell}");
         assert!(
-            String::from_utf8_lossy(&output.stdout).contains("self-test"),
+            String::from_utf8_lossy(&output.stdout).contains("self-test")
+                && String::from_utf8_lossy(&output.stdout).contains("explain"),
             "{shell}"
         );
     }
@@ -48,4 +49,65 @@ fn completions_print_a_script_per_shell_and_refuse_others() {
         .expect("runs");
     assert_eq!(output.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&output.stderr).contains("powershell"));
+}
+
+#[test]
+fn explain_as_a_plugin_and_its_error_exit_status() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let plugin = dir.path().join("kubectl-kaspr_packages");
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_kaspr-packages-webhook"), &plugin)
+        .expect("symlink");
+    let output = Command::new(&plugin)
+        .args(["explain", "--help"])
+        .env_clear()
+        .output()
+        .expect("runs");
+    let help = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        help.contains("Usage: kubectl kaspr-packages explain"),
+        "{help}"
+    );
+    assert!(help.contains("4  problem found"), "{help}");
+
+    // An unusable kubeconfig, and an API server that is not there: 1, with the reason.
+    let missing = dir.path().join("missing.kubeconfig");
+    let output = Command::new(&plugin)
+        .args(["explain", "pod", "x", "-n", "apps", "--kubeconfig"])
+        .arg(&missing)
+        .env_clear()
+        .output()
+        .expect("runs");
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr).starts_with("error: kubeconfig: "));
+
+    // Port 1 on loopback: nothing listens, the connection is refused at once.
+    let kubeconfig = dir.path().join("refused.kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        "apiVersion: v1\nkind: Config\ncurrent-context: c\n\
+         clusters: [{name: c, cluster: {server: 'http://127.0.0.1:1'}}]\n\
+         users: [{name: u, user: {}}]\n\
+         contexts: [{name: c, context: {cluster: c, user: u, namespace: apps}}]\n",
+    )
+    .expect("write");
+    let output = Command::new(&plugin)
+        .args([
+            "explain",
+            "sts",
+            "demo-app",
+            "--timeout",
+            "10s",
+            "--kubeconfig",
+        ])
+        .arg(&kubeconfig)
+        .env_clear()
+        .output()
+        .expect("runs");
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.starts_with("error: reading StatefulSet apps/demo-app: "),
+        "{stderr}"
+    );
+    assert!(output.stdout.is_empty());
 }

@@ -2,7 +2,6 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-
 #[derive(Debug, Parser)]
 #[command(
     name = "kaspr-packages-webhook",
@@ -33,6 +32,9 @@ pub enum Command {
     /// Print a shell completion script (bash, zsh or fish) to stdout.
     #[command(long_about = COMPLETIONS_ABOUT)]
     Completions(CompletionsArgs),
+    /// Explain from the live cluster why a pod, StatefulSet or KasprApp is (not) injected.
+    #[command(long_about = explain::EXPLAIN_ABOUT)]
+    Explain(explain::ExplainArgs),
 }
 
 /// The name the program was started as, when it is a kubectl plugin (`kubectl-kaspr_packages`):
@@ -64,10 +66,12 @@ pub fn run() -> ExitCode {
         Command::Serve(args) => serve(*args),
         Command::SelfTest(args) => self_test(args),
         Command::Completions(args) => completions(&args),
+        Command::Explain(args) => explain::explain(args),
     }
 }
 
 mod completions;
+mod explain;
 mod parsers;
 mod preview;
 mod self_test;

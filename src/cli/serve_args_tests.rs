@@ -262,8 +262,10 @@ fn completions_cover_every_subcommand(#[case] shell: ShellArg, #[case] marker: &
         "self-test",
         "completions",
         "installer",
+        "explain",
     ] {
         assert!(script.contains(subcommand), "{subcommand} missing");
     }
     assert!(script.contains("max-response-time"));
+    assert!(script.contains("webhook-config"));
 }
