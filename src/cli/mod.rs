@@ -368,6 +368,18 @@ pub struct ServeArgs {
     #[arg(long, env = "KASPR_WEBHOOK_PACKAGES_VOLUME_SIZE_LIMIT", value_name = "QUANTITY", value_parser = parse_size_limit)]
     pub packages_volume_size_limit: Option<k8s_openapi::apimachinery::pkg::api::resource::Quantity>,
 
+    /// What to do with the Kaspr operator's own package injection (operator v0.14+, its
+    /// `install-packages` init container) when a KasprApp's annotation
+    /// packages.kaspr.io/operator-packages does not say: respect leaves it alone, takeover
+    /// replaces it with ours.
+    #[arg(
+        long,
+        env = "KASPR_WEBHOOK_OPERATOR_PACKAGES",
+        value_enum,
+        default_value = "respect"
+    )]
+    pub operator_packages: OperatorPackagesArg,
+
     /// Require a client certificate signed by a CA in this PEM file on the webhook port (the
     /// API server presents one when its admission configuration names it; docs/security.md).
     #[arg(long, env = "KASPR_WEBHOOK_CLIENT_CA", value_name = "FILE")]
@@ -537,6 +549,7 @@ impl ServeArgs {
             header_timeout,
             init_container_resources,
             packages_volume_size_limit,
+            operator_packages,
             client_ca,
             self_managed_certs,
             cert_secret,
@@ -600,6 +613,7 @@ impl ServeArgs {
                 render: crate::config::RenderConfig {
                     default_resources: init_container_resources,
                     packages_volume_size_limit,
+                    operator_packages: operator_packages.into(),
                 },
                 client_ca,
             },
@@ -635,6 +649,24 @@ Without --object, the StatefulSet is the one the Kaspr operator renders for the 
 (<app>-app, owned by the KasprApp, main container `kaspr`). Prints the mutated object \
 (default YAML) or the JSON patch the webhook would answer with. Warnings go to stderr. \
 Exits 1, listing every error with its field path, when the KasprApp is invalid.";
+
+/// `--operator-packages`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OperatorPackagesArg {
+    /// Leave the operator's injection alone; inject nothing into such a pod template.
+    Respect,
+    /// Replace the operator's injection with ours.
+    Takeover,
+}
+
+impl From<OperatorPackagesArg> for crate::spec::OperatorPackages {
+    fn from(arg: OperatorPackagesArg) -> Self {
+        match arg {
+            OperatorPackagesArg::Respect => crate::spec::OperatorPackages::Respect,
+            OperatorPackagesArg::Takeover => crate::spec::OperatorPackages::Takeover,
+        }
+    }
+}
 
 /// Output format of `preview`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -678,6 +710,18 @@ pub struct PreviewArgs {
     /// (none when unset). A pod that writes more is evicted by the kubelet.
     #[arg(long, env = "KASPR_WEBHOOK_PACKAGES_VOLUME_SIZE_LIMIT", value_name = "QUANTITY", value_parser = parse_size_limit)]
     pub packages_volume_size_limit: Option<k8s_openapi::apimachinery::pkg::api::resource::Quantity>,
+
+    /// What to do with the Kaspr operator's own package injection (operator v0.14+, its
+    /// `install-packages` init container) when a KasprApp's annotation
+    /// packages.kaspr.io/operator-packages does not say: respect leaves it alone, takeover
+    /// replaces it with ours.
+    #[arg(
+        long,
+        env = "KASPR_WEBHOOK_OPERATOR_PACKAGES",
+        value_enum,
+        default_value = "respect"
+    )]
+    pub operator_packages: OperatorPackagesArg,
 }
 
 /// Options of `validate`.
@@ -706,6 +750,7 @@ fn preview(args: PreviewArgs) -> ExitCode {
         output,
         init_container_resources,
         packages_volume_size_limit,
+        operator_packages,
     } = args;
     let result = (|| -> Result<crate::preview::Preview, String> {
         let app_name = kasprapp.display().to_string();
@@ -728,6 +773,7 @@ fn preview(args: PreviewArgs) -> ExitCode {
         let config = crate::config::RenderConfig {
             default_resources: init_container_resources,
             packages_volume_size_limit,
+            operator_packages: operator_packages.into(),
         };
         let output = match output {
             PreviewOutputArg::Yaml => crate::preview::Output::Yaml,
