@@ -18,7 +18,7 @@ use crate::cache::KasprAppObject;
 use crate::names;
 use crate::validation::Report;
 
-fn statefulsets(client: &Client, namespace: &str) -> Api<DynamicObject> {
+pub(super) fn statefulsets(client: &Client, namespace: &str) -> Api<DynamicObject> {
     // Read as JSON: the comparison runs the webhook's renderer over the template exactly as
     // stored, unknown fields included.
     Api::namespaced_with(

@@ -32,6 +32,26 @@ pub fn operator_installs(pod_spec: &Map<String, Value>) -> bool {
         .any(|c| name_is(c, names::OPERATOR_INIT_CONTAINER) && !is_our_init_container(c))
 }
 
+/// Whether the operator's own injection serves this pod template and stays: it carries the
+/// operator's install container, is not taken over, and the app (or the chart) says `respect`.
+/// Then our PVC cache has no user, and the operator's own claim serves the pods.
+pub fn operator_in_charge(
+    template: &Value,
+    spec: &crate::spec::PythonPackages,
+    config: &crate::config::RenderConfig,
+) -> bool {
+    let respect = spec.operator_packages.unwrap_or(config.operator_packages)
+        == crate::spec::OperatorPackages::Respect;
+    let Some(pod_spec) = template.get("spec").and_then(Value::as_object) else {
+        return false;
+    };
+    let taken_over = super::record::Record::read(template.get("metadata"))
+        .init_containers
+        .iter()
+        .any(|n| n == names::OPERATOR_INIT_CONTAINER);
+    respect && operator_installs(pod_spec) && !taken_over
+}
+
 /// The `PACKAGES_HASH` entry of the `install-packages` init container: the operator's when it
 /// is there (it brings what the operator wants now), else the one our disguised container
 /// carries.

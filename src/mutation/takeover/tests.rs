@@ -487,3 +487,22 @@ fn a_pod_of_an_operator_template_is_taken_over_too() {
     );
     assert!(named(&out["spec"]["volumes"], "gcs-sa-key").is_none());
 }
+
+#[test]
+fn the_operator_is_in_charge_only_of_templates_it_serves_under_respect() {
+    use crate::mutation::takeover::operator_in_charge;
+    let spec = |annotation: Option<&str>| {
+        crate::validation::validate_kasprapp(&kasprapp(Mode::Pvc, annotation))
+            .spec
+            .expect("spec")
+    };
+    let config = RenderConfig::default();
+    let theirs = operator_template(Mode::Pvc);
+    assert!(operator_in_charge(&theirs, &spec(None), &config));
+    assert!(!operator_in_charge(&theirs, &spec(Some("takeover")), &config));
+    assert!(!operator_in_charge(&theirs, &spec(None), &takeover()));
+    // Ours (a takeover, or one being handed back) and an older operator's: not in charge.
+    let (taken, _) = admit(&theirs, &kasprapp(Mode::Pvc, Some("takeover")), &config);
+    assert!(!operator_in_charge(&taken, &spec(None), &config));
+    assert!(!operator_in_charge(&pre_v014_template(), &spec(None), &config));
+}
