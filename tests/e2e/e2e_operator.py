@@ -129,7 +129,24 @@ class OperatorLoops:
         self.cluster.kubectl(["patch", "statefulset", f"{self.app}-app", "-n", self.namespace, "--type=json",
                               "-p", json.dumps(ops)])
 
+    def sync_claim(self) -> None:
+        """Its PVC mode's claim: created while the mode applies, deleted when it stops."""
+        kasprapp = self.cluster.get_json("kasprapp", self.app, namespace=self.namespace)
+        packages = kasprapp["spec"].get("pythonPackages")
+        name = f"{self.app}-app-python-packages"
+        if packages and cache_mode(packages) == "pvc":
+            self.cluster.kubectl(["apply", "-n", self.namespace, "-f", "-"], input=json.dumps({
+                "apiVersion": "v1", "kind": "PersistentVolumeClaim",
+                "metadata": {"name": name, "labels": {"kaspr.io/app": self.app,
+                                                      "kaspr.io/component": "python-packages"}},
+                "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "256Mi"}}},
+            }))
+        else:
+            self.cluster.kubectl(["delete", "pvc", name, "-n", self.namespace, "--ignore-not-found",
+                                  "--wait=false"])
+
     def ten_second_patch(self) -> None:
+        self.sync_claim()
         pod = self.desired()["spec"]["template"]["spec"]
         self._patch([
             {"op": "replace", "path": "/spec/template/spec/containers/0/env", "value": pod["containers"][0]["env"]},

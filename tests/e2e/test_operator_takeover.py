@@ -222,3 +222,61 @@ def test_a_taken_over_app_runs_in_a_restricted_namespace(cluster: ControlPlane, 
     assert "kasprdemo 1.0 /opt/kaspr/packages/" in app_log, app_log
     assert "uid 1000" in app_log, app_log
     assert package_index.password not in logs(cluster, namespace, pod["metadata"]["name"], OPERATOR_INIT)
+
+
+# -- switching modes: one cache, no orphans ------------------------------------------------------
+
+def _claims(cluster: ControlPlane, namespace: str) -> set[str]:
+    return {c["metadata"]["name"] for c in cluster.get_json("pvc", namespace=namespace)["items"]
+            if not c["metadata"].get("deletionTimestamp")}
+
+
+def _claims_in_pods(cluster: ControlPlane, namespace: str, app: str) -> set[str]:
+    return {v["persistentVolumeClaim"]["claimName"] for p in cluster.pods(namespace, f"kaspr.io/app={app}")
+            for v in p["spec"].get("volumes") or [] if "persistentVolumeClaim" in v}
+
+
+def test_switching_to_takeover_and_back_keeps_one_cache_per_mode(cluster: ControlPlane, webhook: Webhook,
+                                                                namespace: str):
+    """PVC mode. Respect: the operator's claim serves the pods and none of ours exists.
+    Takeover: our claim serves them; the operator's stays the operator's (it deletes it when its
+    PVC mode stops), mounted by no pod. Back to respect: the operator's injection returns
+    through its own watch, and ours is deleted once unused. The loops run fast here."""
+    name = "switch"
+    packages = {"packages": ["kasprdemo==1.0"], "cache": {"type": "pvc", "enabled": True}}
+    app = cluster.create(_with_annotations(kasprapp(name, packages), {}), namespace=namespace)
+    base = operator_statefulset(name, app["metadata"]["uid"], replicas=1)
+    loops = OperatorLoops(cluster, namespace, name, base, patch_every=2, compare_every=5)
+    loops.sync_claim()
+    cluster.create(render(base, name, packages), namespace=namespace)
+    sts_name = f"{name}-app"
+    theirs, ours = f"{name}-app-python-packages", f"{name}-python-packages"
+
+    def injection() -> str:
+        sts = cluster.get_json("statefulset", sts_name, namespace=namespace)
+        (init,) = sts["spec"]["template"]["spec"]["initContainers"]
+        return "ours" if init["command"][0] == "python3" else "theirs"
+
+    def settled(expected_injection: str, claims: set[str], mounted: set[str]) -> bool:
+        return (injection() == expected_injection and _claims(cluster, namespace) == claims
+                and _claims_in_pods(cluster, namespace, name) == mounted)
+
+    loops.start()
+    try:
+        wait_for("respect: the operator's injection and claim only",
+                 lambda: settled("theirs", {theirs}, {theirs}), timeout=60)
+        cluster.kubectl(["annotate", "kasprapp", name, "-n", namespace,
+                         "packages.kaspr.io/operator-packages=takeover"])
+        wait_for("takeover: our injection, our claim in the pods",
+                 lambda: settled("ours", {theirs, ours}, {ours}), timeout=90)
+        cluster.kubectl(["annotate", "--overwrite", "kasprapp", name, "-n", namespace,
+                         "packages.kaspr.io/operator-packages=respect"])
+        wait_for("respect again: the operator's injection and claim only",
+                 lambda: settled("theirs", {theirs}, {theirs}), timeout=120)
+    finally:
+        loops.stop()
+    assert not loops.errors, loops.errors
+    final = cluster.get_json("statefulset", sts_name, namespace=namespace)
+    assert watch_fields(final) == watch_fields(loops.desired())
+    annotations = final["spec"]["template"]["metadata"].get("annotations") or {}
+    assert not [k for k in annotations if k.startswith("packages.kaspr.io/")], annotations

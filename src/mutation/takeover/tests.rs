@@ -499,10 +499,18 @@ fn the_operator_is_in_charge_only_of_templates_it_serves_under_respect() {
     let config = RenderConfig::default();
     let theirs = operator_template(Mode::Pvc);
     assert!(operator_in_charge(&theirs, &spec(None), &config));
-    assert!(!operator_in_charge(&theirs, &spec(Some("takeover")), &config));
+    assert!(!operator_in_charge(
+        &theirs,
+        &spec(Some("takeover")),
+        &config
+    ));
     assert!(!operator_in_charge(&theirs, &spec(None), &takeover()));
     // Ours (a takeover, or one being handed back) and an older operator's: not in charge.
     let (taken, _) = admit(&theirs, &kasprapp(Mode::Pvc, Some("takeover")), &config);
     assert!(!operator_in_charge(&taken, &spec(None), &config));
-    assert!(!operator_in_charge(&pre_v014_template(), &spec(None), &config));
+    assert!(!operator_in_charge(
+        &pre_v014_template(),
+        &spec(None),
+        &config
+    ));
 }
