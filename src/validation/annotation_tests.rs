@@ -62,11 +62,14 @@ fn a_bad_annotation_is_an_error_naming_it_and_its_value(
     #[case] value: Value,
     #[case] expected: &str,
 ) {
-    // Reported with or without pythonPackages.
-    for packages in [json!({"packages": ["a==1"]}), Value::Null] {
-        let report = validate_kasprapp(&app(json!({key: value}), packages));
-        assert_eq!(errors(&report), [expected]);
-    }
+    let report = validate_kasprapp(&app(
+        json!({key: value.clone()}),
+        json!({"packages": ["a==1"]}),
+    ));
+    assert_eq!(errors(&report), [expected]);
+    // An app without packages is not concerned.
+    let report = validate_kasprapp(&app(json!({key: value}), Value::Null));
+    assert_eq!(report, Report::default());
 }
 
 #[test]

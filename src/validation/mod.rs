@@ -233,12 +233,14 @@ impl Checker {
 /// Validates a whole KasprApp object. Without `spec.pythonPackages` the report is empty.
 pub fn validate_kasprapp(app: &Value) -> Report {
     let mut checker = Checker::default();
-    let settings = app_settings(&mut checker, app);
     let spec = app.get("spec").and_then(Value::as_object);
     let packages = spec.and_then(|s| s.get("pythonPackages"));
     let parsed = match packages {
         None | Some(Value::Null) => None,
         Some(Value::Object(map)) => {
+            // Our annotations matter only to an app with packages: one without is never
+            // refused (nor its StatefulSet) for them.
+            let settings = app_settings(&mut checker, app);
             let template = spec
                 .and_then(|s| s.get("template"))
                 .and_then(Value::as_object);
