@@ -63,7 +63,7 @@ fn a_bad_annotation_is_an_error_naming_it_and_its_value(
     #[case] expected: &str,
 ) {
     let report = validate_kasprapp(&app(
-        json!({key: value.clone()}),
+        json!({key: value}),
         json!({"packages": ["a==1"]}),
     ));
     assert_eq!(errors(&report), [expected]);
