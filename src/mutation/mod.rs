@@ -117,7 +117,9 @@ pub fn apply(
     // app went back to respect, a hash the operator never renders makes it put its own back.
     let disguise = (operator_installs || taken_over).then(|| render::Disguise {
         packages_hash: match mode {
-            OperatorPackages::Takeover => takeover::packages_hash(pod_spec),
+            OperatorPackages::Takeover => {
+                takeover::packages_hash(pod_spec, main_container_index(pod_spec))
+            }
             OperatorPackages::Respect => {
                 Some(json!({"name": names::OPERATOR_HASH_ENV, "value": takeover::RELEASED_HASH}))
             }

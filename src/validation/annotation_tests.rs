@@ -62,10 +62,7 @@ fn a_bad_annotation_is_an_error_naming_it_and_its_value(
     #[case] value: Value,
     #[case] expected: &str,
 ) {
-    let report = validate_kasprapp(&app(
-        json!({key: value}),
-        json!({"packages": ["a==1"]}),
-    ));
+    let report = validate_kasprapp(&app(json!({key: value}), json!({"packages": ["a==1"]})));
     assert_eq!(errors(&report), [expected]);
     // An app without packages is not concerned.
     let report = validate_kasprapp(&app(json!({key: value}), Value::Null));

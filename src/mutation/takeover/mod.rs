@@ -9,8 +9,8 @@
 //!
 //! Under takeover the operator's injection is removed and ours is rendered with its init
 //! container named `install-packages`, carrying the operator's `PACKAGES_HASH` entry as the
-//! operator last rendered it; the main container's `PACKAGES_HASH` is left as the operator
-//! renders it. The watch fields then read as the operator wants them, so its whole-template
+//! operator last rendered it (on the main container, which its 10 s rewrite keeps current);
+//! the main container's `PACKAGES_HASH` is left as the operator renders it. The watch fields then read as the operator wants them, so its whole-template
 //! loop never fires, and its 10 s rewrite is answered with the template already stored.
 
 use serde_json::{Map, Value};
@@ -52,22 +52,28 @@ pub fn operator_in_charge(
     respect && operator_installs(pod_spec) && !taken_over
 }
 
-/// The `PACKAGES_HASH` entry of the `install-packages` init container: the operator's when it
-/// is there (it brings what the operator wants now), else the one our disguised container
-/// carries.
-pub fn packages_hash(pod_spec: &Map<String, Value>) -> Option<Value> {
-    let candidates = init_containers(pod_spec)
-        .iter()
-        .filter(|c| name_is(c, names::OPERATOR_INIT_CONTAINER));
-    let (theirs, ours): (Vec<&Value>, Vec<&Value>) =
-        candidates.partition(|c| !is_our_init_container(c));
-    theirs.into_iter().chain(ours).find_map(|c| {
-        c.get("env")?
+/// The `PACKAGES_HASH` entry our install container carries: the main container's (the
+/// operator renders one value on both, and its 10 s rewrite keeps the main container's current,
+/// so a package change reaches both watch fields in one revision), else the operator's install
+/// container's, else the one our disguised container carries now.
+pub fn packages_hash(pod_spec: &Map<String, Value>, main_index: Option<usize>) -> Option<Value> {
+    let hash_of = |container: &Value| {
+        container
+            .get("env")?
             .as_array()?
             .iter()
             .find(|e| name_is(e, names::OPERATOR_HASH_ENV))
             .cloned()
-    })
+    };
+    let main = main_index
+        .and_then(|i| list(pod_spec, "containers").get(i))
+        .and_then(hash_of);
+    let installers = init_containers(pod_spec)
+        .iter()
+        .filter(|c| name_is(c, names::OPERATOR_INIT_CONTAINER));
+    let (theirs, ours): (Vec<&Value>, Vec<&Value>) =
+        installers.partition(|c| !is_our_init_container(c));
+    main.or_else(|| theirs.into_iter().chain(ours).find_map(hash_of))
 }
 
 /// Removes the operator's injection for app `app` from a pod spec: its install container, its

@@ -514,3 +514,30 @@ fn the_operator_is_in_charge_only_of_templates_it_serves_under_respect() {
         &config
     ));
 }
+
+#[test]
+fn a_new_hash_from_the_ten_second_patch_reaches_both_watch_fields_at_once() {
+    // After a package edit the operator's 10 s patch brings its new PACKAGES_HASH on the main
+    // container before its 30 s loop compares: the install container follows in the same
+    // revision, so the comparison finds nothing to replace.
+    let mode = Mode::Pvc;
+    let app = kasprapp(mode, Some("takeover"));
+    let (stored, _) = admit(&operator_template(mode), &app, &RenderConfig::default());
+    let mut patched = ten_second_patch(&stored, mode);
+    for entry in patched["spec"]["containers"][0]["env"]
+        .as_array_mut()
+        .expect("env")
+    {
+        if entry["name"] == "PACKAGES_HASH" {
+            entry["value"] = json!("0000000000000002");
+        }
+    }
+    assert_eq!(
+        watch_fields(&patched).1,
+        Some(json!(HASH)),
+        "ours still has the old one"
+    );
+    let (out, _) = admit(&patched, &app, &RenderConfig::default());
+    let new_hash = Some(json!("0000000000000002"));
+    assert_eq!(watch_fields(&out), (new_hash.clone(), new_hash));
+}
