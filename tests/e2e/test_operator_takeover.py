@@ -240,21 +240,31 @@ def _claims_in_pods(cluster: ControlPlane, namespace: str, app: str) -> set[str]
             for v in p["spec"].get("volumes") or [] if "persistentVolumeClaim" in v}
 
 
+SWITCH_CACHES = {
+    "emptyDir": {},
+    "pvc": {"cache": {"type": "pvc", "enabled": True}},
+    "gcs": {"cache": {"type": "gcs", "gcs": {"bucket": "kaspr-cache", "secretRef": {"name": "gcs-key"}}}},
+}
+
+
+@pytest.mark.parametrize("mode", list(SWITCH_CACHES))
 def test_switching_to_takeover_and_back_keeps_one_cache_per_mode(cluster: ControlPlane, webhook: Webhook,
-                                                                namespace: str):
-    """PVC mode. Respect: the operator's claim serves the pods and none of ours exists.
-    Takeover: our claim serves them; the operator's stays the operator's (it deletes it when its
-    PVC mode stops), mounted by no pod. Back to respect: the operator's injection returns
-    through its own watch, and ours is deleted once unused. The loops run fast here."""
-    name = "switch"
-    packages = {"packages": ["kasprdemo==1.0"], "cache": {"type": "pvc", "enabled": True}}
+                                                                namespace: str, mode: str):
+    """Respect: the operator's injection (in PVC mode its claim) serves the pods and no claim of
+    ours exists. Takeover: ours serves them; the operator's claim stays the operator's, mounted
+    by no pod. Back to respect: the operator's injection returns through its own watch, and our
+    claim is deleted once unused. The loops run fast here."""
+    name = f"switch-{mode.lower()}"
+    packages = {"packages": ["kasprdemo==1.0"], **SWITCH_CACHES[mode]}
     app = cluster.create(_with_annotations(kasprapp(name, packages), {}), namespace=namespace)
     base = operator_statefulset(name, app["metadata"]["uid"], replicas=1)
     loops = OperatorLoops(cluster, namespace, name, base, patch_every=2, compare_every=5)
     loops.sync_claim()
     cluster.create(render(base, name, packages), namespace=namespace)
     sts_name = f"{name}-app"
-    theirs, ours = f"{name}-app-python-packages", f"{name}-python-packages"
+    pvc = mode == "pvc"
+    theirs = {f"{name}-app-python-packages"} if pvc else set()
+    ours = {f"{name}-python-packages"} if pvc else set()
 
     def injection() -> str:
         sts = cluster.get_json("statefulset", sts_name, namespace=namespace)
@@ -262,21 +272,24 @@ def test_switching_to_takeover_and_back_keeps_one_cache_per_mode(cluster: Contro
         return "ours" if init["command"][0] == "python3" else "theirs"
 
     def settled(expected_injection: str, claims: set[str], mounted: set[str]) -> bool:
+        pods = cluster.pods(namespace, f"kaspr.io/app={name}")
         return (injection() == expected_injection and _claims(cluster, namespace) == claims
-                and _claims_in_pods(cluster, namespace, name) == mounted)
+                and len(pods) == 1 and _claims_in_pods(cluster, namespace, name) == mounted
+                and all((p["metadata"].get("annotations") or {}).get("packages.kaspr.io/template-hash")
+                        for p in pods) == (expected_injection == "ours"))
 
     loops.start()
     try:
         wait_for("respect: the operator's injection and claim only",
-                 lambda: settled("theirs", {theirs}, {theirs}), timeout=60)
+                 lambda: settled("theirs", theirs, theirs), timeout=60)
         cluster.kubectl(["annotate", "kasprapp", name, "-n", namespace,
                          "packages.kaspr.io/operator-packages=takeover"])
         wait_for("takeover: our injection, our claim in the pods",
-                 lambda: settled("ours", {theirs, ours}, {ours}), timeout=90)
+                 lambda: settled("ours", theirs | ours, ours), timeout=90)
         cluster.kubectl(["annotate", "--overwrite", "kasprapp", name, "-n", namespace,
                          "packages.kaspr.io/operator-packages=respect"])
         wait_for("respect again: the operator's injection and claim only",
-                 lambda: settled("theirs", {theirs}, {theirs}), timeout=120)
+                 lambda: settled("theirs", theirs, theirs), timeout=120)
     finally:
         loops.stop()
     assert not loops.errors, loops.errors
