@@ -32,6 +32,7 @@ TAKEOVER = {"packages.kaspr.io/operator-packages": "takeover"}
 RECONCILES = "kaspr_packages_webhook_controller_reconciles_total"
 # The operator's schema, installed under a group of its own beside the suite's KasprApp CRD.
 SCHEMA_GROUP = "operator-schema.kaspr.io"
+SCHEMA_PLURAL = "operatorkasprapps"
 
 
 def _revisions(cluster: ControlPlane, namespace: str, sts_name: str) -> list[dict]:
@@ -51,16 +52,20 @@ def _with_annotations(app: dict, annotations: dict) -> dict:
 
 # -- the operator's CRD -------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def operator_schema(cluster: ControlPlane) -> str:
+    """The operator's CRD under a group and resource names of its own, so that `kubectl get
+    kasprapp` elsewhere stays unambiguous; the schema is the operator's."""
     crd = yaml.safe_load((MANIFESTS / "kasprapp-crd-operator.yaml").read_text())
-    crd["metadata"]["name"] = f"kasprapps.{SCHEMA_GROUP}"
+    name = f"{SCHEMA_PLURAL}.{SCHEMA_GROUP}"
+    crd["metadata"]["name"] = name
     crd["spec"]["group"] = SCHEMA_GROUP
+    crd["spec"]["names"] = {"kind": "KasprApp", "listKind": "KasprAppList", "plural": SCHEMA_PLURAL,
+                            "singular": SCHEMA_PLURAL.removesuffix("s")}
     cluster.kubectl(["apply", "-f", "-"], input=json.dumps(crd))
-    cluster.kubectl(["wait", "--for=condition=Established", "--timeout=60s", f"crd/kasprapps.{SCHEMA_GROUP}"],
-                    timeout=90)
-    yield f"kasprapps.{SCHEMA_GROUP}"
-    cluster.kubectl(["delete", "crd", f"kasprapps.{SCHEMA_GROUP}", "--wait=false"], check=False)
+    cluster.kubectl(["wait", "--for=condition=Established", "--timeout=60s", f"crd/{name}"], timeout=90)
+    yield name
+    cluster.kubectl(["delete", "crd", name, "--timeout=60s"], check=False, timeout=90)
 
 
 def test_every_setting_of_ours_survives_the_operators_crd(cluster: ControlPlane, operator_schema: str,
@@ -82,7 +87,13 @@ def test_every_setting_of_ours_survives_the_operators_crd(cluster: ControlPlane,
         "pythonPackagesInitContainer": {"securityContext": {"readOnlyRootFilesystem": True}},
     }), ours)
     app["apiVersion"] = f"{SCHEMA_GROUP}/v1alpha1"
-    stored = cluster.create(app, namespace=namespace)
+    # kubectl asks for strict field validation: the undeclared key is refused by name...
+    strict = cluster.kubectl(["create", "-n", namespace, "-f", "-"], input=json.dumps(app), check=False)
+    assert strict.returncode != 0 and 'unknown field "spec.pythonPackages.installer"' in strict.stderr, \
+        strict.stderr
+    # ...a client that does not (the operator's, most controllers, GitOps tools) loses it.
+    stored = json.loads(cluster.kubectl(["create", "--validate=false", "-n", namespace, "-o", "json", "-f", "-"],
+                                        input=json.dumps(app)).stdout)
 
     assert {k: v for k, v in stored["metadata"]["annotations"].items() if k.startswith("packages.kaspr.io/")} == ours
     assert "installer" not in stored["spec"]["pythonPackages"], "the typed object prunes undeclared keys"
