@@ -75,3 +75,26 @@ pub fn operator_claim(app: &str) -> String {
 pub const KIND_LABEL: &str = "kaspr.io/kind";
 pub const APP_LABEL: &str = "kaspr.io/app";
 pub const INSTANCE_LABEL: &str = "app.kubernetes.io/instance";
+
+#[cfg(test)]
+mod tests {
+    /// A KasprApp setting of ours is documented and proven to survive the operator's CRD (its
+    /// round trip in the end-to-end suite), including any added later.
+    #[test]
+    fn every_kasprapp_annotation_is_documented_and_round_tripped() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let read = |path: &str| std::fs::read_to_string(root.join(path)).expect(path);
+        let readme = read("README.md");
+        let round_trip = read("tests/e2e/test_operator_takeover.py");
+        for annotation in super::KASPRAPP_ANNOTATIONS {
+            assert!(
+                readme.contains(&format!("| `{annotation}` |")),
+                "README's annotation table lacks {annotation}"
+            );
+            assert!(
+                round_trip.contains(&format!("\"{annotation}\": ")),
+                "the round trip through the operator's CRD does not set {annotation}"
+            );
+        }
+    }
+}
