@@ -45,7 +45,13 @@ fn mutate_per_mode(c: &mut Criterion) {
     let config = RenderConfig::default();
     let mut group = c.benchmark_group("mutate_statefulset");
     group.throughput(Throughput::Elements(1));
-    for mode in ["emptydir", "pvc", "gcs", "private-index"] {
+    for mode in [
+        "emptydir",
+        "pvc",
+        "gcs",
+        "private-index",
+        "operator-takeover",
+    ] {
         let body: Value =
             serde_json::from_slice(&review_body(&format!("{mode}-statefulset-create")))
                 .expect("json");

@@ -2,7 +2,9 @@
 //! what the Kaspr operator renders.
 
 pub const INIT_CONTAINER: &str = "kaspr-packages";
-/// The operator's own init container for this feature; when present we do not inject.
+/// The operator's own init container for this feature: in `respect` mode we step aside when it
+/// is there; under takeover our installer runs under this name, so the operator's watch on it
+/// is satisfied.
 pub const OPERATOR_INIT_CONTAINER: &str = "install-packages";
 pub const MAIN_CONTAINER: &str = "kaspr";
 
@@ -40,6 +42,59 @@ pub const ANNOTATIONS: &[&str] = &[
     INJECTED_ANNOTATION,
 ];
 
+/// KasprApp annotations: settings of ours that the operator's CRD has no field for (its typed
+/// `spec.pythonPackages` prunes unknown keys), so they live where the API server keeps them.
+///
+/// `respect` or `takeover`: what to do with the operator's own package injection.
+pub const OPERATOR_PACKAGES_ANNOTATION: &str = "packages.kaspr.io/operator-packages";
+/// `secret` or `workload-identity`: how the installer authenticates to GCS. The operator's CRD
+/// requires `cache.gcs.secretRef.name`; `workload-identity` ignores it and uses the pod's
+/// service account.
+pub const GCS_AUTH_ANNOTATION: &str = "packages.kaspr.io/gcs-auth";
+/// Every KasprApp annotation this product reads.
+pub const KASPRAPP_ANNOTATIONS: &[&str] = &[OPERATOR_PACKAGES_ANNOTATION, GCS_AUTH_ANNOTATION];
+
+/// What the Kaspr operator (v0.14+) renders for its own package injection, for an app `N`:
+/// volume `N-app-packages` (see [`operator_packages_volume`]), its Secret volume for the GCS
+/// key, the main container's PYTHONPATH with a literal `${PYTHONPATH}`, and `PACKAGES_HASH`,
+/// the env var its watch compares on the init and the main container.
+pub const OPERATOR_HASH_ENV: &str = "PACKAGES_HASH";
+pub const OPERATOR_GCS_KEY_VOLUME: &str = "gcs-sa-key";
+pub const OPERATOR_PYTHONPATH: &str = "/opt/kaspr/packages:${PYTHONPATH}";
+
+/// The operator's packages volume of app `app`.
+pub fn operator_packages_volume(app: &str) -> String {
+    format!("{app}-app-packages")
+}
+
+/// The operator's PVC of app `app` in its PVC mode.
+pub fn operator_claim(app: &str) -> String {
+    format!("{app}-app-python-packages")
+}
+
 pub const KIND_LABEL: &str = "kaspr.io/kind";
 pub const APP_LABEL: &str = "kaspr.io/app";
 pub const INSTANCE_LABEL: &str = "app.kubernetes.io/instance";
+
+#[cfg(test)]
+mod tests {
+    /// A KasprApp setting of ours is documented and proven to survive the operator's CRD (its
+    /// round trip in the end-to-end suite), including any added later.
+    #[test]
+    fn every_kasprapp_annotation_is_documented_and_round_tripped() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let read = |path: &str| std::fs::read_to_string(root.join(path)).expect(path);
+        let readme = read("README.md");
+        let round_trip = read("tests/e2e/test_operator_takeover.py");
+        for annotation in super::KASPRAPP_ANNOTATIONS {
+            assert!(
+                readme.contains(&format!("| `{annotation}` |")),
+                "README's annotation table lacks {annotation}"
+            );
+            assert!(
+                round_trip.contains(&format!("\"{annotation}\": ")),
+                "the round trip through the operator's CRD does not set {annotation}"
+            );
+        }
+    }
+}

@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{EnvVar, ResourceRequirements, VolumeMount};
 use serde::Serialize;
+use serde_json::{Map, Value};
 
 /// Default size of the shared PVC cache.
 pub const DEFAULT_CACHE_SIZE: &str = "256Mi";
@@ -36,6 +37,42 @@ pub struct PythonPackages {
     pub resources: Option<ResourceRequirements>,
     /// Extra env and mounts for the init container only.
     pub init_container: InitContainerExtras,
+    /// The KasprApp's choice, by annotation, of what to do with the Kaspr operator's own
+    /// package injection; `None` follows the chart's default.
+    pub operator_packages: Option<OperatorPackages>,
+    /// `spec.template.kasprContainer.securityContext`, applied to the main container under
+    /// takeover (the operator drops it when it renders).
+    pub main_security_context: Option<Map<String, Value>>,
+}
+
+/// What the webhook does with a pod template that already carries the Kaspr operator's own
+/// package injection (its `install-packages` init container, operator v0.14 and newer).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum OperatorPackages {
+    /// Leave the operator's injection alone and inject nothing.
+    #[default]
+    Respect,
+    /// Replace the operator's injection with ours, in a shape its rewrite loops accept.
+    Takeover,
+}
+
+impl OperatorPackages {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OperatorPackages::Respect => "respect",
+            OperatorPackages::Takeover => "takeover",
+        }
+    }
+
+    /// Parses `respect` or `takeover` (exact, as in annotations and flags).
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "respect" => Some(OperatorPackages::Respect),
+            "takeover" => Some(OperatorPackages::Takeover),
+            _ => None,
+        }
+    }
 }
 
 /// Where index credentials come from.
@@ -121,6 +158,8 @@ impl Default for InstallPolicy {
 pub struct InitContainerExtras {
     pub env: Vec<EnvVar>,
     pub volume_mounts: Vec<VolumeMount>,
+    /// Merged over the main container's securityContext, never loosening it.
+    pub security_context: Option<Map<String, Value>>,
 }
 
 /// What ends the PVC name of every app in PVC mode.
@@ -180,6 +219,8 @@ impl PythonPackages {
             install_policy: InstallPolicy::default(),
             resources: None,
             init_container: InitContainerExtras::default(),
+            operator_packages: None,
+            main_security_context: None,
         }
     }
 }

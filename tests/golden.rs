@@ -316,7 +316,7 @@ fn updates_are_idempotent_and_operator_rewrites_render_byte_for_byte() {
         }
         checked += 1;
     }
-    assert_eq!(checked, 5);
+    assert_eq!(checked, 6);
 }
 
 #[test]

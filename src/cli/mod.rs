@@ -79,6 +79,7 @@ mod serve;
 
 use completions::{COMPLETIONS_ABOUT, completions};
 pub use completions::{CompletionsArgs, ShellArg, completion_script};
+pub use parsers::OperatorPackagesArg;
 use preview::{PREVIEW_ABOUT, preview, validate};
 pub use preview::{PreviewArgs, PreviewOutputArg, ValidateArgs};
 pub use self_test::SelfTestArgs;

@@ -48,3 +48,21 @@ pub(super) fn parse_resources(
         claims: None,
     })
 }
+
+/// `--operator-packages`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OperatorPackagesArg {
+    /// Leave the operator's injection alone; inject nothing into such a pod template.
+    Respect,
+    /// Replace the operator's injection with ours.
+    Takeover,
+}
+
+impl From<OperatorPackagesArg> for crate::spec::OperatorPackages {
+    fn from(arg: OperatorPackagesArg) -> Self {
+        match arg {
+            OperatorPackagesArg::Respect => crate::spec::OperatorPackages::Respect,
+            OperatorPackagesArg::Takeover => crate::spec::OperatorPackages::Takeover,
+        }
+    }
+}

@@ -1,7 +1,7 @@
 //! `preview` and `validate`: the offline commands.
 use std::process::ExitCode;
 
-use super::parsers::{parse_resources, parse_size_limit};
+use super::parsers::{OperatorPackagesArg, parse_resources, parse_size_limit};
 
 pub(super) const PREVIEW_ABOUT: &str = "Render what the webhook would do, without a cluster.
 
@@ -53,6 +53,18 @@ pub struct PreviewArgs {
     /// (none when unset). A pod that writes more is evicted by the kubelet.
     #[arg(long, env = "KASPR_WEBHOOK_PACKAGES_VOLUME_SIZE_LIMIT", value_name = "QUANTITY", value_parser = parse_size_limit)]
     pub packages_volume_size_limit: Option<k8s_openapi::apimachinery::pkg::api::resource::Quantity>,
+
+    /// What to do with the Kaspr operator's own package injection (operator v0.14+, its
+    /// `install-packages` init container) when a KasprApp's annotation
+    /// packages.kaspr.io/operator-packages does not say: respect leaves it alone, takeover
+    /// replaces it with ours.
+    #[arg(
+        long,
+        env = "KASPR_WEBHOOK_OPERATOR_PACKAGES",
+        value_enum,
+        default_value = "respect"
+    )]
+    pub operator_packages: OperatorPackagesArg,
 }
 
 /// Options of `validate`.
@@ -81,6 +93,7 @@ pub(super) fn preview(args: PreviewArgs) -> ExitCode {
         output,
         init_container_resources,
         packages_volume_size_limit,
+        operator_packages,
     } = args;
     let result = (|| -> Result<crate::preview::Preview, String> {
         let app_name = kasprapp.display().to_string();
@@ -103,6 +116,7 @@ pub(super) fn preview(args: PreviewArgs) -> ExitCode {
         let config = crate::config::RenderConfig {
             default_resources: init_container_resources,
             packages_volume_size_limit,
+            operator_packages: operator_packages.into(),
         };
         let output = match output {
             PreviewOutputArg::Yaml => crate::preview::Output::Yaml,

@@ -1,7 +1,7 @@
 //! `serve`: the flags of the admission server and controller, and how they become its options.
 use std::process::ExitCode;
 
-use super::parsers::{parse_duration, parse_resources, parse_size_limit};
+use super::parsers::{OperatorPackagesArg, parse_duration, parse_resources, parse_size_limit};
 
 pub(super) const SERVE_ABOUT: &str = "Run the admission webhook.
 
@@ -172,6 +172,18 @@ pub struct ServeArgs {
     #[arg(long, env = "KASPR_WEBHOOK_PACKAGES_VOLUME_SIZE_LIMIT", value_name = "QUANTITY", value_parser = parse_size_limit)]
     pub packages_volume_size_limit: Option<k8s_openapi::apimachinery::pkg::api::resource::Quantity>,
 
+    /// What to do with the Kaspr operator's own package injection (operator v0.14+, its
+    /// `install-packages` init container) when a KasprApp's annotation
+    /// packages.kaspr.io/operator-packages does not say: respect leaves it alone, takeover
+    /// replaces it with ours.
+    #[arg(
+        long,
+        env = "KASPR_WEBHOOK_OPERATOR_PACKAGES",
+        value_enum,
+        default_value = "respect"
+    )]
+    pub operator_packages: OperatorPackagesArg,
+
     /// Require a client certificate signed by a CA in this PEM file on the webhook port (the
     /// API server presents one when its admission configuration names it; docs/security.md).
     #[arg(long, env = "KASPR_WEBHOOK_CLIENT_CA", value_name = "FILE")]
@@ -294,6 +306,7 @@ impl ServeArgs {
             header_timeout,
             init_container_resources,
             packages_volume_size_limit,
+            operator_packages,
             client_ca,
             self_managed_certs,
             cert_secret,
@@ -357,6 +370,7 @@ impl ServeArgs {
                 render: crate::config::RenderConfig {
                     default_resources: init_container_resources,
                     packages_volume_size_limit,
+                    operator_packages: operator_packages.into(),
                 },
                 client_ca,
             },

@@ -103,6 +103,20 @@ fn flags_turn_into_options() {
     .expect("parse")
     .into_options();
     assert_eq!(
+        options.settings.render.operator_packages,
+        crate::spec::OperatorPackages::Respect,
+        "respect unless told"
+    );
+    assert_eq!(
+        serve_args(&["--operator-packages", "takeover"])
+            .expect("parse")
+            .into_options()
+            .settings
+            .render
+            .operator_packages,
+        crate::spec::OperatorPackages::Takeover
+    );
+    assert_eq!(
         options.settings.render.packages_volume_size_limit,
         Some(k8s_openapi::apimachinery::pkg::api::resource::Quantity(
             "4Gi".into()
@@ -197,6 +211,7 @@ fn inconsistent_flags_are_refused() {
     assert!(serve_args(&["--kasprapps", "/d", "--namespaces", "a"]).is_err());
     assert!(serve_args(&["--init-container-resources", "{\"request\":{}}"]).is_err());
     assert!(serve_args(&["--packages-volume-size-limit", "lots"]).is_err());
+    assert!(serve_args(&["--operator-packages", "replace"]).is_err());
     assert!(serve_args(&["--packages-volume-size-limit", "0"]).is_err());
     assert!(serve_args(&["--init-container-resources", "cpu=1"]).is_err());
     assert!(serve_args(&["--request-timeout", "soon"]).is_err());

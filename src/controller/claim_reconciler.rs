@@ -47,8 +47,13 @@ pub(super) async fn reconcile_claim(
         // An invalid spec says nothing reliable about the cache: leave the claim as it is.
         return Ok(RESYNC);
     }
-    let wanted = match report.spec.as_ref().map(|s| &s.cache) {
-        Some(Cache::Pvc(cache)) => Wanted::Claim(cache),
+    let wanted = match report.spec.as_ref().map(|s| (s, &s.cache)) {
+        Some((spec, Cache::Pvc(cache))) if operator_in_charge(owner, spec, context).await => {
+            Wanted::NoClaim {
+                delete_claim: Some(cache.delete_claim),
+            }
+        }
+        Some((_, Cache::Pvc(cache))) => Wanted::Claim(cache),
         _ => Wanted::NoClaim {
             delete_claim: app
                 .value()
@@ -98,6 +103,32 @@ pub(super) async fn reconcile_claim(
     };
     context.metrics.count(Part::Pvc, outcome);
     Ok(RESYNC)
+}
+
+/// Whether the Kaspr operator's own injection serves the app's pods (respect mode on an operator
+/// that installs packages itself): they mount its claim, so ours would have no user. Unknown
+/// (the StatefulSet cannot be read) counts as no.
+async fn operator_in_charge(
+    owner: &AppOwner,
+    spec: &crate::spec::PythonPackages,
+    context: &Context,
+) -> bool {
+    let api = super::rollout_reconciler::statefulsets(&context.client, &owner.app.namespace);
+    match api.get_opt(&format!("{}-app", owner.app.name)).await {
+        Ok(Some(statefulset)) => crate::mutation::takeover::operator_in_charge(
+            statefulset
+                .data
+                .pointer("/spec/template")
+                .unwrap_or(&Value::Null),
+            spec,
+            &context.render,
+        ),
+        Ok(None) => false,
+        Err(error) => {
+            tracing::debug!(%error, app = %owner.app, "cannot read the app's StatefulSet");
+            false
+        }
+    }
 }
 
 /// The claim being reconciled and where to write it.

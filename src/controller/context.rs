@@ -54,6 +54,8 @@ pub(super) struct State {
     pub(super) unconverged: HashMap<AppKey, u32>,
     /// Since when the API server has failed to call the webhook for an app's StatefulSet.
     pub(super) unreachable_since: HashMap<AppKey, std::time::Instant>,
+    /// Since when a taken-over app has been out of sync while the operator had its turn.
+    pub(super) deferred: HashMap<AppKey, std::time::Instant>,
 }
 
 impl State {
@@ -90,6 +92,25 @@ impl State {
         *attempts
     }
 
+    /// How much longer a rollout of a taken-over app waits for the operator, which replaces
+    /// the whole template itself when its own rendering changes (through the webhook, so the
+    /// app comes in sync with one new revision instead of two). `None`: the wait is over.
+    pub(super) fn operator_turn(
+        &mut self,
+        app: &AppKey,
+        now: std::time::Instant,
+        grace: std::time::Duration,
+    ) -> Option<std::time::Duration> {
+        let since = *self.deferred.entry(app.clone()).or_insert(now);
+        let waited = now.saturating_duration_since(since);
+        if waited < grace {
+            Some(grace - waited)
+        } else {
+            self.deferred.remove(app);
+            None
+        }
+    }
+
     pub(super) fn unconverged(&mut self, app: &AppKey) -> u32 {
         let attempts = self.unconverged.entry(app.clone()).or_default();
         *attempts = attempts.saturating_add(1);
@@ -103,6 +124,7 @@ impl State {
         self.failures.retain(|app, _| exists(app));
         self.unconverged.retain(|app, _| exists(app));
         self.unreachable_since.retain(|app, _| exists(app));
+        self.deferred.retain(|app, _| exists(app));
         self.out_of_sync.len()
     }
 }
@@ -368,5 +390,24 @@ mod tests {
             ),
             "{text}"
         );
+    }
+
+    #[test]
+    fn the_operator_gets_its_turn_once_per_wait() {
+        let mut state = State::default();
+        let a = app("a");
+        let start = std::time::Instant::now();
+        let grace = std::time::Duration::from_secs(45);
+        assert_eq!(state.operator_turn(&a, start, grace), Some(grace));
+        let later = start + std::time::Duration::from_secs(30);
+        assert_eq!(
+            state.operator_turn(&a, later, grace),
+            Some(std::time::Duration::from_secs(15))
+        );
+        assert_eq!(state.operator_turn(&a, start + grace, grace), None);
+        // The wait is over and forgotten: a later change waits anew.
+        assert_eq!(state.operator_turn(&a, later + grace, grace), Some(grace));
+        assert_eq!(state.retain(|key| key.name != "a"), 0);
+        assert!(state.deferred.is_empty());
     }
 }

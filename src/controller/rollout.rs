@@ -73,6 +73,31 @@ pub fn sync_state(
     SyncState::OutOfSync { current, desired }
 }
 
+/// How long a rollout of a taken-over app waits for the Kaspr operator: longer than its 30 s
+/// watch loop, which replaces the template when its own rendering (its `PACKAGES_HASH`)
+/// changes. A rollout of ours before that would carry the operator's old hash and be followed
+/// by the operator's: two revisions for one change.
+pub const OPERATOR_GRACE: std::time::Duration = std::time::Duration::from_secs(45);
+
+/// Whether the operator takes part in this app's rollouts: its template is taken over (our
+/// installer runs as `install-packages`) and stays so.
+pub fn operator_drives(
+    template: &Value,
+    spec: Option<&PythonPackages>,
+    config: &RenderConfig,
+) -> bool {
+    let Some(spec) = spec else {
+        return false;
+    };
+    let takeover = spec.operator_packages.unwrap_or(config.operator_packages)
+        == crate::spec::OperatorPackages::Takeover;
+    takeover
+        && Record::read(template.get("metadata"))
+            .init_containers
+            .iter()
+            .any(|n| n == crate::names::OPERATOR_INIT_CONTAINER)
+}
+
 /// The merge patch that sends a StatefulSet through the webhook again: it removes the template
 /// hash annotation, which only the webhook sets.
 ///
@@ -264,5 +289,45 @@ mod tests {
         )
         .expect("inject");
         assert_eq!(again, injected(&one));
+    }
+
+    fn operator_install(hash: &str) -> Value {
+        json!({"name": "install-packages", "image": "kaspr:1", "command": ["/bin/bash", "-c", "pip install a==1"],
+               "env": [{"name": "PACKAGES_HASH", "value": hash}]})
+    }
+
+    #[test]
+    fn a_taken_over_app_is_in_sync_and_the_operator_drives_its_rollouts() {
+        let mut takeover = spec(&["a==1"]);
+        takeover.operator_packages = Some(crate::spec::OperatorPackages::Takeover);
+        let mut template = operator_template();
+        template["spec"]["initContainers"] = json!([operator_install("h1")]);
+        // The operator's own installer under takeover: out of sync, and ours to replace now.
+        assert!(!state(&template, Some(&takeover)).in_sync());
+        let config = RenderConfig::default();
+        assert!(!operator_drives(&template, Some(&takeover), &config));
+        mutation::apply(
+            &mut template,
+            Some(&takeover),
+            &app(),
+            "spec.template.spec",
+            &config,
+        )
+        .expect("takeover");
+        assert_eq!(state(&template, Some(&takeover)), SyncState::InSync);
+        // Taken over: a package change waits for the operator's own rewrite first.
+        let changed = PythonPackages {
+            packages: vec!["a==2".into()],
+            ..takeover.clone()
+        };
+        assert!(!state(&template, Some(&changed)).in_sync());
+        assert!(operator_drives(&template, Some(&changed), &config));
+        // Back to respect, or packages removed: ours to do at once.
+        let respect = PythonPackages {
+            operator_packages: Some(crate::spec::OperatorPackages::Respect),
+            ..takeover
+        };
+        assert!(!operator_drives(&template, Some(&respect), &config));
+        assert!(!operator_drives(&template, None, &config));
     }
 }

@@ -18,7 +18,7 @@ use crate::cache::KasprAppObject;
 use crate::names;
 use crate::validation::Report;
 
-fn statefulsets(client: &Client, namespace: &str) -> Api<DynamicObject> {
+pub(super) fn statefulsets(client: &Client, namespace: &str) -> Api<DynamicObject> {
     // Read as JSON: the comparison runs the webhook's renderer over the template exactly as
     // stored, unknown fields included.
     Api::namespaced_with(
@@ -81,6 +81,7 @@ pub(super) async fn reconcile_rollout(
     let (current, desired) = match state_of(&template_of(&statefulset)) {
         SyncState::InSync => {
             context.state().unconverged.remove(&key);
+            context.state().deferred.remove(&key);
             context.set_out_of_sync(&key, false);
             context.report(app, Part::Rollout, Vec::new()).await;
             context.metrics.count(Part::Rollout, "in_sync");
@@ -98,6 +99,18 @@ pub(super) async fn reconcile_rollout(
         }
         SyncState::OutOfSync { current, desired } => (current, desired),
     };
+    if rollout::operator_drives(
+        &template_of(&statefulset),
+        report.spec.as_ref(),
+        &context.render,
+    ) && let Some(wait) =
+        context
+            .state()
+            .operator_turn(&key, std::time::Instant::now(), rollout::OPERATOR_GRACE)
+    {
+        context.metrics.count(Part::Rollout, "deferred");
+        return Ok(wait + Duration::from_secs(1));
+    }
 
     let Some(updated) = send_through_webhook(app, &api, &name, &object, context).await? else {
         // The webhook is not reachable through the API server yet: look again shortly.

@@ -426,6 +426,11 @@ pub fn server_settings(deployment: &Value) -> Result<Server, String> {
     };
     let packages_volume_size_limit = flag("packages-volume-size-limit")
         .map(k8s_openapi::apimachinery::pkg::api::resource::Quantity);
+    let operator_packages = match flag("operator-packages") {
+        Some(text) => crate::spec::OperatorPackages::parse(&text)
+            .ok_or_else(|| format!("--operator-packages {text:?}: not respect or takeover"))?,
+        None => crate::spec::OperatorPackages::default(),
+    };
     let watch_namespaces = flag("namespaces")
         .map(|list| {
             list.split(',')
@@ -439,6 +444,7 @@ pub fn server_settings(deployment: &Value) -> Result<Server, String> {
         render: RenderConfig {
             default_resources,
             packages_volume_size_limit,
+            operator_packages,
         },
         watch_namespaces,
         source: String::new(),
@@ -456,7 +462,7 @@ mod tests {
             "name": "webhook",
             "args": ["serve", "--listen=0.0.0.0:10250", "--namespaces=apps,team-b",
                      "--init-container-resources={\"requests\":{\"cpu\":\"100m\"}}",
-                     "--packages-volume-size-limit", "4Gi"],
+                     "--packages-volume-size-limit", "4Gi", "--operator-packages=takeover"],
         }]}}}});
         let server = server_settings(&deployment).expect("settings");
         assert_eq!(server.watch_namespaces, ["apps", "team-b"]);
@@ -474,6 +480,10 @@ mod tests {
             .and_then(|r| r.requests)
             .expect("requests");
         assert_eq!(requests["cpu"].0, "100m");
+        assert_eq!(
+            server.render.operator_packages,
+            crate::spec::OperatorPackages::Takeover
+        );
     }
 
     #[test]

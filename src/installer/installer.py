@@ -13,7 +13,9 @@ Input
 
 Output
     Line-oriented logs on stdout, one summary line in the termination log, and after success
-    ``<target>/site``: a symlink to the directory that holds the installed packages.
+    ``<target>/site``: a symlink to the directory that holds the installed packages; with a
+    ``PACKAGES_HASH`` in the environment (a taken-over Kaspr operator), also the operator's
+    status marker ``<target>/.installed-<hash>``.
 
 Modes
     emptyDir  install into the pod's own volume on every start.
@@ -1785,6 +1787,36 @@ def write_termination_log(environ: Dict[str, str], line: str) -> None:
         pass
 
 
+OPERATOR_HASH_RE = re.compile(r"[A-Za-z0-9_.-]{1,128}")
+
+
+def write_operator_marker(environ: Dict[str, str], cfg: "Config", seconds: float) -> Optional[str]:
+    """Under takeover of a Kaspr operator (v0.14+), the install container carries the operator's
+    ``PACKAGES_HASH``, and in its PVC mode the operator reads ``<target>/.installed-<hash>``
+    through ``pods/exec`` for its status: write it after a successful install, in the pod's own
+    packages volume. Returns its path, or None when there is no such hash (or it cannot be
+    written: the status reading is a courtesy, never a reason to fail the pod)."""
+    digest = environ.get("PACKAGES_HASH", "")
+    if not OPERATOR_HASH_RE.fullmatch(digest) or digest.startswith("."):
+        return None
+    path = os.path.join(cfg.target, ".installed-" + digest)
+    marker = {
+        "hash": digest,
+        "installKey": cfg.install_key,
+        "packages": list(cfg.packages),  # as written: ${VAR} stays unexpanded
+        "lastInstallTime": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "installDuration": "%.1fs" % seconds,
+        "installedBy": socket.gethostname(),
+        "installer": "kaspr-packages-webhook",
+    }
+    try:
+        with open(path, "w", encoding="utf-8") as handle:
+            json.dump(marker, handle, sort_keys=True)
+    except OSError:
+        return None
+    return path
+
+
 def finish_failure(environ: Dict[str, str], exc: InstallError, on_failure: str, redactor: Optional[Redactor]) -> int:
     message = one_line(redactor(exc.message) if redactor else exc.message)
     line = "%s FAILED %s: %s" % (PREFIX, exc.category, message)
@@ -1837,6 +1869,7 @@ def main(environ: Optional[Dict[str, str]] = None) -> int:
         PREFIX, len(cfg.packages), cfg.install_key, ctx.tag, time.monotonic() - started)
     if plan.overrides:
         line += ", overrides: " + "; ".join(plan.overrides)
+    write_operator_marker(environ, cfg, time.monotonic() - started)
     print(line, flush=True)
     write_termination_log(environ, line)
     return 0

@@ -10,13 +10,14 @@
 
 pub mod record;
 pub mod render;
+pub mod takeover;
 
 use serde_json::{Map, Value, json};
 
 use crate::app::AppRef;
 use crate::config::RenderConfig;
 use crate::names;
-use crate::spec::PythonPackages;
+use crate::spec::{OperatorPackages, PythonPackages};
 use record::{Record, name_is};
 pub use render::Injection;
 
@@ -94,21 +95,36 @@ pub fn apply(
         return Ok(warnings);
     };
 
-    let operator_injects = list(pod_spec, "initContainers").iter().any(|c| {
-        name_is(c, names::OPERATOR_INIT_CONTAINER)
-            && !record
-                .init_containers
-                .iter()
-                .any(|n| n == names::OPERATOR_INIT_CONTAINER)
-    });
-    if spec.is_some() && operator_injects {
+    let mode = spec
+        .and_then(|s| s.operator_packages)
+        .unwrap_or(config.operator_packages);
+    let operator_installs = takeover::operator_installs(pod_spec);
+    let taken_over = record
+        .init_containers
+        .iter()
+        .any(|n| n == names::OPERATOR_INIT_CONTAINER);
+    if spec.is_some() && operator_installs && mode == OperatorPackages::Respect {
         warnings.push(format!(
             "{field_prefix}.initContainers: the pod already has an init container named \
-             {:?} (the Kaspr operator's own package installer); kaspr-packages-webhook did not inject",
-            names::OPERATOR_INIT_CONTAINER
+             {:?} (the Kaspr operator's own package installer); kaspr-packages-webhook did not \
+             inject (annotation {} or the chart's operatorPackages selects takeover)",
+            names::OPERATOR_INIT_CONTAINER,
+            names::OPERATOR_PACKAGES_ANNOTATION,
         ));
         return Ok(warnings);
     }
+    // Under takeover the install container keeps the operator's name and PACKAGES_HASH; when the
+    // app went back to respect, a hash the operator never renders makes it put its own back.
+    let disguise = (operator_installs || taken_over).then(|| render::Disguise {
+        packages_hash: match mode {
+            OperatorPackages::Takeover => {
+                takeover::packages_hash(pod_spec, main_container_index(pod_spec))
+            }
+            OperatorPackages::Respect => {
+                Some(json!({"name": names::OPERATOR_HASH_ENV, "value": takeover::RELEASED_HASH}))
+            }
+        },
+    });
 
     record::strip(pod_spec, &record);
     let Some(spec) = spec else {
@@ -116,12 +132,17 @@ pub fn apply(
         return Ok(warnings);
     };
 
-    check_collisions(pod_spec, field_prefix)?;
     let main_index = main_container_index(pod_spec).ok_or_else(|| {
         Denial::new(format!(
             "{field_prefix}.containers: the pod has no containers"
         ))
     })?;
+    let mut main_context_set = false;
+    if disguise.is_some() {
+        takeover::strip_operator(pod_spec, &app.name, main_index);
+        main_context_set = set_main_security_context(pod_spec, main_index, spec);
+    }
+    check_collisions(pod_spec, field_prefix)?;
     check_extra_mounts(pod_spec, spec, field_prefix)?;
 
     let containers = list(pod_spec, "containers");
@@ -143,7 +164,7 @@ pub fn apply(
             "{field_prefix}.containers[{main_index}].image: the main container has no image to run the installer with"
         )));
     }
-    let injection = render::render(spec, app, &main, pod_spec, config);
+    let injection = render::render(spec, app, &main, pod_spec, config, disguise.as_ref());
 
     push(pod_spec, "initContainers", injection.init_container.clone());
     for volume in &injection.volumes {
@@ -154,8 +175,14 @@ pub fn apply(
         inject_main_container(pod_spec, main_index, &injection, &path);
     warnings.extend(pythonpath_warning);
 
+    let init_name = injection
+        .init_container
+        .get("name")
+        .and_then(Value::as_str)
+        .unwrap_or(names::INIT_CONTAINER)
+        .to_owned();
     let record = Record {
-        init_containers: vec![names::INIT_CONTAINER.to_owned()],
+        init_containers: vec![init_name],
         volumes: injection
             .volumes
             .iter()
@@ -164,9 +191,36 @@ pub fn apply(
         container: main_name,
         volume_mounts: mount_names,
         env: vec![names::PYTHONPATH.to_owned()],
+        security_context: main_context_set,
     };
     write_annotations(template, &injection, &record);
     Ok(warnings)
+}
+
+/// Under takeover, gives the main container the securityContext the KasprApp declares for it
+/// (`spec.template.kasprContainer.securityContext`, which the operator drops), unless it has
+/// one already. Returns whether it was set.
+fn set_main_security_context(
+    pod_spec: &mut Map<String, Value>,
+    main_index: usize,
+    spec: &PythonPackages,
+) -> bool {
+    let Some(declared) = &spec.main_security_context else {
+        return false;
+    };
+    let Some(main) = pod_spec
+        .get_mut("containers")
+        .and_then(Value::as_array_mut)
+        .and_then(|c| c.get_mut(main_index))
+        .and_then(Value::as_object_mut)
+    else {
+        return false;
+    };
+    if main.get("securityContext").is_some_and(|c| !c.is_null()) {
+        return false;
+    }
+    main.insert("securityContext".into(), Value::Object(declared.clone()));
+    true
 }
 
 /// The template hash, the install key and the record of what was injected.

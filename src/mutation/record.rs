@@ -29,6 +29,11 @@ pub struct Record {
     pub volume_mounts: Vec<String>,
     #[serde(default)]
     pub env: Vec<String>,
+    /// Whether we set the container's securityContext (under takeover, from
+    /// `spec.template.kasprContainer.securityContext`). Left out when false, so records written
+    /// before this field existed read and serialize the same.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub security_context: bool,
 }
 
 impl Record {
@@ -56,12 +61,13 @@ impl Record {
             init_containers: keep(
                 "init container",
                 self.init_containers,
-                &[names::INIT_CONTAINER],
+                &[names::INIT_CONTAINER, names::OPERATOR_INIT_CONTAINER],
             ),
             volumes: keep("volume", self.volumes, names::VOLUMES),
             container: self.container,
             volume_mounts: keep("volume mount", self.volume_mounts, names::VOLUMES),
             env: keep("env var", self.env, &[names::PYTHONPATH]),
+            security_context: self.security_context,
         };
         (record, foreign)
     }
@@ -136,6 +142,9 @@ pub fn strip(spec: &mut Map<String, Value>, record: &Record) {
     else {
         return;
     };
+    if record.security_context {
+        container.remove("securityContext");
+    }
     if let Some(Value::Array(mounts)) = container.get_mut("volumeMounts") {
         mounts.retain(|m| !(record.volume_mounts.iter().any(|n| name_is(m, n)) && is_our_mount(m)));
         if mounts.is_empty() {
@@ -182,8 +191,9 @@ fn list<'a>(value: Option<&'a Value>, key: &str) -> &'a [Value] {
         .map_or(&[], Vec::as_slice)
 }
 
-/// The installer's init container: `python3 -c <program>` configured by our env var.
-fn is_our_init_container(container: &Value) -> bool {
+/// The installer's init container: `python3 -c <program>` configured by our env var, under our
+/// name or, under takeover, the operator's.
+pub fn is_our_init_container(container: &Value) -> bool {
     let command = list(Some(container), "command");
     let runs_installer = command.len() == 3
         && command[0].as_str() == Some("python3")
@@ -191,7 +201,10 @@ fn is_our_init_container(container: &Value) -> bool {
     let configured = list(Some(container), "env")
         .iter()
         .any(|e| name_is(e, names::CONFIG_ENV));
-    name_is(container, names::INIT_CONTAINER) && runs_installer && configured
+    (name_is(container, names::INIT_CONTAINER)
+        || name_is(container, names::OPERATOR_INIT_CONTAINER))
+        && runs_installer
+        && configured
 }
 
 /// One of our volumes with the source we give it.

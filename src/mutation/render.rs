@@ -111,14 +111,27 @@ fn to_json<T: serde::Serialize>(value: &T) -> Value {
 }
 
 /// The init container's securityContext: the main container's own (so it is never less
-/// restricted), plus no privilege escalation, no capabilities, and a RuntimeDefault seccomp
-/// profile unless the main container or the pod chose one.
-fn security_context(main: &Map<String, Value>, pod_spec: &Map<String, Value>) -> Value {
+/// restricted) with `pythonPackagesInitContainer.securityContext` over it where that does not
+/// loosen it, plus no privilege escalation, no capabilities, and a RuntimeDefault seccomp
+/// profile unless a container or the pod chose one.
+fn security_context(
+    main: &Map<String, Value>,
+    pod_spec: &Map<String, Value>,
+    declared: Option<&Map<String, Value>>,
+) -> Value {
     let mut context = main
         .get("securityContext")
         .and_then(Value::as_object)
         .cloned()
         .unwrap_or_default();
+    for (key, value) in declared.into_iter().flatten() {
+        // Where the main container already holds the stricter setting, it stays.
+        let strict_in_main = matches!(key.as_str(), "runAsNonRoot" | "readOnlyRootFilesystem")
+            && context.get(key) == Some(&Value::Bool(true));
+        if !strict_in_main {
+            context.insert(key.clone(), value.clone());
+        }
+    }
     context.insert("allowPrivilegeEscalation".into(), json!(false));
     // Privileged would defeat everything else; the installer never needs it.
     context.remove("privileged");
@@ -233,13 +246,21 @@ fn init_env(spec: &PythonPackages, app: &AppRef, install_key: &str) -> Vec<EnvVa
     env
 }
 
-/// Renders the injection for one pod template.
+/// How the init container presents itself under takeover: the operator's name, and the
+/// operator's `PACKAGES_HASH` entry first in its env (one of the operator's watch fields).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Disguise {
+    pub packages_hash: Option<Value>,
+}
+
+/// Renders the injection for one pod template (`disguise` under takeover).
 pub fn render(
     spec: &PythonPackages,
     app: &AppRef,
     main: &Map<String, Value>,
     pod_spec: &Map<String, Value>,
     config: &RenderConfig,
+    disguise: Option<&Disguise>,
 ) -> Injection {
     let install_key = spec.install_key();
 
@@ -250,8 +271,13 @@ pub fn render(
     } = volumes_and_mounts(spec, app, config);
     let env = init_env(spec, app, &install_key);
 
+    let name = if disguise.is_some() {
+        names::OPERATOR_INIT_CONTAINER
+    } else {
+        names::INIT_CONTAINER
+    };
     let container = Container {
-        name: names::INIT_CONTAINER.to_owned(),
+        name: name.to_owned(),
         image: main.get("image").and_then(Value::as_str).map(str::to_owned),
         image_pull_policy: main
             .get("imagePullPolicy")
@@ -274,7 +300,20 @@ pub fn render(
     };
     let mut init_container = to_json(&container);
     if let Some(obj) = init_container.as_object_mut() {
-        obj.insert("securityContext".into(), security_context(main, pod_spec));
+        obj.insert(
+            "securityContext".into(),
+            security_context(
+                main,
+                pod_spec,
+                spec.init_container.security_context.as_ref(),
+            ),
+        );
+        if let (Some(hash), Some(Value::Array(env))) = (
+            disguise.and_then(|d| d.packages_hash.as_ref()),
+            obj.get_mut("env"),
+        ) {
+            env.insert(0, hash.clone());
+        }
     }
 
     let volumes: Vec<Value> = volumes.iter().map(to_json).collect();

@@ -2,8 +2,10 @@
 
 use serde_json::{Map, Value};
 
+use super::annotations::GcsAuth;
 use super::credentials::{secret_key, secret_name};
 use super::{Checker, ROOT, is_dns_subdomain, show};
+use crate::names::GCS_AUTH_ANNOTATION;
 use crate::quantity;
 use crate::spec::{
     Cache, DEFAULT_GCS_KEY, DEFAULT_GCS_PREFIX, DEFAULT_MAX_ARCHIVE_SIZE, GcsCache, GcsKeySecret,
@@ -43,7 +45,7 @@ fn size_quantity(
     }
 }
 
-pub(super) fn cache(c: &mut Checker, map: &Map<String, Value>) -> Cache {
+pub(super) fn cache(c: &mut Checker, map: &Map<String, Value>, auth: Option<GcsAuth>) -> Cache {
     let path = format!("{ROOT}.cache");
     let Some(cache) = c.object(map, "cache", &path) else {
         return Cache::EmptyDir;
@@ -106,7 +108,7 @@ pub(super) fn cache(c: &mut Checker, map: &Map<String, Value>) -> Cache {
                 );
                 return Cache::EmptyDir;
             };
-            Cache::Gcs(gcs_cache(c, gcs, &gcs_path))
+            Cache::Gcs(gcs_cache(c, gcs, &gcs_path, auth))
         }
         "pvc" => {
             if gcs.is_some() {
@@ -155,7 +157,12 @@ fn is_gcs_bucket(name: &str) -> bool {
         && name.parse::<std::net::Ipv4Addr>().is_err()
 }
 
-fn gcs_cache(c: &mut Checker, gcs: &Map<String, Value>, path: &str) -> GcsCache {
+fn gcs_cache(
+    c: &mut Checker,
+    gcs: &Map<String, Value>,
+    path: &str,
+    auth: Option<GcsAuth>,
+) -> GcsCache {
     c.unknown_fields(
         gcs,
         &["bucket", "prefix", "maxArchiveSize", "secretRef"],
@@ -198,6 +205,31 @@ fn gcs_cache(c: &mut Checker, gcs: &Map<String, Value>, path: &str) -> GcsCache 
             let key = secret_key(c, secret_ref, "key", &ref_path, DEFAULT_GCS_KEY);
             name.map(|name| GcsKeySecret { name, key })
         });
+    let key_secret = match auth {
+        None => key_secret,
+        Some(GcsAuth::Secret) => {
+            if key_secret.is_none() && !gcs.contains_key("secretRef") {
+                c.error(
+                    &ref_path,
+                    format!("is required when annotation {GCS_AUTH_ANNOTATION} is \"secret\""),
+                );
+            }
+            key_secret
+        }
+        Some(GcsAuth::WorkloadIdentity) => {
+            if let Some(secret) = key_secret {
+                c.warn(
+                    &ref_path,
+                    format!(
+                        "annotation {GCS_AUTH_ANNOTATION} is \"workload-identity\", so Secret {:?} is \
+                         not mounted and the pod's service account authenticates to GCS",
+                        secret.name
+                    ),
+                );
+            }
+            None
+        }
+    };
     GcsCache {
         bucket,
         prefix,

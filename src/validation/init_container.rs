@@ -1,7 +1,7 @@
 //! `spec.template.pythonPackagesInitContainer`: extra env and mounts for the install
 //! container only.
 
-use k8s_openapi::api::core::v1::{EnvVar, VolumeMount};
+use k8s_openapi::api::core::v1::{EnvVar, SecurityContext, VolumeMount};
 use serde_json::{Map, Value};
 
 use super::{Checker, INIT_ROOT, show};
@@ -20,8 +20,23 @@ pub(super) fn init_container_extras(
     let Some(init) = c.object(template, "pythonPackagesInitContainer", INIT_ROOT) else {
         return InitContainerExtras::default();
     };
-    c.unknown_fields(init, &["env", "volumeMounts"], INIT_ROOT);
-    let mut extras = InitContainerExtras::default();
+    c.unknown_fields(init, &["env", "volumeMounts", "securityContext"], INIT_ROOT);
+    let context_path = format!("{INIT_ROOT}.securityContext");
+    let mut extras = InitContainerExtras {
+        security_context: security_context(c, init, &context_path),
+        ..InitContainerExtras::default()
+    };
+    if let Some(context) = &extras.security_context {
+        for key in ["privileged", "allowPrivilegeEscalation", "capabilities"] {
+            if context.contains_key(key) {
+                c.warn(
+                    format!("{context_path}.{key}"),
+                    "the installer always runs unprivileged, without privilege escalation and \
+                     with every capability dropped; this field is ignored",
+                );
+            }
+        }
+    }
 
     let env_path = format!("{INIT_ROOT}.env");
     match init.get("env") {
@@ -151,4 +166,32 @@ fn volume_mount(c: &mut Checker, item: &Value, path: &str) -> Option<VolumeMount
         );
     }
     Some(mount)
+}
+
+/// `spec.template.kasprContainer.securityContext`, for the main container under takeover.
+pub(super) fn main_security_context(
+    c: &mut Checker,
+    template: &Map<String, Value>,
+) -> Option<Map<String, Value>> {
+    let path = "spec.template.kasprContainer";
+    let container = c.object(template, "kasprContainer", path)?;
+    security_context(c, container, &format!("{path}.securityContext"))
+}
+
+/// A container securityContext: checked against the Kubernetes type, kept as written (fields
+/// newer than our types included).
+fn security_context(
+    c: &mut Checker,
+    parent: &Map<String, Value>,
+    path: &str,
+) -> Option<Map<String, Value>> {
+    let context = c.object(parent, "securityContext", path)?;
+    if let Err(e) = serde_json::from_value::<SecurityContext>(Value::Object(context.clone())) {
+        c.error(
+            path,
+            format!("is not a valid container securityContext: {e}"),
+        );
+        return None;
+    }
+    Some(context.clone())
 }

@@ -6,6 +6,7 @@
 //! file: `packages`, `indexes` (index URLs and trusted hosts), `credentials`, `cache`,
 //! `policy` (install policy and resources) and `init_container` (extra env and mounts).
 
+mod annotations;
 mod cache;
 mod credentials;
 mod indexes;
@@ -17,10 +18,11 @@ mod ratchet;
 use serde_json::{Map, Value};
 
 use crate::spec::{InitContainerExtras, PythonPackages};
+use annotations::{AppSettings, app_settings};
 use cache::cache;
 use credentials::credentials;
 use indexes::{check_host_port, check_index_url, warn_insecure_indexes};
-use init_container::init_container_extras;
+use init_container::{init_container_extras, main_security_context};
 pub use packages::MAX_PACKAGES;
 use packages::packages;
 use policy::{install_policy, resources};
@@ -236,12 +238,19 @@ pub fn validate_kasprapp(app: &Value) -> Report {
     let parsed = match packages {
         None | Some(Value::Null) => None,
         Some(Value::Object(map)) => {
-            let init = spec
+            // Our annotations matter only to an app with packages: one without is never
+            // refused (nor its StatefulSet) for them.
+            let settings = app_settings(&mut checker, app);
+            let template = spec
                 .and_then(|s| s.get("template"))
-                .and_then(Value::as_object)
+                .and_then(Value::as_object);
+            let init = template
                 .map(|t| init_container_extras(&mut checker, t))
                 .unwrap_or_default();
-            Some(python_packages(&mut checker, map, init))
+            let main_context = template.and_then(|t| main_security_context(&mut checker, t));
+            let mut parsed = python_packages(&mut checker, map, init, settings);
+            parsed.main_security_context = main_context;
+            Some(parsed)
         }
         Some(other) => {
             checker.error(ROOT, format!("must be an object, got {}", show(other)));
@@ -260,6 +269,7 @@ fn python_packages(
     c: &mut Checker,
     map: &Map<String, Value>,
     init_container: InitContainerExtras,
+    settings: AppSettings,
 ) -> PythonPackages {
     c.unknown_fields(
         map,
@@ -321,7 +331,7 @@ fn python_packages(
         );
     }
 
-    let cache = cache(c, map);
+    let cache = cache(c, map, settings.gcs_auth);
     let install_policy = install_policy(c, map);
     let resources = resources(c, map);
 
@@ -335,6 +345,8 @@ fn python_packages(
         install_policy,
         resources,
         init_container,
+        main_security_context: None,
+        operator_packages: settings.operator_packages,
     }
 }
 /// A Kubernetes object name (DNS-1123 subdomain).
@@ -364,3 +376,7 @@ pub(super) fn is_config_key(key: &str) -> bool {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+#[path = "annotation_tests.rs"]
+mod annotation_tests;

@@ -173,6 +173,14 @@ def test_defaults_keep_the_hardened_security_contexts():
 
 
 @needs_helm
+@pytest.mark.parametrize("value", ["respect", "takeover"])
+def test_the_operator_packages_default_reaches_the_webhook(value):
+    args = one(objects("--set", f"operatorPackages={value}"), "Deployment")["spec"]["template"]["spec"][
+        "containers"][0]["args"]
+    assert f"--operator-packages={value}" in args, args
+
+
+@needs_helm
 def test_every_new_value_is_rendered():
     objs = objects("-f", str(EVERYTHING))
     spec = one(objs, "Deployment")["spec"]["template"]["spec"]
@@ -198,6 +206,7 @@ def test_every_new_value_is_rendered():
     (["--set", "metrics.prometheusRule.disabled[0]=NoSuchAlert"], "disabled"),
     (["--set", "metrics.prometheusRule.latencyTimeoutRatio=2"], "latencyTimeoutRatio"),
     (["--set", "metrics.serviceMonitor.enabled=true", "--set", "metrics.service=false"], "metrics.service"),
+    (["--set", "operatorPackages=replace"], "operatorPackages"),
 ])
 def test_unusable_values_are_refused_by_name(args, message):
     proc = render(*args, check=False)

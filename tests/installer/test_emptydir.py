@@ -45,6 +45,21 @@ def test_runs_as_python_dash_c(image_python, pypi, env, target, termlog):
     assert import_from_site(image_python, target, VERSION_OF.format("kasprdemo")) == "1.0"
 
 
+def test_under_takeover_the_operators_status_marker_is_written_after_success(image_python, pypi, env, target,
+                                                                           termlog):
+    cfg = config(target, pypi.url, ["kasprdemo==1.0"], credentials=True)
+    run = run_installer(image_python, cfg, dict(with_creds(env), PACKAGES_HASH="9f86d081884c7d65"), termlog)
+    assert run.returncode == 0, run
+    marker = json.loads((target / ".installed-9f86d081884c7d65").read_text())
+    assert marker["packages"] == ["kasprdemo==1.0"] and marker["installKey"] == "0123456789abcdef"
+    assert PASSWORD not in json.dumps(marker)
+    # A failed install leaves no marker.
+    failed = config(target, pypi.url, ["no-such-package==1.0"], credentials=True, installKey="00000000000000ff")
+    run = run_installer(image_python, failed, dict(with_creds(env), PACKAGES_HASH="0000000000000001"), termlog)
+    assert run.returncode != 0
+    assert not (target / ".installed-0000000000000001").exists()
+
+
 def test_restart_in_same_pod_reuses_the_build(image_python, pypi, env, target, termlog):
     cfg = config(target, pypi.url, ["kasprdemo==1.0"], credentials=True)
     first = run_installer(image_python, cfg, with_creds(env), termlog)

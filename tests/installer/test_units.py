@@ -300,3 +300,19 @@ def test_credentials_netrc_cannot_hold_are_refused_before_python_3_11(monkeypatc
     assert settings.netrc == "machine idx.example login user password plain-token\n"
     assert settings.env["PIP_INDEX_URL"] == "https://idx.example/simple/"
     assert "plain-token" not in settings.env["PIP_EXTRA_INDEX_URL"]
+
+
+def test_the_operator_marker_is_written_only_with_a_plain_packages_hash(tmp_path):
+    cfg = installer.Config(target=str(tmp_path), install_key="0123456789abcdef", packages=["a==1", "b @ ${TOKEN}"])
+    path = installer.write_operator_marker({"PACKAGES_HASH": "9f86d081884c7d65"}, cfg, 2.04)
+    assert path == str(tmp_path / ".installed-9f86d081884c7d65")
+    marker = json.loads((tmp_path / ".installed-9f86d081884c7d65").read_text())
+    assert marker["hash"] == "9f86d081884c7d65" and marker["installKey"] == "0123456789abcdef"
+    assert marker["packages"] == ["a==1", "b @ ${TOKEN}"], "as written, never expanded"
+    assert marker["installDuration"] == "2.0s"
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", marker["lastInstallTime"])
+    # No hash (not taken over), or one that could leave the directory: nothing written.
+    for environ in ({}, {"PACKAGES_HASH": ""}, {"PACKAGES_HASH": "../x"}, {"PACKAGES_HASH": ".."},
+                    {"PACKAGES_HASH": "a/b"}):
+        assert installer.write_operator_marker(environ, cfg, 1.0) is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".installed-9f86d081884c7d65"]

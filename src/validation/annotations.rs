@@ -1,0 +1,77 @@
+//! The KasprApp annotations this product reads: settings the operator's CRD has no field for
+//! (its typed `spec.pythonPackages` prunes keys it does not declare), so they live in
+//! `metadata.annotations`, which the API server always keeps.
+
+use serde_json::Value;
+
+use super::{Checker, show};
+use crate::names::{GCS_AUTH_ANNOTATION, OPERATOR_PACKAGES_ANNOTATION};
+use crate::spec::OperatorPackages;
+
+/// How the installer authenticates to GCS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum GcsAuth {
+    /// The key Secret of `cache.gcs.secretRef`.
+    Secret,
+    /// The pod's Workload Identity; `cache.gcs.secretRef` is ignored.
+    WorkloadIdentity,
+}
+
+/// The settings read from annotations; `None` where the annotation is absent.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(super) struct AppSettings {
+    pub operator_packages: Option<OperatorPackages>,
+    pub gcs_auth: Option<GcsAuth>,
+}
+
+/// The field path of annotation `key`, as the validator writes paths (the ratchet reads keys
+/// with dots in them).
+pub(super) fn annotation_path(key: &str) -> String {
+    format!("metadata.annotations.{key}")
+}
+
+pub(super) fn app_settings(c: &mut Checker, app: &Value) -> AppSettings {
+    let annotations = app
+        .pointer("/metadata/annotations")
+        .and_then(Value::as_object);
+    let mut text = |key: &str| -> Option<String> {
+        match annotations?.get(key)? {
+            Value::String(s) => Some(s.clone()),
+            Value::Null => None,
+            other => {
+                c.error(
+                    annotation_path(key),
+                    format!("must be a string, got {}", show(other)),
+                );
+                None
+            }
+        }
+    };
+    let operator_packages = text(OPERATOR_PACKAGES_ANNOTATION);
+    let gcs_auth = text(GCS_AUTH_ANNOTATION);
+    let operator_packages = operator_packages.and_then(|value| {
+        let parsed = OperatorPackages::parse(&value);
+        if parsed.is_none() {
+            c.error(
+                annotation_path(OPERATOR_PACKAGES_ANNOTATION),
+                format!("{value:?} is not one of \"respect\", \"takeover\""),
+            );
+        }
+        parsed
+    });
+    let gcs_auth = gcs_auth.and_then(|value| match value.as_str() {
+        "secret" => Some(GcsAuth::Secret),
+        "workload-identity" => Some(GcsAuth::WorkloadIdentity),
+        _ => {
+            c.error(
+                annotation_path(GCS_AUTH_ANNOTATION),
+                format!("{value:?} is not one of \"secret\", \"workload-identity\""),
+            );
+            None
+        }
+    });
+    AppSettings {
+        operator_packages,
+        gcs_auth,
+    }
+}
