@@ -56,8 +56,8 @@ fn bad_answers_fail_with_a_reason(
     #[case] response: Value,
     #[case] reason: &str,
 ) {
-    let error = check_answer(&probe(expect), 200, &answer(&response), FAST, LIMIT)
-        .expect_err("must fail");
+    let error =
+        check_answer(&probe(expect), 200, &answer(&response), FAST, LIMIT).expect_err("must fail");
     assert!(error.contains(reason), "{error}");
 }
 
