@@ -103,7 +103,10 @@ mod tests {
     }
 
     fn object(value: Value) -> Map<String, Value> {
-        value.as_object().cloned().unwrap_or_default()
+        match value {
+            Value::Object(map) => map,
+            _ => Map::new(),
+        }
     }
 
     fn warn(cache: Cache, main: Value, pod: Value) -> Vec<String> {
