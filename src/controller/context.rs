@@ -13,6 +13,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
+use super::installs::{GCS_CAUSES, InstallMemory, PVC_CAUSES};
 use super::{ControllerOptions, FIELD_MANAGER, Notice};
 use crate::cache::KasprAppObject;
 use crate::config::RenderConfig;
@@ -22,6 +23,8 @@ use crate::config::RenderConfig;
 pub(super) enum Part {
     Pvc,
     Rollout,
+    /// The app pods' package installs (degraded caches).
+    Installs,
 }
 
 impl Part {
@@ -29,6 +32,7 @@ impl Part {
         match self {
             Part::Pvc => "pvc",
             Part::Rollout => "rollout",
+            Part::Installs => "installs",
         }
     }
 
@@ -36,6 +40,7 @@ impl Part {
         match self {
             Part::Pvc => "ReconcilePythonPackagesCache",
             Part::Rollout => "SyncStatefulSet",
+            Part::Installs => "ObservePackageInstall",
         }
     }
 }
@@ -56,6 +61,8 @@ pub(super) struct State {
     pub(super) unreachable_since: HashMap<AppKey, std::time::Instant>,
     /// Since when a taken-over app has been out of sync while the operator had its turn.
     pub(super) deferred: HashMap<AppKey, std::time::Instant>,
+    /// Degraded installs already counted and reported.
+    pub(super) installs: InstallMemory,
 }
 
 impl State {
@@ -125,8 +132,15 @@ impl State {
         self.unconverged.retain(|app, _| exists(app));
         self.unreachable_since.retain(|app, _| exists(app));
         self.deferred.retain(|app, _| exists(app));
+        self.installs.retain_apps(&exists);
         self.out_of_sync.len()
     }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DegradedLabels {
+    mode: &'static str,
+    cause: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -143,6 +157,7 @@ const RECONCILE_OUTCOMES: [&str; 4] = ["in_sync", "changed", "pending", "failed"
 pub struct ControllerMetrics {
     out_of_sync: Gauge,
     reconciles: Family<ReconcileLabels, Counter>,
+    degraded: Family<DegradedLabels, Counter>,
 }
 
 impl ControllerMetrics {
@@ -150,6 +165,7 @@ impl ControllerMetrics {
         let metrics = ControllerMetrics {
             out_of_sync: Gauge::default(),
             reconciles: Family::default(),
+            degraded: Family::default(),
         };
         registry.register(
             "kasprapps_out_of_sync",
@@ -161,6 +177,22 @@ impl ControllerMetrics {
             "Controller reconciles by part (pvc, rollout) and outcome (in_sync, changed, pending, failed)",
             metrics.reconciles.clone(),
         );
+        registry.register(
+            "degraded_installs",
+            "Package installs that did without their cache, by cache mode and cause, seen finishing since this process started",
+            metrics.degraded.clone(),
+        );
+        let causes = PVC_CAUSES
+            .iter()
+            .map(|cause| ("pvc", *cause))
+            .chain(GCS_CAUSES.iter().map(|cause| ("gcs", *cause)));
+        for (mode, cause) in causes {
+            drop(
+                metrics
+                    .degraded
+                    .get_or_create(&DegradedLabels { mode, cause }),
+            );
+        }
         // Every series exists from the start at 0, so `rate()` sees a process's first failure
         // (a series born at 1 has no earlier sample to rise from) and alerts match at once.
         for part in [Part::Pvc, Part::Rollout] {
@@ -177,6 +209,12 @@ impl ControllerMetrics {
     pub(super) fn set_out_of_sync(&self, count: usize) {
         self.out_of_sync
             .set(i64::try_from(count).unwrap_or(i64::MAX));
+    }
+
+    pub(super) fn count_degraded(&self, mode: &'static str, cause: &'static str) {
+        self.degraded
+            .get_or_create(&DegradedLabels { mode, cause })
+            .inc();
     }
 
     pub(super) fn count(&self, part: Part, outcome: &'static str) {

@@ -5,7 +5,8 @@
 //! reconciles KasprApps. It is woken by KasprApp changes, by changes of StatefulSets owned by a
 //! KasprApp (so an operator rewrite that loses the injection is noticed) and by changes of the
 //! claims this product manages. The decisions are pure functions in [`pvc`] and [`rollout`];
-//! this module reads the objects they need, carries out their answer and reports.
+//! this module reads the objects they need, carries out their answer and reports. A watch of
+//! the app pods in the same scopes reports installs that did without their cache (`installs`).
 //!
 //! Every write is idempotent (server-side apply with one field manager, a merge patch that
 //! removes one annotation, a delete with a uid precondition), so two replicas may reconcile the
@@ -16,6 +17,7 @@ pub mod rollout;
 
 mod claim_reconciler;
 mod context;
+mod installs;
 mod rollout_reconciler;
 #[cfg(test)]
 mod test_api;
@@ -115,8 +117,8 @@ pub fn run(
         scopes.push(None);
     }
     let controllers: Vec<Controller<KasprAppObject>> = scopes
-        .into_iter()
-        .map(|scope| scoped_controller(client, scope, options))
+        .iter()
+        .map(|scope| scoped_controller(client, *scope, options))
         .collect();
     let context = Arc::new(Context {
         client: client.clone(),
@@ -158,6 +160,12 @@ pub fn run(
                 .boxed()
         })
         .collect();
+    // Degraded installs are read from the app pods' termination messages, in the same scopes.
+    let started = k8s_openapi::jiff::Timestamp::now();
+    for scope in scopes {
+        tasks
+            .push(installs::watch(Arc::clone(&context), scope.map(str::to_owned), started).boxed());
+    }
     tasks.push(prune(context).boxed());
     Some(
         async move {

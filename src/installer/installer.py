@@ -565,8 +565,7 @@ def run_pip(
         )
     except OSError as exc:
         if report_r is not None:
-            os.close(report_r)
-            os.close(report_w)
+            os.close(report_r)  # report_w is closed below
         raise classify_os_error(exc, "could not start pip")
     finally:
         if report_w is not None:
@@ -1088,6 +1087,19 @@ class Context:
         image = installed_distributions()
         self.installed = image if version >= MIN_PIP_FOR_RESOLVE else {}
         self.tag = build_tag(image, cfg.packages, self.expanded)
+        # The group the app's pods share the PVC cache through (set in PVC mode).
+        self.cache_group: Optional[int] = None
+        # Why the cache was not used this time, when it was not: (cause, detail).
+        self.degraded: Optional[Tuple[str, str]] = None
+
+
+def degrade(ctx: Context, cause: str, detail: str) -> None:
+    """Note that this install does without its cache. The first cause is the one reported
+    (``OK ... (cache off: <cause>: <detail>)``); every one is logged."""
+    detail = one_line(ctx.redactor(detail), 300)
+    log("warning: cache off: %s: %s" % (cause, detail))
+    if ctx.degraded is None:
+        ctx.degraded = (cause, detail)
 
 
 def prepare_target(target: str) -> None:
@@ -1146,15 +1158,20 @@ def lock_wait_limit(ctx: Context) -> float:
 
 
 class FileLock:
-    """An exclusive or shared ``flock`` with a bounded wait. Lock files are never deleted."""
+    """An exclusive or shared ``flock`` with a bounded wait. Lock files are never deleted.
 
-    def __init__(self, path: str, shared: bool = False):
+    Every pod of the app opens the same lock file, whatever its uid: it is created
+    group-readable and -writable (see ``open_shared_lock``), because on NFS an exclusive flock
+    needs a file opened for writing."""
+
+    def __init__(self, path: str, shared: bool = False, group: Optional[int] = None):
         self.path = path
         self.shared = shared
+        self.group = group
         self.fd: Optional[int] = None
 
     def acquire(self, wait_seconds: float) -> bool:
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        self.fd = open_shared_lock(self.path, self.group)
         mode = (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB
         deadline = time.monotonic() + wait_seconds
         delay = 0.05
@@ -1178,6 +1195,151 @@ class FileLock:
             self.fd = None
 
 
+# --------------------------------------------------------------------------------------------
+# One cache for every pod of the app, whatever its uid
+#
+# Pods of one app may run as different uids (a root pod, then non-root ones after a template
+# change) that share a group (fsGroup or a supplemental group). Everything this program writes
+# into the cache is therefore group-owned by that group and group-writable: directories 2775
+# (setgid, so what is created inside inherits the group), files at least group-readable, lock
+# files 0664. Nothing a pod needs to change belongs to it alone: leases and use stamps are
+# replaced by rename (a write to their group-writable directory), never rewritten in place.
+# --------------------------------------------------------------------------------------------
+
+SHARED_DIR_BITS = 0o2770
+SHARED_FILE_MODE = 0o664
+
+
+def my_groups() -> set:
+    return set(os.getgroups()) | {os.getegid()}
+
+
+def identity() -> str:
+    """Who this process is, for messages: ``uid 1000 gid 1000 (groups 1000,2000)``."""
+    groups = ",".join(str(g) for g in sorted(set(os.getgroups())))
+    return "uid %d gid %d (groups %s)" % (os.geteuid(), os.getegid(), groups or "none")
+
+
+def describe_owner(path: str) -> str:
+    """``owned by uid 0 gid 0 with mode 0755`` for the path, or for its nearest existing parent."""
+    probe = path
+    while True:
+        try:
+            st = os.stat(probe)
+            break
+        except OSError:
+            parent = os.path.dirname(probe)
+            if parent == probe:
+                return "%s cannot be examined" % path
+            probe = parent
+    import stat as stat_module
+    return "%s is owned by uid %d gid %d with mode %04o" % (
+        probe, st.st_uid, st.st_gid, stat_module.S_IMODE(st.st_mode))
+
+
+def cache_access_error(path: str, exc: OSError) -> InstallError:
+    """The cache_error for a cache this pod may not write: who we are, what we found, what to do."""
+    if exc.errno == errno.EROFS:
+        hint = "the volume is mounted read-only"
+    else:
+        hint = ("give the cache root to this uid, or to a group the pod has (its fsGroup) with "
+                "mode 2775, e.g. chgrp <fsGroup> and chmod 2775 on the volume root")
+    where = exc.filename if isinstance(exc.filename, str) else path
+    return InstallError("cache_error", "cannot use cache directory %s: %s: %s: this pod runs as %s and %s; %s"
+                        % (path, where, exc.strerror or exc, identity(), describe_owner(where), hint),
+                        retryable=False)
+
+
+def cache_group(cache_root: str) -> int:
+    """The group the app's pods share the cache through: the cache root's group when this pod
+    has it (the kubelet's fsGroup ownership, or an admin's chgrp), else this pod's only
+    supplemental group (its fsGroup), else its primary group."""
+    mine = my_groups()
+    try:
+        root_gid = os.stat(cache_root).st_gid
+    except OSError:
+        root_gid = None
+    if root_gid is not None and root_gid in mine:
+        return root_gid
+    extra = set(os.getgroups()) - {os.getegid()}
+    if len(extra) == 1:
+        return extra.pop()
+    return os.getegid()
+
+
+def share_path(path: str, group: Optional[int], directory: bool, st=None, fd: Optional[int] = None,
+               bits: Optional[int] = None) -> None:
+    """Give ``path`` (if it is ours) to the shared group and add the shared mode bits
+    (directories: setgid and group rwx; files: ``bits``, group read by default). Entries of
+    other users are left as they are: only their owner may change them."""
+    import stat as stat_module
+    try:
+        st = st or os.lstat(path)
+        if st.st_uid != os.geteuid() or stat_module.S_ISLNK(st.st_mode):
+            return
+        regroup = group is not None and st.st_gid != group and group in my_groups()
+        if regroup:
+            os.fchown(fd, -1, group) if fd is not None else os.chown(path, -1, group)
+        mode = stat_module.S_IMODE(st.st_mode)
+        wanted = mode | (SHARED_DIR_BITS if directory else (0o040 if bits is None else bits))
+        # chown may clear the setgid bit: set the mode after it.
+        if wanted != mode or regroup:
+            os.fchmod(fd, wanted) if fd is not None else os.chmod(path, wanted)
+    except OSError as exc:
+        log("warning: cannot share %s with the app's group: %s" % (path, exc.strerror or exc))
+
+
+def make_shared_dir(path: str, group: Optional[int]) -> None:
+    """mkdir -p whose new directories are setgid, group-writable and of the shared group."""
+    parent = os.path.dirname(path)
+    if parent and parent != path and not os.path.isdir(parent):
+        make_shared_dir(parent, group)
+    try:
+        os.mkdir(path)
+    except FileExistsError:
+        if not os.path.isdir(path):
+            raise
+    share_path(path, group, directory=True)
+
+
+def share_tree(root: str, group: Optional[int]) -> None:
+    """Before publishing a build: every directory 2775-ish and every file group-readable, all
+    of the shared group, so any pod of the app can read it and prune it later."""
+    share_path(root, group, directory=True)
+    for dirpath, dirs, files in os.walk(root):
+        for name in dirs:
+            share_path(os.path.join(dirpath, name), group, directory=True)
+        for name in files:
+            share_path(os.path.join(dirpath, name), group, directory=False)
+
+
+def open_shared_lock(path: str, group: Optional[int]) -> int:
+    """Open a lock file for reading and writing, creating it 0664 in the shared group. A lock
+    file left 0644 by another uid (an older release) is opened read-only, which flock accepts
+    on local filesystems."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, SHARED_FILE_MODE)
+    except PermissionError:
+        if not os.path.exists(path):
+            raise
+        log("warning: lock file %s is not writable for this pod (%s); using it read-only"
+            % (path, describe_owner(path)))
+        return os.open(path, os.O_RDONLY)
+    share_path(path, group, directory=False, st=os.fstat(fd), fd=fd, bits=0o060)
+    return fd
+
+
+def write_shared_file(path: str, text: str, group: Optional[int]) -> None:
+    """Replace ``path`` atomically with a new group-writable file of ours: replacing needs
+    write access to the directory only, never to a file another uid wrote."""
+    tmp = "%s.%d.tmp" % (path, os.getpid())
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, SHARED_FILE_MODE)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    share_path(tmp, group, directory=False)
+    os.replace(tmp, path)
+
+
 def pod_name(environ: Dict[str, str]) -> str:
     name = environ.get("HOSTNAME") or socket.gethostname() or "pod"
     return re.sub(r"[^A-Za-z0-9._-]", "_", name)
@@ -1195,26 +1357,31 @@ def write_lease(ctx: Context, build_rel: str) -> None:
     replaced atomically, so a restarted container drops its pod's reference to its previous
     build."""
     leases = os.path.join(ctx.cfg.cache_dir, "leases")
-    os.makedirs(leases, exist_ok=True)
+    make_shared_dir(leases, ctx.cache_group)
     path = os.path.join(leases, lease_file_name(ctx.environ))
-    tmp = "%s.%d.tmp" % (path, os.getpid())
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump({"build": build_rel, "time": int(time.time()), "pod": pod_name(ctx.environ),
-                   "uid": ctx.environ.get("KASPR_PACKAGES_POD_UID") or ""}, handle)
-    os.replace(tmp, path)
-    # Last-use time of the build, for the pruning grace period.
+    write_shared_file(path, json.dumps({"build": build_rel, "time": int(time.time()), "pod": pod_name(ctx.environ),
+                                        "uid": ctx.environ.get("KASPR_PACKAGES_POD_UID") or ""}), ctx.cache_group)
+    # Last-use time of the build, for the pruning grace period (its mtime).
     used = os.path.join(ctx.cfg.cache_dir, ctx.cfg.install_key, "%s.used" % ctx.tag)
-    with open(used, "a", encoding="utf-8"):
-        pass
-    os.utime(used, None)
+    write_shared_file(used, "", ctx.cache_group)
+
+
+class CacheUnavailable(Exception):
+    """The shared cache cannot be used this time (a lock held too long); the pod installs
+    into its own volume instead."""
+
+    def __init__(self, cause: str, detail: str):
+        super().__init__(detail)
+        self.cause = cause
+        self.detail = detail
 
 
 def use_build(ctx: Context, build: str) -> bool:
     """Under a shared prune lock: if ``build`` is complete, lease it and link it. Pruning takes
     the same lock exclusively, so a build cannot vanish between the check and the lease."""
-    lock = FileLock(os.path.join(ctx.cfg.cache_dir, ".prune.lock"), shared=True)
+    lock = FileLock(os.path.join(ctx.cfg.cache_dir, ".prune.lock"), shared=True, group=ctx.cache_group)
     if not lock.acquire(60.0):
-        raise InstallError("lock_timeout", "the cache's prune lock was held for more than 60s")
+        raise CacheUnavailable("lock timeout", "the cache's prune lock was held for more than 60s")
     try:
         if not build_is_complete(build, ctx):
             return False
@@ -1226,25 +1393,46 @@ def use_build(ctx: Context, build: str) -> bool:
 
 
 def run_pvc(ctx: Context) -> Plan:
-    """Use the shared build for (install key, python tag), building it first when missing."""
+    """Use the shared build for (install key, python tag), building it first when missing.
+    When the build lock is held past the builder's worst case, the pod installs into its own
+    volume instead and says so (``cache off: lock timeout``)."""
+    cache = ctx.cfg.cache_dir
+    # What pip and this program create is group-writable; the explicit modes below hold
+    # whatever umask the image sets.
+    os.umask(0o002)
+    try:
+        ctx.cache_group = cache_group(cache)
+        if os.path.isdir(cache):
+            share_path(cache, ctx.cache_group, directory=True)
+        return pvc_install(ctx)
+    except CacheUnavailable as exc:
+        degrade(ctx, exc.cause, exc.detail)
+        return run_empty_dir(ctx)
+    except OSError as exc:
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise cache_access_error(cache, exc)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise classify_os_error(exc, "writing the cache")
+        raise InstallError("cache_error", "cannot use cache directory %s: %s" % (cache, exc.strerror or exc),
+                           retryable=False)
+
+
+def pvc_install(ctx: Context) -> Plan:
     cache = ctx.cfg.cache_dir
     key_dir = os.path.join(cache, ctx.cfg.install_key)
     build = os.path.join(key_dir, ctx.tag)
-    try:
-        os.makedirs(key_dir, exist_ok=True)
-    except OSError as exc:
-        raise InstallError("cache_error", "cannot use cache directory %s: %s" % (cache, exc.strerror or exc), retryable=False)
+    make_shared_dir(key_dir, ctx.cache_group)
     if use_build(ctx, build):
         log("build %s/%s found in the cache; skipping pip" % (ctx.cfg.install_key, ctx.tag))
         return Plan([], (read_marker(build) or {}).get("distributions", []), [])
 
-    lock = FileLock(os.path.join(key_dir, ".%s.lock" % ctx.tag))
+    lock = FileLock(os.path.join(key_dir, ".%s.lock" % ctx.tag), group=ctx.cache_group)
     wait = lock_wait_limit(ctx)
     log("build missing; waiting up to %.0fs for the build lock" % wait)
     waited = time.monotonic()
     if not lock.acquire(wait):
-        raise InstallError("lock_timeout", "another pod held the build lock for %s/%s for more than %.0fs"
-                           % (ctx.cfg.install_key, ctx.tag, wait), retryable=False)
+        raise CacheUnavailable("lock timeout", "another pod held the build lock for %s/%s for more than %.0fs"
+                               % (ctx.cfg.install_key, ctx.tag, wait))
     try:
         if use_build(ctx, build):
             log("build published by another pod after %.1fs; skipping pip" % (time.monotonic() - waited))
@@ -1257,6 +1445,7 @@ def run_pvc(ctx: Context) -> Plan:
         tmp = os.path.join(key_dir, ".tmp-%s-%s-%d" % (ctx.tag, pod_name(ctx.environ), os.getpid()))
         plan = install_with_retries(ctx, tmp)
         write_marker(tmp, ctx, plan)
+        share_tree(tmp, ctx.cache_group)
         fsync_dir(tmp)
         os.rename(tmp, build)  # publication: atomic on one filesystem
         fsync_dir(key_dir)
@@ -1308,7 +1497,7 @@ def prune_cache(ctx: Context) -> None:
     recently used builds of each python tag. Failures only log: pruning never fails a pod."""
     grace = env_seconds(ctx.environ, "KASPR_PACKAGES_PRUNE_GRACE_SECONDS", 24 * 3600.0)
     cache = ctx.cfg.cache_dir
-    lock = FileLock(os.path.join(cache, ".prune.lock"))
+    lock = FileLock(os.path.join(cache, ".prune.lock"), group=ctx.cache_group)
     try:
         if not lock.acquire(0):
             return  # another pod is pruning
@@ -1362,11 +1551,13 @@ METADATA_DEFAULT_HOST = "http://metadata.google.internal"
 
 
 class GcsError(Exception):
-    """A failed GCS or token call; ``status`` is the HTTP status, or None for I/O errors."""
+    """A failed GCS or token call; ``status`` is the HTTP status, or None for I/O errors;
+    ``cause`` says why the cache is off when it is not the call itself (the key, the token)."""
 
-    def __init__(self, message: str, status: Optional[int] = None):
+    def __init__(self, message: str, status: Optional[int] = None, cause: Optional[str] = None):
         super().__init__(message)
         self.status = status
+        self.cause = cause
 
 
 class _DeadlineReader:
@@ -1441,10 +1632,18 @@ def token_from_key_file(path: str, work: str, timeout: float) -> str:
     try:
         with open(path, encoding="utf-8") as handle:
             key = json.load(handle)
+    except OSError as exc:
+        raise GcsError("service-account key file %s cannot be read: %s: this pod runs as %s and %s"
+                       % (path, exc.strerror or exc, identity(), describe_owner(path)), cause="key unreadable")
+    except ValueError as exc:
+        raise GcsError("service-account key file %s is not JSON: %s" % (path, type(exc).__name__),
+                       cause="key unusable")
+    try:
         email, private_key = key["client_email"], key["private_key"]
         token_uri = key.get("token_uri") or "https://oauth2.googleapis.com/token"
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise GcsError("service-account key file %s is unusable: %s" % (path, type(exc).__name__))
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise GcsError("service-account key file %s is unusable: %s" % (path, type(exc).__name__),
+                       cause="key unusable")
     now = int(time.time())
     header = b64url(json.dumps({"alg": "RS256", "typ": "JWT"}).encode())
     claims = b64url(json.dumps({"iss": email, "scope": GCS_SCOPE, "aud": token_uri,
@@ -1491,13 +1690,21 @@ class Gcs:
         self.object = "%s%s/%s/%s/%s.tar.gz" % (gcs.prefix, ctx.cfg.namespace, ctx.cfg.app,
                                                 ctx.cfg.install_key, ctx.tag)
         self._token: Optional[str] = None
+        self._token_error: Optional[GcsError] = None
 
     def headers(self) -> Dict[str, str]:
+        if self._token_error is not None:
+            raise self._token_error  # one try per run: a second would fail the same way, slowly
         if self._token is None:
-            if self.ctx.cfg.gcs.key_file:
-                self._token = token_from_key_file(self.ctx.cfg.gcs.key_file, self.ctx.work_dir, self.timeout)
-            else:
-                self._token = token_from_metadata(self.ctx.environ, self.timeout)
+            try:
+                if self.ctx.cfg.gcs.key_file:
+                    self._token = token_from_key_file(self.ctx.cfg.gcs.key_file, self.ctx.work_dir, self.timeout)
+                else:
+                    self._token = token_from_metadata(self.ctx.environ, self.timeout)
+            except GcsError as exc:
+                exc.cause = exc.cause or "token failed"
+                self._token_error = exc
+                raise
             self.ctx.redactor.add(self._token)
         return {"Authorization": "Bearer " + self._token}
 
@@ -1699,6 +1906,8 @@ def gcs_fetch(ctx: Context, gcs: Gcs, dest: str) -> Fetch:
         size = meta.get("size")
         if size is not None and str(size).isdigit() and int(size) > limit:
             log("cached archive is %s bytes, over maxArchiveSize %d; installing with pip" % (size, limit))
+            degrade(ctx, "archive too large", "gs://%s/%s is %s bytes, over maxArchiveSize %d"
+                    % (gcs.bucket, gcs.object, size, limit))
             return Fetch(False)
         archive = os.path.join(ctx.work_dir, "download.tar.gz")
         with open(archive, "wb") as sink:
@@ -1709,9 +1918,12 @@ def gcs_fetch(ctx: Context, gcs: Gcs, dest: str) -> Fetch:
         os.unlink(archive)
     except GcsError as exc:
         corrupt = meta is not None and exc.status is None and "match" in str(exc)
+        status = "HTTP %d" % exc.status if exc.status else "error"
         log("cache %s (%s): %s; installing with pip" % (
-            "archive is corrupt" if corrupt else "unavailable",
-            "HTTP %d" % exc.status if exc.status else "error", ctx.redactor(str(exc))))
+            "archive is corrupt" if corrupt else "unavailable", status, ctx.redactor(str(exc))))
+        if not corrupt:
+            cause = exc.cause or ("lookup failed" if meta is None else "download failed")
+            degrade(ctx, cause, str(exc))
         return Fetch(False, meta.get("generation") if corrupt else None)
     except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -1733,16 +1945,20 @@ def gcs_store(ctx: Context, gcs: Gcs, build: str, replace_generation: Optional[s
         limit = ctx.cfg.gcs.max_archive_size
         if size > limit:
             log("archive is %d bytes, over maxArchiveSize %d: not uploaded" % (size, limit))
+            degrade(ctx, "archive too large", "the build's archive is %d bytes, over maxArchiveSize %d"
+                    % (size, limit))
             return
         if gcs.upload_once(archive, replace_generation):
             log("uploaded gs://%s/%s (%d bytes)" % (gcs.bucket, gcs.object, size))
         else:
             log("another pod uploaded gs://%s/%s first; keeping theirs" % (gcs.bucket, gcs.object))
     except GcsError as exc:
-        log("upload failed (%s): %s; the pod continues" % (
-            "HTTP %d" % exc.status if exc.status else "error", ctx.redactor(str(exc))))
+        status = "HTTP %d" % exc.status if exc.status else "error"
+        log("upload failed (%s): %s; the pod continues" % (status, ctx.redactor(str(exc))))
+        degrade(ctx, exc.cause or "upload failed", str(exc))
     except (OSError, tarfile.TarError) as exc:
         log("could not archive the build for upload (%s); the pod continues" % one_line(exc, 200))
+        degrade(ctx, "upload failed", "could not archive the build: %s" % one_line(exc, 200))
     finally:
         if os.path.exists(archive):
             os.unlink(archive)
@@ -1870,6 +2086,10 @@ def main(environ: Optional[Dict[str, str]] = None) -> int:
     if plan.overrides:
         line += ", overrides: " + "; ".join(plan.overrides)
     write_operator_marker(environ, cfg, time.monotonic() - started)
+    if ctx.degraded is not None:
+        # The pod has its packages, but without the cache: say so where `kubectl describe`
+        # and the controller (which turns it into an Event and a metric) look.
+        line += " (cache off: %s: %s)" % ctx.degraded
     print(line, flush=True)
     write_termination_log(environ, line)
     return 0

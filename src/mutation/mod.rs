@@ -8,6 +8,7 @@
 //! The spec handed in is already validated, and the caller diffs the result: the admission
 //! path composes validate → [`apply`] → diff (see `admission::mutate`).
 
+pub mod cache_access;
 pub mod record;
 pub mod render;
 pub mod takeover;
@@ -165,6 +166,13 @@ pub fn apply(
         )));
     }
     let injection = render::render(spec, app, &main, pod_spec, config, disguise.as_ref());
+    warnings.extend(cache_access::warnings(
+        spec,
+        app,
+        &main,
+        pod_spec,
+        field_prefix,
+    ));
 
     push(pod_spec, "initContainers", injection.init_container.clone());
     for volume in &injection.volumes {

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import pytest
 
@@ -213,13 +214,15 @@ def test_restricted_namespace_runs_the_app_as_non_root(
     assert RESTRICTED_CONTAINER_SECURITY["runAsUser"] == 1000
 
 
-def host_path_volume(cluster: ControlPlane, name: str, owner: int = 1000) -> str:
+def host_path_volume(cluster: ControlPlane, name: str, owner: int = 1000, group: int | None = None,
+                     mode: int = 0o755) -> str:
     """A ReadWriteMany volume on the node (a directory under the work directory), owned by
-    the app's user as an export prepared for the app would be (the kubelet applies no
-    fsGroup to hostPath volumes)."""
+    the app's user (or group) as an export prepared for the app would be (the kubelet applies
+    no fsGroup to hostPath volumes)."""
     path = cluster.workdir / "volumes" / name
     path.mkdir(parents=True)
-    os.chown(path, owner, owner)
+    os.chown(path, owner, owner if group is None else group)
+    os.chmod(path, mode)
     cluster.apply({
         "apiVersion": "v1", "kind": "PersistentVolume",
         "metadata": {"name": name},
@@ -334,3 +337,110 @@ def test_package_change_rolls_running_pods(
     assert {p["metadata"]["uid"] for p in after}.isdisjoint({p["metadata"]["uid"] for p in before})
     for pod in after:
         assert "kasprdemo 2.0" in logs(cluster, namespace, pod["metadata"]["name"], "kaspr")
+
+
+def security(sts: dict, uid: int) -> None:
+    """Run the app's pods (and so the installer) as `uid`, with fsGroup 1000 kept."""
+    pod = sts["spec"]["template"]["spec"]
+    pod["securityContext"].update({"runAsUser": uid, "runAsGroup": uid})
+    pod["containers"][0].setdefault("securityContext", {})["runAsUser"] = uid
+
+
+@pytest.mark.parametrize("first_uid, then_uid", [(0, 1000), (1000, 0)], ids=["root-then-1000", "1000-then-root"])
+def test_pvc_cache_is_shared_by_pods_of_different_users(
+    cluster: ControlPlane, webhook: Webhook, namespace: str, package_index: PackageIndex, app_image: str,
+    first_uid: int, then_uid: int,
+):
+    """PVC mode, fsGroup 1000, a volume the kubelet gives no group (hostPath): the first pod
+    builds, then the template switches users and the new pod uses that same build, lock files
+    and lease directory without pip. Root runs without capabilities, so only modes decide."""
+    if first_uid == 0:
+        # What a storage admin does for a volume that ignores fsGroup (docs/caches.md).
+        volume = host_path_volume(cluster, f"cache-{namespace}", owner=0, group=1000, mode=0o2775)
+    else:
+        # Given to the app's uid alone: its first pod opens it to the group.
+        volume = host_path_volume(cluster, f"cache-{namespace}", owner=1000, mode=0o755)
+    cache_claim(cluster, namespace, "users", volume)
+    credentials_secret(cluster, namespace, package_index)
+    app = cluster.create(kasprapp("users", python_packages(package_index, ["kasprdemo==1.0"], cache={"enabled": True})),
+                         namespace=namespace)
+    sts = app_statefulset("users", app["metadata"]["uid"], app_image, fs_group=1000, run_as_user=first_uid)
+
+    # Without fsGroup, a non-root pod in PVC mode is warned at admission (a dry run here).
+    bare = json.loads(json.dumps(sts))
+    security(bare, 1000)
+    bare["spec"]["template"]["spec"]["securityContext"].pop("fsGroup")
+    dry = cluster.kubectl(["create", "-f", "-", "-n", namespace, "--dry-run=server", "-o", "name"],
+                          input=json.dumps(bare))
+    assert "securityContext.fsGroup: PVC cache mode runs the package installer as uid 1000" in dry.stderr, dry.stderr
+
+    created = cluster.kubectl(["create", "-f", "-", "-n", namespace], input=json.dumps(sts))
+    assert "fsGroup" not in created.stderr, created.stderr
+    (first,) = cluster.wait_pods_ready(namespace, "kaspr.io/app=users", 1)
+    first_log = logs(cluster, namespace, first["metadata"]["name"], INIT_CONTAINER)
+    assert "published build" in first_log, first_log
+    assert f"uid {first_uid}" in logs(cluster, namespace, first["metadata"]["name"], "kaspr")
+
+    user = [{"op": "replace", "path": path, "value": then_uid} for path in (
+        "/spec/template/spec/securityContext/runAsUser", "/spec/template/spec/securityContext/runAsGroup",
+        "/spec/template/spec/containers/0/securityContext/runAsUser")]
+    cluster.kubectl(["patch", "statefulset", "users-app", "-n", namespace, "--type=json", "-p", json.dumps(user)])
+    old_uid = first["metadata"]["uid"]
+    (second,) = cluster.wait_pods_where(namespace, "kaspr.io/app=users",
+                                        lambda p: pod_ready(p) and p["metadata"]["uid"] != old_uid, 1,
+                                        timeout=180, what="Ready as the other user")
+    name = second["metadata"]["name"]
+    app_log = logs(cluster, namespace, name, "kaspr")
+    assert f"uid {then_uid}" in app_log, app_log
+    assert "kasprdemo 1.0 /opt/kaspr/packages-cache/" in app_log, app_log
+    second_log = logs(cluster, namespace, name, INIT_CONTAINER)
+    assert "found in the cache; skipping pip" in second_log and "pip:" not in second_log, second_log
+    message = init_terminated(second).get("message", "")
+    assert message.startswith("kaspr-packages: OK ") and "cache off" not in message, message
+    # Everything below the root is the group's: setgid group-writable directories.
+    root = cluster.workdir / "volumes" / volume
+    for dirpath, dirs, _ in os.walk(root):
+        for entry in dirs:
+            st = os.stat(os.path.join(dirpath, entry))
+            assert st.st_gid == 1000 and st.st_mode & 0o2070 == 0o2070, (dirpath, entry, oct(st.st_mode), st.st_gid)
+
+
+def test_gcs_cache_off_is_visible_in_the_pod_and_on_the_kasprapp(
+    cluster: ControlPlane, webhook: Webhook, namespace: str, package_index: PackageIndex, app_image: str,
+    gcs: GcsStandIn,
+):
+    """GCS mode as uid 1000 without fsGroup: the key is readable (no admission warning), but the
+    bucket does not exist, so the upload fails. The pod starts with its packages, its
+    termination message says the cache was off and why, and the KasprApp gets one Warning."""
+    credentials_secret(cluster, namespace, package_index)
+    cluster.create({
+        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "gcs-key"},
+        "stringData": {"sa.json": gcs.key_json},
+    }, namespace=namespace)
+    packages = python_packages(package_index, ["kasprdemo==1.0"], cache={
+        "type": "gcs", "gcs": {"bucket": f"missing-{namespace}"[:63], "secretRef": {"name": "gcs-key"}}})
+    template = {"pythonPackagesInitContainer": {"env": [{"name": "STORAGE_EMULATOR_HOST", "value": gcs.url}]}}
+    app = cluster.create(kasprapp("offline", packages, template=template), namespace=namespace)
+    sts = app_statefulset("offline", app["metadata"]["uid"], app_image, run_as_user=1000)
+    created = cluster.kubectl(["create", "-f", "-", "-n", namespace], input=json.dumps(sts))
+    assert "fsGroup" not in created.stderr, created.stderr
+    (pod,) = cluster.wait_pods_ready(namespace, "kaspr.io/app=offline", 1)
+    message = init_terminated(pod).get("message", "")
+    assert message.startswith("kaspr-packages: OK 1 packages"), message
+    assert "(cache off: upload failed: HTTP " in message, message
+    assert "uid 1000" in logs(cluster, namespace, pod["metadata"]["name"], "kaspr")
+
+    def events() -> list[dict]:
+        items = cluster.get_json("events.v1.events.k8s.io", namespace=namespace)["items"]
+        return [e for e in items if e.get("reason") == "PythonPackagesCacheOff"
+                and e.get("regarding", {}).get("name") == "offline"]
+
+    (event,) = wait_for("a PythonPackagesCacheOff Event on the KasprApp", lambda: events() or None, timeout=60)
+    assert event["type"] == "Warning" and event["regarding"]["kind"] == "KasprApp", event
+    assert "without the gcs cache (cache off: upload failed" in event["note"], event
+    # A second pod with the same cause is counted, not reported again.
+    cluster.kubectl(["scale", "statefulset", "offline-app", "-n", namespace, "--replicas=2"])
+    pods = cluster.wait_pods_ready(namespace, "kaspr.io/app=offline", 2)
+    assert all("cache off: upload failed" in init_terminated(p).get("message", "") for p in pods)
+    time.sleep(3)
+    assert len(events()) == 1, events()

@@ -241,19 +241,38 @@ def config(target: Path, index_url: Optional[str], packages: List[str], **extra)
     return cfg
 
 
+class User:
+    """Who a process runs as, the way a container does: uid, primary gid, supplementary groups
+    (fsGroup, supplementalGroups), and never any capability, even as uid 0 (the injected init
+    container drops them all)."""
+
+    def __init__(self, uid: int, gid: int, groups: Iterable[int] = ()):
+        self.uid, self.gid, self.groups = uid, gid, list(groups)
+
+    def argv(self) -> List[str]:
+        groups = ["--groups", ",".join(map(str, self.groups))] if self.groups else ["--clear-groups"]
+        return (["setpriv", "--reuid", str(self.uid), "--regid", str(self.gid)] + groups
+                + ["--inh-caps=-all", "--bounding-set=-all", "--"])
+
+    def __repr__(self):
+        return "User(uid=%d, gid=%d, groups=%s)" % (self.uid, self.gid, self.groups)
+
+
 def start_installer(python: str, cfg, env: Dict[str, str], termination: Path,
-                    use_dash_c: bool = False) -> subprocess.Popen:
+                    use_dash_c: bool = False, user: Optional[User] = None) -> subprocess.Popen:
     env = dict(env)
     env["KASPR_PACKAGES_CONFIG"] = cfg if isinstance(cfg, str) else json.dumps(cfg)
     env["KASPR_PACKAGES_TERMINATION_LOG"] = str(termination)
-    argv = [python, "-c", INSTALLER.read_text()] if use_dash_c else [python, str(INSTALLER)]
+    argv = [python, "-c", INSTALLER.read_text()] if use_dash_c or user else [python, str(INSTALLER)]
+    if user is not None:
+        argv = user.argv() + argv
     return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
 def run_installer(python: str, cfg, env: Dict[str, str], termination: Path,
-                  timeout: float = 180, use_dash_c: bool = False) -> Run:
+                  timeout: float = 180, use_dash_c: bool = False, user: Optional[User] = None) -> Run:
     started = time.monotonic()
-    proc = start_installer(python, cfg, env, termination, use_dash_c)
+    proc = start_installer(python, cfg, env, termination, use_dash_c, user)
     out, _ = proc.communicate(timeout=timeout)
     term = termination.read_text() if termination.exists() else ""
     return Run(proc.returncode, out.decode("utf-8", "replace"), term, time.monotonic() - started)

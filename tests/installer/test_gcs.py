@@ -1,6 +1,7 @@
 """GCS mode against fake-gcs-server, a verifying token endpoint and a metadata stand-in."""
 
 import io
+import os
 import tarfile
 import threading
 
@@ -72,6 +73,7 @@ def test_miss_installs_and_uploads_then_hit_skips_pip(image_python, pypi, env, t
     assert first.returncode == 0, first
     assert first.lines("cache miss") and first.lines("kaspr-packages: uploaded gs://%s/" % bucket)
     assert fake_gcs.list(bucket) == [object_name(tag_from(first))]
+    assert first.termination.startswith("kaspr-packages: OK ") and "cache off" not in first.termination, first
     # The token endpoint saw a JWT whose signature and claims verify.
     assert endpoint.results[before:] and all(not r["problems"] for r in endpoint.results[before:]), endpoint.results
     assert b"PRIVATE KEY" not in all_files_text(tmp_path / "pod-a"), "the key's temp copy is removed"
@@ -80,6 +82,7 @@ def test_miss_installs_and_uploads_then_hit_skips_pip(image_python, pypi, env, t
                            gcs_env(env, fake_gcs.url), tmp_path / "b.log")
     assert second.returncode == 0, second
     assert second.lines("cache hit") and not second.lines("pip: ")
+    assert "cache off" not in second.termination, second
     assert import_from_site(image_python, tmp_path / "pod-b", "import kasprdemo; print(kasprdemo.VERSION)") == "2.0"
     assert TokenEndpoint.TOKEN not in second.stdout
 
@@ -114,6 +117,7 @@ def test_concurrent_uploads_one_winner(image_python, pypi, env, tmp_path, fake_g
     assert uploaded == 1, outputs
     assert uploaded + lost + hits == 4
     assert not any("upload failed" in o for o in outputs)
+    assert not any("cache off" in o for o in outputs), "losing the upload race is not a degraded cache"
 
 
 def test_archive_over_limit_is_not_uploaded(image_python, pypi, env, tmp_path, fake_gcs, bucket, service_account):
@@ -123,6 +127,7 @@ def test_archive_over_limit_is_not_uploaded(image_python, pypi, env, tmp_path, f
     assert run.returncode == 0, run
     assert run.lines("over maxArchiveSize 100: not uploaded")
     assert fake_gcs.list(bucket) == []
+    assert "(cache off: archive too large: the build's archive is " in run.termination, run
 
 
 @pytest.mark.parametrize("status", [403, 500])
@@ -137,6 +142,10 @@ def test_gcs_errors_fall_back_to_pip(image_python, pypi, env, tmp_path, service_
     assert run.returncode == 0, run
     assert run.lines("cache unavailable (HTTP %d)" % status), run
     assert run.lines("upload failed (HTTP %d)" % status), run
+    # The pod has its packages, and its summary says the cache was off and why (the first cause).
+    assert run.termination.startswith("kaspr-packages: OK 2 packages"), run
+    assert "(cache off: lookup failed: HTTP %d" % status in run.termination, run
+    assert run.lines("warning: cache off: upload failed: HTTP %d" % status), run
     assert import_from_site(image_python, tmp_path / "pod-a", "import kasprdemo; print(kasprdemo.VERSION)") == "2.0"
 
 
@@ -173,6 +182,9 @@ def test_unreachable_metadata_server_falls_back_to_pip(image_python, pypi, env, 
                         tmp_path / "a.log")
     assert run.returncode == 0, run
     assert run.lines("cache unavailable") and run.lines("pip: Successfully installed")
+    assert "(cache off: token failed: " in run.termination, run
+    # The token is tried once: the upload does not wait for the metadata server again.
+    assert len(run.lines("warning: cache off: token failed")) == 2, run
 
 
 def test_an_object_over_max_archive_size_is_never_downloaded(image_python, pypi, env, tmp_path, fake_gcs, bucket,
@@ -188,3 +200,22 @@ def test_an_object_over_max_archive_size_is_never_downloaded(image_python, pypi,
     assert run.returncode == 0, run
     assert run.lines("cached archive is %d bytes, over maxArchiveSize 1024; installing with pip" % len(big)), run
     assert run.lines("pip: Successfully installed")
+
+
+@pytest.mark.parametrize("problem", ["missing", "not-json", "no-private-key"])
+def test_a_key_that_cannot_be_used_degrades_visibly(image_python, pypi, env, tmp_path, fake_gcs, bucket, problem):
+    key_file = tmp_path / "sa.json"
+    if problem == "not-json":
+        key_file.write_text("this is not json")
+    elif problem == "no-private-key":
+        key_file.write_text('{"client_email": "x@y"}')
+    run = run_installer(image_python, gcs_config(tmp_path, "pod-a", pypi, bucket, key_file),
+                        gcs_env(env, fake_gcs.url), tmp_path / "a.log")
+    assert run.returncode == 0, run
+    assert run.lines("pip: Successfully installed")
+    cause = "key unreadable" if problem == "missing" else "key unusable"
+    assert run.termination.startswith("kaspr-packages: OK 2 packages"), run
+    assert "(cache off: %s: service-account key file %s " % (cause, key_file) in run.termination, run
+    if problem == "missing":
+        assert "this pod runs as uid %d gid %d" % (os.geteuid(), os.getegid()) in run.termination, run
+    assert fake_gcs.list(bucket) == []

@@ -137,16 +137,25 @@ def test_running_pod_keeps_its_build_and_old_builds_are_pruned(image_python, pyp
     assert import_from_site(image_python, tmp_path / "old-pod", "import kasprdemo; print(kasprdemo.VERSION)") == "1.0"
 
 
-def test_lock_held_too_long_is_lock_timeout(image_python, pypi, env, tmp_path):
+def test_lock_held_too_long_falls_back_to_the_pods_own_volume(image_python, pypi, env, tmp_path):
+    """A builder that holds the lock past its worst case does not keep the pod from starting:
+    the pod installs into its own volume and says that its cache was off, and why."""
     key_dir = tmp_path / "cache" / KEY_A
     key_dir.mkdir(parents=True)
     with open(key_dir / (".%s.lock" % tag_of(image_python)), "a") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
         run = install(image_python, tmp_path, env, pypi, "app-0", ["kasprdemo==1.0"],
                       extra_env={"KASPR_PACKAGES_LOCK_TIMEOUT": "1"})
-    assert run.returncode == EXIT["lock_timeout"], run
-    assert "FAILED lock_timeout" in (tmp_path / "app-0.termlog").read_text()
-    assert run.duration < 15
+    assert run.returncode == 0, run
+    summary = (tmp_path / "app-0.termlog").read_text()
+    assert summary.startswith("kaspr-packages: OK 1 packages"), summary
+    assert "(cache off: lock timeout: another pod held the build lock for %s/" % KEY_A in summary, summary
+    assert run.lines("warning: cache off: lock timeout")
+    assert run.duration < 30
+    site = os.readlink(tmp_path / "app-0" / "site")
+    assert site.startswith(str(tmp_path / "app-0" / ".builds")), site
+    assert import_from_site(image_python, tmp_path / "app-0", "import kasprdemo; print(kasprdemo.VERSION)") == "1.0"
+    assert not (key_dir / tag_of(image_python)).exists(), "nothing was published without the lock"
 
 
 def test_unusable_cache_dir_is_cache_error(image_python, pypi, env, tmp_path):
@@ -156,6 +165,7 @@ def test_unusable_cache_dir_is_cache_error(image_python, pypi, env, tmp_path):
     cfg["cacheDir"] = str(blocker / "cache")
     run = run_installer(image_python, cfg, pod_env(env, "app-0"), tmp_path / "t.log")
     assert run.returncode == EXIT["cache_error"], run
+    assert "FAILED cache_error: cannot use cache directory %s" % (blocker / "cache") in run.termination, run
 
 
 def test_pods_sharing_a_hostname_keep_their_own_leases(image_python, pypi, env, tmp_path):

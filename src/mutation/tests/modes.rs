@@ -197,3 +197,24 @@ fn template_hash_follows_every_rendered_change_and_install_key_only_content() {
         base.0
     );
 }
+
+#[test]
+fn a_non_root_pvc_pod_without_fs_group_is_warned_at_admission() {
+    let app = kasprapp(json!({"packages": ["requests==2.31.0"], "cache": {"enabled": true}}));
+    let mut sts = statefulset();
+    sts["spec"]["template"]["spec"]["securityContext"] = json!({"runAsUser": 1000});
+    let (_, outcome) = mutate(&sts, &app);
+    let warnings = outcome.warnings;
+    assert!(
+        warnings.iter().any(|w| w.starts_with(
+            "spec.template.spec.securityContext.fsGroup: PVC cache mode runs the package installer as uid 1000"
+        )),
+        "{warnings:?}"
+    );
+    sts["spec"]["template"]["spec"]["securityContext"]["fsGroup"] = json!(1000);
+    let warnings = mutate(&sts, &app).1.warnings;
+    assert!(
+        !warnings.iter().any(|w| w.contains("fsGroup")),
+        "{warnings:?}"
+    );
+}
