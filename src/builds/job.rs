@@ -201,11 +201,11 @@ mod tests {
         }
     }
 
-    fn spec(value: Value) -> PythonPackages {
-        spec_with_template(value, json!({}))
+    fn spec(value: &Value) -> PythonPackages {
+        spec_with_template(value, &json!({}))
     }
 
-    fn spec_with_template(value: Value, template: Value) -> PythonPackages {
+    fn spec_with_template(value: &Value, template: &Value) -> PythonPackages {
         let app = json!({"spec": {"pythonPackages": value, "template": template}});
         let report = crate::validation::validate_kasprapp(&app);
         report
@@ -248,14 +248,14 @@ mod tests {
     #[test]
     fn the_job_behaves_like_the_apps_pods() {
         let spec = spec_with_template(
-            json!({
+            &json!({
                 "packages": ["requests==2.31.0"],
                 "indexUrl": "https://pypi.example/simple",
                 "credentials": {"secretRef": {"name": "pypi"}},
                 "cache": {"enabled": true, "type": "pvc"},
                 "installPolicy": {"retries": 2, "timeout": 100, "onFailure": "allow"},
             }),
-            json!({"pythonPackagesInitContainer": {"env": [{"name": "HTTPS_PROXY", "value": "http://proxy:3128"}]}}),
+            &json!({"pythonPackagesInitContainer": {"env": [{"name": "HTTPS_PROXY", "value": "http://proxy:3128"}]}}),
         );
         let job = build_job(
             &template(),
@@ -328,7 +328,7 @@ mod tests {
 
     #[test]
     fn same_input_same_job() {
-        let spec = spec(json!({"packages": ["a"]}));
+        let spec = spec(&json!({"packages": ["a"]}));
         let a = build_job(
             &template(),
             &spec,
@@ -348,7 +348,7 @@ mod tests {
 
     #[test]
     fn a_template_without_containers_is_an_error_not_a_panic() {
-        let spec = spec(json!({"packages": ["a"]}));
+        let spec = spec(&json!({"packages": ["a"]}));
         let error = build_job(
             &json!({"spec": {}}),
             &spec,

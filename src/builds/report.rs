@@ -98,13 +98,13 @@ pub fn lock_from_log(log: &str) -> Result<String, LockError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use rstest::rstest;
     use std::io::Write as _;
 
     /// A log as the installer prints it (the same encoding: gzip, base64, 76 per line).
-    pub(crate) fn printed(lock: &str) -> String {
+    pub fn printed(lock: &str) -> String {
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
         gz.write_all(lock.as_bytes()).expect("gzip");
         let blob = base64::engine::general_purpose::STANDARD.encode(gz.finish().expect("gzip"));

@@ -22,6 +22,7 @@ use crate::config::RenderConfig;
 pub(super) enum Part {
     Pvc,
     Rollout,
+    Builds,
 }
 
 impl Part {
@@ -29,6 +30,7 @@ impl Part {
         match self {
             Part::Pvc => "pvc",
             Part::Rollout => "rollout",
+            Part::Builds => "builds",
         }
     }
 
@@ -36,6 +38,7 @@ impl Part {
         match self {
             Part::Pvc => "ReconcilePythonPackagesCache",
             Part::Rollout => "SyncStatefulSet",
+            Part::Builds => "BuildPythonPackages",
         }
     }
 }
@@ -113,11 +116,18 @@ struct ReconcileLabels {
 /// The `outcome` label values of `controller_reconciles_total`.
 const RECONCILE_OUTCOMES: [&str; 4] = ["in_sync", "changed", "pending", "failed"];
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    outcome: &'static str,
+    category: String,
+}
+
 /// The controller's metrics, in the server's registry.
 #[derive(Debug, Clone)]
 pub struct ControllerMetrics {
     out_of_sync: Gauge,
     reconciles: Family<ReconcileLabels, Counter>,
+    builds: Family<BuildLabels, Counter>,
 }
 
 impl ControllerMetrics {
@@ -125,7 +135,17 @@ impl ControllerMetrics {
         let metrics = ControllerMetrics {
             out_of_sync: Gauge::default(),
             reconciles: Family::default(),
+            builds: Family::default(),
         };
+        registry.register(
+            "package_builds",
+            "Finished package-set builds by outcome (built, failed) and the installer's failure category",
+            metrics.builds.clone(),
+        );
+        drop(metrics.builds.get_or_create(&BuildLabels {
+            outcome: "built",
+            category: String::new(),
+        }));
         registry.register(
             "kasprapps_out_of_sync",
             "KasprApps whose StatefulSet lacks the injection the webhook renders for their current spec",
@@ -138,7 +158,7 @@ impl ControllerMetrics {
         );
         // Every series exists from the start at 0, so `rate()` sees a process's first failure
         // (a series born at 1 has no earlier sample to rise from) and alerts match at once.
-        for part in [Part::Pvc, Part::Rollout] {
+        for part in [Part::Pvc, Part::Rollout, Part::Builds] {
             for outcome in RECONCILE_OUTCOMES {
                 drop(metrics.reconciles.get_or_create(&ReconcileLabels {
                     part: part.label(),
@@ -152,6 +172,15 @@ impl ControllerMetrics {
     pub(super) fn set_out_of_sync(&self, count: usize) {
         self.out_of_sync
             .set(i64::try_from(count).unwrap_or(i64::MAX));
+    }
+
+    pub(super) fn count_build(&self, outcome: &'static str, category: &str) {
+        self.builds
+            .get_or_create(&BuildLabels {
+                outcome,
+                category: category.to_owned(),
+            })
+            .inc();
     }
 
     pub(super) fn count(&self, part: Part, outcome: &'static str) {
@@ -172,7 +201,19 @@ pub struct ControllerError {
     object: String,
     detail: String,
     #[source]
-    source: kube::Error,
+    source: Option<kube::Error>,
+}
+
+impl ControllerError {
+    /// A failure that is not an API call's (a build that cannot be collected, say).
+    pub(super) fn invalid(action: &'static str, object: String, detail: String) -> Self {
+        ControllerError {
+            action,
+            object,
+            detail,
+            source: None,
+        }
+    }
 }
 
 pub(super) fn api_error(
@@ -183,7 +224,7 @@ pub(super) fn api_error(
         action,
         object,
         detail: describe(&source),
-        source,
+        source: Some(source),
     }
 }
 

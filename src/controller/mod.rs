@@ -14,6 +14,7 @@
 pub mod pvc;
 pub mod rollout;
 
+mod build_reconciler;
 mod claim_reconciler;
 mod context;
 mod rollout_reconciler;
@@ -38,6 +39,7 @@ use crate::cache::KasprAppObject;
 use crate::config::RenderConfig;
 use crate::names;
 use crate::validation;
+use build_reconciler::reconcile_build;
 use claim_reconciler::reconcile_claim;
 pub use context::ControllerMetrics;
 use context::{Context, ControllerError, State};
@@ -53,6 +55,8 @@ pub struct ControllerOptions {
     pub pvc: bool,
     /// Send StatefulSets whose injection is out of date through the webhook again.
     pub rollout: bool,
+    /// Build each package set in a Job before anything rolls (docs/builds.md).
+    pub builds: bool,
 }
 
 impl Default for ControllerOptions {
@@ -60,6 +64,7 @@ impl Default for ControllerOptions {
         ControllerOptions {
             pvc: true,
             rollout: true,
+            builds: false,
         }
     }
 }
@@ -101,7 +106,7 @@ pub fn run(
     render: RenderConfig,
     registry: &mut Registry,
 ) -> Option<BoxFuture<'static, ()>> {
-    if !options.pvc && !options.rollout {
+    if !options.pvc && !options.rollout && !options.builds {
         tracing::info!(
             "the controller is off (--controller-pvc=false, --controller-rollout=false)"
         );
@@ -129,6 +134,7 @@ pub fn run(
     tracing::info!(
         pvc = options.pvc,
         rollout = options.rollout,
+        builds = options.builds,
         "controller starting"
     );
     let mut tasks: Vec<BoxFuture<'static, ()>> = controllers
@@ -279,6 +285,12 @@ async fn reconcile(
     }
     if context.options.rollout {
         match reconcile_rollout(&app, &owner, &report, &context).await {
+            Ok(delay) => next = next.min(delay),
+            Err(error) => failure = failure.or(Some(error)),
+        }
+    }
+    if context.options.builds {
+        match reconcile_build(&app, &owner, &report, &context).await {
             Ok(delay) => next = next.min(delay),
             Err(error) => failure = failure.or(Some(error)),
         }
