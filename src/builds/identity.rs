@@ -5,7 +5,7 @@ use sha2::{Digest, Sha256};
 /// On a KasprApp: any new value asks for a fresh resolution of an unchanged configuration.
 pub const REFRESH_ANNOTATION: &str = "packages.kaspr.io/refresh";
 /// On a pod template: the set its pods restore.
-pub const SET_ANNOTATION: &str = "packages.kaspr.io/set";
+pub const SET_ANNOTATION: &str = crate::names::SET_ANNOTATION;
 /// On build Jobs: the set they build.
 pub const SET_LABEL: &str = "packages.kaspr.io/set";
 

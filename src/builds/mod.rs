@@ -7,6 +7,7 @@
 
 pub mod identity;
 pub mod job;
+pub mod render;
 pub mod report;
 pub mod state;
 
