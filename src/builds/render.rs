@@ -281,4 +281,32 @@ mod tests {
         );
         assert_eq!(off, mutated(&statefulset(), &app()));
     }
+
+    #[test]
+    fn the_rollout_check_waits_for_a_new_built_set_then_rolls() {
+        let app_ref = AppRef::new("apps", "demo");
+        let config = crate::config::RenderConfig::default();
+        let old = effective_app(&app(), Some(&built(json!({"packages": ["old==1"]}))));
+        let sts = mutated(&statefulset(), &old);
+        let template = &sts["spec"]["template"];
+        let check = |effective: &Value| {
+            let spec = spec_of(effective);
+            let set = set_for(effective, template, &spec, &app_ref);
+            crate::controller::rollout::sync_state_set(
+                template,
+                Some(&spec),
+                &app_ref,
+                &config,
+                set.as_ref(),
+            )
+        };
+        // The KasprApp now asks for new==2, but its set is not built: nothing to roll.
+        assert!(check(&old).in_sync());
+        // Once the new set is current, the StatefulSet is out of date.
+        let mut newer = built(json!({"packages": ["new==2"]}));
+        newer.current = None;
+        newer.sets[0].id = "00000000000000bb".into();
+        let newer = newer.with_built("00000000000000bb", "sha");
+        assert!(!check(&effective_app(&app(), Some(&newer))).in_sync());
+    }
 }

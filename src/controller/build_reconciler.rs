@@ -173,6 +173,21 @@ impl Io<'_> {
     }
 }
 
+/// The app's lock state as stored (None: no ConfigMap, or one that cannot be read).
+pub(super) async fn read_lock_state(
+    context: &Context,
+    owner: &AppOwner,
+) -> Result<Option<LockState>, ControllerError> {
+    let name = builds::lock_config_map_name(&owner.app.name);
+    let namespace = owner.app.namespace.as_str();
+    let api: Api<ConfigMap> = Api::namespaced(context.client.clone(), namespace);
+    let found = api
+        .get_opt(&name)
+        .await
+        .map_err(api_error("read", format!("ConfigMap {namespace}/{name}")))?;
+    Ok(found.and_then(|c| LockState::from_data(&name, c.data.as_ref()).ok()))
+}
+
 fn termination_message(pod: Option<&Pod>) -> Option<String> {
     pod?.status
         .as_ref()?

@@ -39,7 +39,7 @@ use crate::cache::KasprAppObject;
 use crate::config::RenderConfig;
 use crate::names;
 use crate::validation;
-use build_reconciler::reconcile_build;
+use build_reconciler::{read_lock_state, reconcile_build};
 use claim_reconciler::reconcile_claim;
 pub use context::ControllerMetrics;
 use context::{Context, ControllerError, State};
@@ -283,16 +283,32 @@ async fn reconcile(
             Err(error) => failure = Some(error),
         }
     }
-    if context.options.rollout {
-        match reconcile_rollout(&app, &owner, &report, &context).await {
-            Ok(delay) => next = next.min(delay),
-            Err(error) => failure = failure.or(Some(error)),
-        }
-    }
+    // Builds before the rollout: a set built in this pass is rolled out in the same pass.
     if context.options.builds {
         match reconcile_build(&app, &owner, &report, &context).await {
             Ok(delay) => next = next.min(delay),
             Err(error) => failure = failure.or(Some(error)),
+        }
+    }
+    if context.options.rollout {
+        // Builds on: compare with what the webhook renders, the app's current set.
+        let rendered = if context.options.builds {
+            match read_lock_state(&context, &owner).await {
+                Ok(state) => Some(crate::builds::render::effective_app(value, state.as_ref())),
+                Err(error) => {
+                    failure = failure.or(Some(error));
+                    None
+                }
+            }
+        } else {
+            Some(value.as_ref().clone())
+        };
+        if let Some(rendered) = rendered {
+            let rendered_report = validation::validate_kasprapp(&rendered);
+            match reconcile_rollout(&app, &owner, &rendered_report, &rendered, &context).await {
+                Ok(delay) => next = next.min(delay),
+                Err(error) => failure = failure.or(Some(error)),
+            }
         }
     }
     match failure {

@@ -209,9 +209,20 @@ pub async fn serve(options: ServeOptions, shutdown: Shutdown) -> anyhow::Result<
                 .await
                 .context("cannot configure a Kubernetes client (KUBECONFIG or in-cluster service account); use --kasprapps DIR to run without a cluster")?;
             let (cache, runner) = KubeKasprApps::new(client.clone(), &namespaces);
-            watched_namespaces = namespaces;
             tasks.push(BackgroundTask::new("kasprapp-cache", runner));
-            (Arc::new(cache), Some(client))
+            let apps: Arc<dyn KasprApps> = if controller.builds {
+                // Builds on: render each app's current package set (docs/builds.md).
+                let (locks, runner) = crate::cache::KubeLockStates::new(&client, &namespaces);
+                tasks.push(BackgroundTask::new("lock-configmap-cache", runner));
+                Arc::new(crate::cache::SetAwareApps::new(
+                    Arc::new(cache),
+                    Arc::new(locks),
+                ))
+            } else {
+                Arc::new(cache)
+            };
+            watched_namespaces = namespaces;
+            (apps, Some(client))
         }
     };
     if let Some((config, policy)) = self_managed {
