@@ -16,6 +16,8 @@ use super::identity::{SET_LABEL, job_name};
 pub const TTL_AFTER_FINISHED_SECONDS: u64 = 3600;
 /// Added to the installer's own worst case for pod start-up and publication.
 const DEADLINE_SLACK_SECONDS: u64 = 300;
+/// Names a build Job's app.
+pub const JOB_APP_LABEL: &str = "packages.kaspr.io/app";
 /// The build container's name.
 pub const BUILD_CONTAINER: &str = "build";
 
@@ -123,8 +125,10 @@ pub fn build_job(
         pod_spec.insert("volumes".into(), Value::Array(volumes));
     }
 
+    // Not `kaspr.io/app`: the build pod is not one of the app's pods (selectors, the
+    // operator's status reader and the webhook's Pod path must not take it for one).
     let labels = json!({
-        names::APP_LABEL: owner.app.name,
+        JOB_APP_LABEL: owner.app.name,
         "kaspr.io/component": "python-packages",
         "app.kubernetes.io/managed-by": crate::controller::FIELD_MANAGER,
         SET_LABEL: set,
