@@ -68,10 +68,13 @@ pub fn set_for(
 ) -> Option<PackageSet> {
     let annotations = effective.pointer("/metadata/annotations")?;
     let chosen = annotations.get(RENDER_SET_ANNOTATION)?.as_str()?;
+    // As long as the build may take. The same for an awaited and a built set, so the template
+    // rendered while a first set builds is the one rendered once it is built: no second rollout.
+    let await_seconds = deadline_seconds(spec).min(86_400);
     if chosen != AWAIT {
         return Some(PackageSet {
             id: chosen.to_owned(),
-            await_seconds: 0,
+            await_seconds,
         });
     }
     let containers = template.pointer("/spec/containers")?.as_array()?;
@@ -95,8 +98,7 @@ pub fn set_for(
             image,
             refresh,
         ),
-        // As long as the build may take; the installer's own limit.
-        await_seconds: deadline_seconds(spec).min(86_400),
+        await_seconds,
     })
 }
 
@@ -158,7 +160,7 @@ mod tests {
             set,
             Some(PackageSet {
                 id: "00000000000000aa".into(),
-                await_seconds: 0
+                await_seconds: deadline_seconds(&spec_of(&effective))
             })
         );
     }
@@ -256,7 +258,7 @@ mod tests {
         assert_eq!(
             config["restore"],
             json!({"set": "00000000000000aa",
-            "lockFile": "/var/run/kaspr-packages/lock/pylock.toml", "awaitSeconds": 0})
+            "lockFile": "/var/run/kaspr-packages/lock/pylock.toml", "awaitSeconds": (1 + 3) * 600 + 300})
         );
         let lock_volume = template["spec"]["volumes"]
             .as_array()
@@ -308,5 +310,25 @@ mod tests {
         newer.sets[0].id = "00000000000000bb".into();
         let newer = newer.with_built("00000000000000bb", "sha");
         assert!(!check(&effective_app(&app(), Some(&newer))).in_sync());
+    }
+
+    #[test]
+    fn the_first_set_once_built_renders_the_template_the_pods_awaited_it_with() {
+        let awaiting = effective_app(&app(), None);
+        let sts = mutated(&statefulset(), &awaiting);
+        let id = sts["spec"]["template"]["metadata"]["annotations"][names::SET_ANNOTATION]
+            .as_str()
+            .expect("set")
+            .to_owned();
+        let mut state = built(app()["spec"]["pythonPackages"].clone());
+        state.current = None;
+        state.sets[0].id.clone_from(&id);
+        let state = state.with_built(&id, "sha");
+        let built_app = effective_app(&app(), Some(&state));
+        assert_eq!(
+            mutated(&sts, &built_app),
+            sts,
+            "no second rollout once the first set is built"
+        );
     }
 }

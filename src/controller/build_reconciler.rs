@@ -350,10 +350,13 @@ pub(super) async fn reconcile_build(
             {
                 existing
             } else {
-                let pod_name = pod
-                    .as_ref()
-                    .and_then(|p| p.metadata.name.clone())
-                    .unwrap_or_default();
+                let Some(pod_name) = pod.as_ref().and_then(|p| p.metadata.name.clone()) else {
+                    // The build's pod (and its log with the lock) is gone: build again.
+                    if let Some(job) = &found_job {
+                        io.delete_job(job).await?;
+                    }
+                    return Ok(BUILD_POLL);
+                };
                 let pods: Api<Pod> = Api::namespaced(context.client.clone(), namespace);
                 let log = pods
                     .logs(

@@ -238,3 +238,20 @@ async fn a_failed_build_warns_with_its_category_counts_and_keeps_the_current_set
         .expect("ok");
     assert!(writes(&sent).is_empty(), "{:?}", writes(&sent));
 }
+
+#[tokio::test]
+async fn a_finished_build_whose_pod_is_gone_is_built_again() {
+    let (client, sent) = api(
+        None,
+        Some(job(&json!({"succeeded": 1}))),
+        201,
+        json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": []}),
+    );
+    let (object, owner, report) = app();
+    let next = reconcile_build(&object, &owner, &report, &context(client))
+        .await
+        .expect("ok");
+    assert_eq!(next, BUILD_POLL);
+    let methods: Vec<String> = writes(&sent).iter().map(|s| s.method.clone()).collect();
+    assert_eq!(methods, ["DELETE"]);
+}
