@@ -31,6 +31,10 @@ APISERVER_PORT = 6443
 ETCD_CLIENT_PORT = 2379
 ETCD_PEER_PORT = 2380
 CONTROLLER_MANAGER_PORT = 10257
+# The one webhook address the API server presents a client certificate to (the admission
+# configuration's kubeconfig names it); a webhook serving there with `--client-ca` proves the
+# API server's calls pass client-certificate authentication.
+CLIENT_AUTH_WEBHOOK_HOST = "127.0.0.1:8453"
 
 
 # Set by scripts/test-e2e for each run and inherited by every process the harness starts.
@@ -358,6 +362,11 @@ class ControlPlane:
         )
         self.admin_cert = make_cert(pki, self.ca, "admin", "kaspr-e2e-admin", organization="system:masters", client=True)
         self.kcm_cert = make_cert(pki, self.ca, "controller-manager", "system:kube-controller-manager", client=True)
+        # The API server's identity towards admission webhooks, from a CA of its own.
+        self.webhook_client_ca = make_ca(pki, "webhook-client-ca", "kaspr-e2e-webhook-client-ca")
+        self.webhook_client = make_cert(pki, self.webhook_client_ca, "apiserver-webhook-client",
+                                        "kube-apiserver-webhook-client", client=True)
+        self.admission_config = self._write_admission_config()
         self.sa_key = pki / "sa.key"
         self.sa_pub = pki / "sa.pub"
         _openssl(["genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out", str(self.sa_key)])
@@ -367,6 +376,29 @@ class ControlPlane:
             self.workdir / "controller-manager.kubeconfig", self.server, self.ca.cert, self.kcm_cert,
             "system:kube-controller-manager",
         )
+
+    def _write_admission_config(self) -> Path:
+        """The AdmissionConfiguration that makes the API server present `webhook_client` to the
+        webhook at CLIENT_AUTH_WEBHOOK_HOST (and to no other), as docs/security.md describes."""
+        clients = self.workdir / "webhook-clients.kubeconfig"
+        clients.write_text(json.dumps({
+            "apiVersion": "v1",
+            "kind": "Config",
+            "users": [{"name": CLIENT_AUTH_WEBHOOK_HOST, "user": {
+                "client-certificate": str(self.webhook_client.cert),
+                "client-key": str(self.webhook_client.key),
+            }}],
+        }, indent=2))
+        plugin = {"apiVersion": "apiserver.config.k8s.io/v1", "kind": "WebhookAdmissionConfiguration",
+                  "kubeConfigFile": str(clients)}
+        config = self.workdir / "admission.json"
+        config.write_text(json.dumps({
+            "apiVersion": "apiserver.config.k8s.io/v1",
+            "kind": "AdmissionConfiguration",
+            "plugins": [{"name": name, "configuration": plugin}
+                        for name in ("MutatingAdmissionWebhook", "ValidatingAdmissionWebhook")],
+        }, indent=2))
+        return config
 
     def _start_etcd(self) -> None:
         proc = self.spawn("etcd", [
@@ -417,6 +449,7 @@ class ControlPlane:
             "--service-account-key-file", str(self.sa_pub),
             "--service-account-signing-key-file", str(self.sa_key),
             "--allow-privileged=true",
+            "--admission-control-config-file", str(self.admission_config),
             "--profiling=false",
             "--cert-dir", str(pki / "apiserver-generated"),
             "--v=1",

@@ -3,12 +3,14 @@ need no patch never depend on the webhook being up."""
 
 from __future__ import annotations
 
+import base64
 import json
+import sys
 from pathlib import Path
 
 import yaml
 
-from e2e_cluster import ControlPlane, wait_for
+from e2e_cluster import CLIENT_AUTH_WEBHOOK_HOST, ControlPlane, make_cert, tail, wait_for
 from e2e_objects import (
     TEMPLATE_HASH_ANNOTATION,
     assert_injected,
@@ -164,3 +166,87 @@ def test_an_unowned_operator_statefulset_is_injected_and_rolled(cluster: Control
     assert_injected(stored["spec"]["template"]["spec"], stored["spec"]["template"]["metadata"]["annotations"])
     assert stored["metadata"]["generation"] >= created["metadata"]["generation"] + 1
     assert webhook.metric(reconciles, part="rollout", outcome="changed") >= changed_before + 1
+
+
+# A bare HTTPS POST of an empty review from inside the namespace, with or without a client
+# certificate; prints the status code, or the TLS error's class and text.
+_POST = r"""
+import json, ssl, sys, urllib.request
+url, ca, cert, key = sys.argv[1:5]
+ctx = ssl.create_default_context(cafile=ca)
+if cert:
+    ctx.load_cert_chain(cert, key)
+req = urllib.request.Request(url, data=b"{}", headers={"Content-Type": "application/json"})
+try:
+    with urllib.request.urlopen(req, context=ctx, timeout=10) as resp:
+        print(resp.status)
+except urllib.error.HTTPError as err:
+    print(err.code)
+except Exception as err:
+    print(type(err).__name__, err)
+"""
+
+
+def test_client_certificates_admit_the_api_server_and_refuse_others(
+        cluster: ControlPlane, webhook_binary: Path, e2e_workdir: Path, namespace: str):
+    """`serve --client-ca`: the API server, configured by its admission configuration to present
+    a client certificate, reaches the webhook (failurePolicy Fail, so a refused handshake would
+    fail the request); a caller without a certificate is refused at the handshake."""
+    hook = Webhook(cluster, webhook_binary, e2e_workdir / "webhook-client-auth", name="webhook-client-auth",
+                   listen=CLIENT_AUTH_WEBHOOK_HOST, probe_listen="127.0.0.1:8083")
+    hook.start(extra_args=["--client-ca", str(cluster.webhook_client_ca.cert),
+                           "--controller-pvc=false", "--controller-rollout=false"])
+    name = f"kaspr-e2e-client-auth-{namespace}"
+    try:
+        configuration = {
+            "apiVersion": "admissionregistration.k8s.io/v1",
+            "kind": "MutatingWebhookConfiguration",
+            "metadata": {"name": name},
+            "webhooks": [{
+                "name": "client-auth.packages.kaspr.io",
+                "admissionReviewVersions": ["v1"],
+                "sideEffects": "None",
+                "failurePolicy": "Fail",
+                "timeoutSeconds": 10,
+                "clientConfig": {"url": f"https://{CLIENT_AUTH_WEBHOOK_HOST}/mutate",
+                                 "caBundle": base64.b64encode(hook.ca.cert.read_bytes()).decode()},
+                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}},
+                "rules": [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"],
+                           "resources": ["configmaps"], "scope": "Namespaced"}],
+            }],
+        }
+        cluster.kubectl(["apply", "-f", "-"], input=json.dumps(configuration))
+        calls = lambda: hook.admission_requests(endpoint="mutate")  # noqa: E731
+
+        # Registrations take effect asynchronously: dry-run creates until the webhook is called.
+        def called() -> bool:
+            before = calls()
+            proc = cluster.kubectl(["create", "configmap", "probe", "-n", namespace, "--dry-run=server"],
+                                   check=False)
+            assert "x509" not in proc.stderr and "tls" not in proc.stderr.lower(), proc.stderr
+            return proc.returncode == 0 and calls() > before
+
+        wait_for("the API server's call through client-certificate authentication", called,
+                 timeout=60, interval=0.5, on_timeout=lambda: tail(hook.log_path))
+        before = calls()
+        cluster.kubectl(["create", "configmap", "admitted", "-n", namespace, "--from-literal=k=v"])
+        assert calls() > before
+
+        def post(*client: Path) -> str:
+            cert, key = (str(client[0]), str(client[1])) if client else ("", "")
+            return cluster.netns.run([sys.executable, "-c", _POST, f"https://{CLIENT_AUTH_WEBHOOK_HOST}/mutate",
+                                      str(hook.ca.cert), cert, key]).stdout.strip()
+
+        anonymous = post()
+        assert not anonymous.isdigit(), f"a caller without a client certificate got an answer: {anonymous}"
+        # A certificate the webhook's CA did not sign (the cluster's own CA) is refused as well.
+        stranger = make_cert(e2e_workdir, cluster.ca, "stranger-client", "stranger", client=True)
+        refused = post(stranger.cert, stranger.key)
+        assert not refused.isdigit(), f"a certificate from another CA got an answer: {refused}"
+        # The positive control: the API server's own certificate gets an HTTP answer.
+        answered = post(cluster.webhook_client.cert, cluster.webhook_client.key)
+        assert answered.isdigit(), answered
+    finally:
+        cluster.kubectl(["delete", "mutatingwebhookconfiguration", name, "--ignore-not-found"], check=False)
+        hook.stop()
+
