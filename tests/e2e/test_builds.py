@@ -77,8 +77,13 @@ def test_one_locked_set_builds_before_rollout(
 
     # First deployment: the pod waits for the set its template names; one Job builds it.
     (first,) = cluster.wait_pods_ready(namespace, f"kaspr.io/app={app}", 1, timeout=300)
+    # The pod restored the set as soon as the Job published it; the controller records it
+    # when it next looks at the Job.
+    wait_for("the set recorded as current", lambda: lock_state(cluster, namespace, app)[0].get("current"),
+             timeout=60, interval=1)
     state, data = lock_state(cluster, namespace, app)
     current = state["current"]
+    assert [s["state"] for s in state["sets"]] == ["Built"], state
     assert first["metadata"]["annotations"]["packages.kaspr.io/set"] == current
     lock = data[f"{current}.pylock.toml"]
     assert f'name = "{PACKAGE}"' in lock and 'version = "1.0"' in lock and "sha256" in lock, lock
@@ -93,6 +98,7 @@ def test_one_locked_set_builds_before_rollout(
     running = cluster.wait_pods_where(namespace, f"kaspr.io/app={app}",
                                       lambda p: pod_ready(p) and p["metadata"]["uid"] != first["metadata"]["uid"],
                                       2, what="Ready on the locked set")
+    assert first["metadata"]["name"] in {p["metadata"]["name"] for p in running}
     for pod in running:
         assert version_in(cluster, namespace, pod["metadata"]["name"]) == "1.0"
         assert pod["metadata"]["annotations"]["packages.kaspr.io/set"] == current
