@@ -411,7 +411,16 @@ pub fn mutate_object(
             warnings: report.warning_lines(),
         });
     }
-    mutate_validated(kind, object, &report, &app, config)
+    let set = match (
+        report.spec.as_ref(),
+        object.pointer(kind.template_pointer()),
+    ) {
+        (Some(spec), Some(template)) => {
+            crate::builds::render::set_for(kasprapp, template, spec, &app)
+        }
+        _ => None,
+    };
+    mutate_validated_set(kind, object, &report, &app, config, set.as_ref())
 }
 
 /// The namespace and name of `kasprapp`; the object's namespace when the app names none.
@@ -428,6 +437,18 @@ pub fn mutate_validated(
     app: &AppRef,
     config: &RenderConfig,
 ) -> Result<MutationOutcome, Denial> {
+    mutate_validated_set(kind, object, report, app, config, None)
+}
+
+/// [`mutate_validated`], with the pods restoring package `set` (builds on).
+pub fn mutate_validated_set(
+    kind: ObjectKind,
+    object: &Value,
+    report: &Report,
+    app: &AppRef,
+    config: &RenderConfig,
+    set: Option<&crate::builds::render::PackageSet>,
+) -> Result<MutationOutcome, Denial> {
     let pointer = kind.template_pointer();
     let injected_pod = kind == ObjectKind::Pod && mutation::pod_already_injected(object);
     let (Some(original), false) = (object.pointer(pointer), injected_pod) else {
@@ -438,12 +459,13 @@ pub fn mutate_validated(
     };
     let mut template = original.clone();
     let mut warnings = report.warning_lines();
-    match mutation::apply(
+    match mutation::apply_set(
         &mut template,
         report.spec.as_ref(),
         app,
         kind.field_prefix(),
         config,
+        set,
     ) {
         Ok(applied) => warnings.extend(applied),
         Err(mut denial) => {

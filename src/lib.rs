@@ -6,6 +6,7 @@
 
 pub mod admission;
 pub mod app;
+pub mod builds;
 pub mod cache;
 pub mod certs;
 pub mod cli;

@@ -11,8 +11,11 @@ pub const MAIN_CONTAINER: &str = "kaspr";
 pub const PACKAGES_VOLUME: &str = "kaspr-packages";
 pub const CACHE_VOLUME: &str = "kaspr-packages-cache";
 pub const GCS_KEY_VOLUME: &str = "kaspr-packages-gcs-key";
+/// The package set's lock (builds on), from the app's lock ConfigMap.
+pub const LOCK_VOLUME: &str = "kaspr-packages-lock";
+pub const LOCK_DIR: &str = "/var/run/kaspr-packages/lock";
 /// Every volume name the injection may add.
-pub const VOLUMES: &[&str] = &[PACKAGES_VOLUME, CACHE_VOLUME, GCS_KEY_VOLUME];
+pub const VOLUMES: &[&str] = &[PACKAGES_VOLUME, CACHE_VOLUME, GCS_KEY_VOLUME, LOCK_VOLUME];
 
 pub const PACKAGES_PATH: &str = "/opt/kaspr/packages";
 pub const CACHE_PATH: &str = "/opt/kaspr/packages-cache";
@@ -36,10 +39,13 @@ pub const GCS_KEY_ROOT: &str = "/var/run/secrets/kaspr-packages";
 pub const TEMPLATE_HASH_ANNOTATION: &str = "packages.kaspr.io/template-hash";
 pub const INSTALL_KEY_ANNOTATION: &str = "packages.kaspr.io/install-key";
 pub const INJECTED_ANNOTATION: &str = "packages.kaspr.io/injected";
+/// The package set a template's pods restore (builds on).
+pub const SET_ANNOTATION: &str = "packages.kaspr.io/set";
 pub const ANNOTATIONS: &[&str] = &[
     TEMPLATE_HASH_ANNOTATION,
     INSTALL_KEY_ANNOTATION,
     INJECTED_ANNOTATION,
+    SET_ANNOTATION,
 ];
 
 /// KasprApp annotations: settings of ours that the operator's CRD has no field for (its typed

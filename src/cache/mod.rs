@@ -14,6 +14,7 @@
 mod cluster;
 mod files;
 mod memory;
+mod sets;
 
 use futures::FutureExt;
 use futures::future::BoxFuture;
@@ -23,6 +24,7 @@ use crate::app::{AppLookup, AppRef};
 pub use cluster::{KasprAppObject, KubeKasprApps};
 pub use files::{CacheError, FileKasprApps};
 pub use memory::MemoryKasprApps;
+pub use sets::{KubeLockStates, LockStates, SetAwareApps};
 
 /// A read-only view of KasprApps.
 pub trait KasprApps: Send + Sync {

@@ -283,6 +283,12 @@ pub struct ServeArgs {
     /// the webhook again (see docs/controller.md). Off with --kasprapps.
     #[arg(long, env = "KASPR_WEBHOOK_CONTROLLER_ROLLOUT", value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
     pub controller_rollout: bool,
+
+    /// Build each app's package set (resolve, lock, install, publish) in a Job before any pod
+    /// rolls, and let pods restore only built sets (see docs/builds.md). Off: install at pod
+    /// start, as without this flag. Off with --kasprapps.
+    #[arg(long, env = "KASPR_WEBHOOK_BUILDS", value_name = "BOOL", default_value_t = false, action = clap::ArgAction::Set)]
+    pub builds: bool,
 }
 
 impl ServeArgs {
@@ -321,6 +327,7 @@ impl ServeArgs {
             cert_check_interval,
             controller_pvc,
             controller_rollout,
+            builds,
         } = self;
         let certs = match (tls_cert, tls_key) {
             (Some(cert), Some(key)) => crate::server::CertSource::Files { cert, key },
@@ -380,6 +387,7 @@ impl ServeArgs {
             controller: crate::controller::ControllerOptions {
                 pvc: controller_pvc,
                 rollout: controller_rollout,
+                builds,
             },
         }
     }

@@ -60,23 +60,31 @@ fn defaults_are_local_and_safe() {
         options.controller,
         crate::controller::ControllerOptions {
             pvc: true,
-            rollout: true
+            rollout: true,
+            builds: false
         }
     );
 }
 
 #[test]
 fn controller_parts_can_be_switched_off() {
-    let options = serve_args(&["--controller-pvc=false", "--controller-rollout", "false"])
-        .expect("parse")
-        .into_options();
+    let options = serve_args(&[
+        "--controller-pvc=false",
+        "--controller-rollout",
+        "false",
+        "--builds=true",
+    ])
+    .expect("parse")
+    .into_options();
     assert_eq!(
         options.controller,
         crate::controller::ControllerOptions {
             pvc: false,
-            rollout: false
+            rollout: false,
+            builds: true
         }
     );
+    assert!(serve_args(&["--builds=sometimes"]).is_err());
     assert!(serve_args(&["--controller-pvc=maybe"]).is_err());
 }
 

@@ -18,13 +18,15 @@ use super::{ControllerOptions, FIELD_MANAGER, Notice};
 use crate::cache::KasprAppObject;
 use crate::config::RenderConfig;
 
-/// The two parts, for metrics, Events and the memory of published notices.
+/// The parts of the controller, for metrics, Events and the memory of published notices.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(super) enum Part {
     Pvc,
     Rollout,
     /// The app pods' package installs (degraded caches).
     Installs,
+    /// Package-set builds.
+    Builds,
 }
 
 impl Part {
@@ -33,6 +35,7 @@ impl Part {
             Part::Pvc => "pvc",
             Part::Rollout => "rollout",
             Part::Installs => "installs",
+            Part::Builds => "builds",
         }
     }
 
@@ -41,6 +44,7 @@ impl Part {
             Part::Pvc => "ReconcilePythonPackagesCache",
             Part::Rollout => "SyncStatefulSet",
             Part::Installs => "ObservePackageInstall",
+            Part::Builds => "BuildPythonPackages",
         }
     }
 }
@@ -152,12 +156,19 @@ struct ReconcileLabels {
 /// The `outcome` label values of `controller_reconciles_total`.
 const RECONCILE_OUTCOMES: [&str; 4] = ["in_sync", "changed", "pending", "failed"];
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    outcome: &'static str,
+    category: String,
+}
+
 /// The controller's metrics, in the server's registry.
 #[derive(Debug, Clone)]
 pub struct ControllerMetrics {
     out_of_sync: Gauge,
     reconciles: Family<ReconcileLabels, Counter>,
     degraded: Family<DegradedLabels, Counter>,
+    builds: Family<BuildLabels, Counter>,
 }
 
 impl ControllerMetrics {
@@ -166,7 +177,17 @@ impl ControllerMetrics {
             out_of_sync: Gauge::default(),
             reconciles: Family::default(),
             degraded: Family::default(),
+            builds: Family::default(),
         };
+        registry.register(
+            "package_builds",
+            "Finished package-set builds by outcome (built, failed) and the installer's failure category",
+            metrics.builds.clone(),
+        );
+        drop(metrics.builds.get_or_create(&BuildLabels {
+            outcome: "built",
+            category: String::new(),
+        }));
         registry.register(
             "kasprapps_out_of_sync",
             "KasprApps whose StatefulSet lacks the injection the webhook renders for their current spec",
@@ -195,7 +216,7 @@ impl ControllerMetrics {
         }
         // Every series exists from the start at 0, so `rate()` sees a process's first failure
         // (a series born at 1 has no earlier sample to rise from) and alerts match at once.
-        for part in [Part::Pvc, Part::Rollout] {
+        for part in [Part::Pvc, Part::Rollout, Part::Builds] {
             for outcome in RECONCILE_OUTCOMES {
                 drop(metrics.reconciles.get_or_create(&ReconcileLabels {
                     part: part.label(),
@@ -217,6 +238,15 @@ impl ControllerMetrics {
             .inc();
     }
 
+    pub(super) fn count_build(&self, outcome: &'static str, category: &str) {
+        self.builds
+            .get_or_create(&BuildLabels {
+                outcome,
+                category: category.to_owned(),
+            })
+            .inc();
+    }
+
     pub(super) fn count(&self, part: Part, outcome: &'static str) {
         self.reconciles
             .get_or_create(&ReconcileLabels {
@@ -235,7 +265,19 @@ pub struct ControllerError {
     object: String,
     detail: String,
     #[source]
-    source: kube::Error,
+    source: Option<kube::Error>,
+}
+
+impl ControllerError {
+    /// A failure that is not an API call's (a build that cannot be collected, say).
+    pub(super) fn invalid(action: &'static str, object: String, detail: String) -> Self {
+        ControllerError {
+            action,
+            object,
+            detail,
+            source: None,
+        }
+    }
 }
 
 pub(super) fn api_error(
@@ -246,7 +288,7 @@ pub(super) fn api_error(
         action,
         object,
         detail: describe(&source),
-        source,
+        source: Some(source),
     }
 }
 

@@ -15,6 +15,7 @@
 pub mod pvc;
 pub mod rollout;
 
+mod build_reconciler;
 mod claim_reconciler;
 mod context;
 mod installs;
@@ -40,6 +41,7 @@ use crate::cache::KasprAppObject;
 use crate::config::RenderConfig;
 use crate::names;
 use crate::validation;
+use build_reconciler::{read_lock_state, reconcile_build};
 use claim_reconciler::reconcile_claim;
 pub use context::ControllerMetrics;
 use context::{Context, ControllerError, State};
@@ -55,6 +57,8 @@ pub struct ControllerOptions {
     pub pvc: bool,
     /// Send StatefulSets whose injection is out of date through the webhook again.
     pub rollout: bool,
+    /// Build each package set in a Job before anything rolls (docs/builds.md).
+    pub builds: bool,
 }
 
 impl Default for ControllerOptions {
@@ -62,6 +66,7 @@ impl Default for ControllerOptions {
         ControllerOptions {
             pvc: true,
             rollout: true,
+            builds: false,
         }
     }
 }
@@ -103,7 +108,7 @@ pub fn run(
     render: RenderConfig,
     registry: &mut Registry,
 ) -> Option<BoxFuture<'static, ()>> {
-    if !options.pvc && !options.rollout {
+    if !options.pvc && !options.rollout && !options.builds {
         tracing::info!(
             "the controller is off (--controller-pvc=false, --controller-rollout=false)"
         );
@@ -131,6 +136,7 @@ pub fn run(
     tracing::info!(
         pvc = options.pvc,
         rollout = options.rollout,
+        builds = options.builds,
         "controller starting"
     );
     let mut tasks: Vec<BoxFuture<'static, ()>> = controllers
@@ -285,10 +291,32 @@ async fn reconcile(
             Err(error) => failure = Some(error),
         }
     }
-    if context.options.rollout {
-        match reconcile_rollout(&app, &owner, &report, &context).await {
+    // Builds before the rollout: a set built in this pass is rolled out in the same pass.
+    if context.options.builds {
+        match reconcile_build(&app, &owner, &report, &context).await {
             Ok(delay) => next = next.min(delay),
             Err(error) => failure = failure.or(Some(error)),
+        }
+    }
+    if context.options.rollout {
+        // Builds on: compare with what the webhook renders, the app's current set.
+        let rendered = if context.options.builds {
+            match read_lock_state(&context, &owner).await {
+                Ok(state) => Some(crate::builds::render::effective_app(value, state.as_ref())),
+                Err(error) => {
+                    failure = failure.or(Some(error));
+                    None
+                }
+            }
+        } else {
+            Some(value.as_ref().clone())
+        };
+        if let Some(rendered) = rendered {
+            let rendered_report = validation::validate_kasprapp(&rendered);
+            match reconcile_rollout(&app, &owner, &rendered_report, &rendered, &context).await {
+                Ok(delay) => next = next.min(delay),
+                Err(error) => failure = failure.or(Some(error)),
+            }
         }
     }
     match failure {

@@ -52,8 +52,21 @@ pub fn sync_state(
     app: &AppRef,
     config: &RenderConfig,
 ) -> SyncState {
+    sync_state_set(template, spec, app, config, None)
+}
+
+/// [`sync_state`] for a webhook that renders package `set` (builds on).
+pub fn sync_state_set(
+    template: &Value,
+    spec: Option<&PythonPackages>,
+    app: &AppRef,
+    config: &RenderConfig,
+    set: Option<&crate::builds::render::PackageSet>,
+) -> SyncState {
     let mut rendered = template.clone();
-    if let Err(denial) = mutation::apply(&mut rendered, spec, app, "spec.template.spec", config) {
+    if let Err(denial) =
+        mutation::apply_set(&mut rendered, spec, app, "spec.template.spec", config, set)
+    {
         return SyncState::Blocked(denial.message);
     }
     fn ours(template: &Value) -> Vec<Option<&str>> {

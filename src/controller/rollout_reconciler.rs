@@ -40,6 +40,7 @@ pub(super) async fn reconcile_rollout(
     app: &KasprAppObject,
     owner: &AppOwner,
     report: &Report,
+    render_app: &Value,
     context: &Context,
 ) -> Result<Duration, ControllerError> {
     let key = ObjectRef::from_obj(app);
@@ -70,7 +71,18 @@ pub(super) async fn reconcile_rollout(
     let render_for = &owner.app;
     let state_of = |template: &Value| {
         if report.errors.is_empty() {
-            rollout::sync_state(template, report.spec.as_ref(), render_for, &context.render)
+            // Builds on: the set the webhook renders for this template (`render_app` is the
+            // effective app); builds off: none.
+            let set = report.spec.as_ref().and_then(|spec| {
+                crate::builds::render::set_for(render_app, template, spec, render_for)
+            });
+            rollout::sync_state_set(
+                template,
+                report.spec.as_ref(),
+                render_for,
+                &context.render,
+                set.as_ref(),
+            )
         } else {
             SyncState::Blocked(report.error_message(&format!(
                 "KasprApp {}/{}",
@@ -319,7 +331,7 @@ mod tests {
         let (client, sent) = statefulsets_api((200, injected(2)));
         let (object, owner, report) = app();
         let context = context(client);
-        let next = reconcile_rollout(&object, &owner, &report, &context)
+        let next = reconcile_rollout(&object, &owner, &report, object.value(), &context)
             .await
             .expect("ok");
         assert_eq!(next, RESYNC);
@@ -345,10 +357,10 @@ mod tests {
         let (client, sent) = statefulsets_api((200, statefulset(1)));
         let (object, owner, report) = app();
         let context = context(client);
-        let first = reconcile_rollout(&object, &owner, &report, &context)
+        let first = reconcile_rollout(&object, &owner, &report, object.value(), &context)
             .await
             .expect("ok");
-        let second = reconcile_rollout(&object, &owner, &report, &context)
+        let second = reconcile_rollout(&object, &owner, &report, object.value(), &context)
             .await
             .expect("ok");
         assert_eq!((first, second), (retry_delay(2), retry_delay(3)));
@@ -377,7 +389,7 @@ mod tests {
         let (object, owner, report) = app();
         let context = context(client);
         for _ in 0..2 {
-            let next = reconcile_rollout(&object, &owner, &report, &context)
+            let next = reconcile_rollout(&object, &owner, &report, object.value(), &context)
                 .await
                 .expect("not an error while within the grace period");
             assert_eq!(next, UNREACHABLE_RETRY);
@@ -394,7 +406,7 @@ mod tests {
             .checked_sub(rollout::UNREACHABLE_GRACE + Duration::from_secs(1))
             .expect("clock");
         context.state().unreachable_since.insert(key, long_ago);
-        reconcile_rollout(&object, &owner, &report, &context)
+        reconcile_rollout(&object, &owner, &report, object.value(), &context)
             .await
             .expect_err("fails after the grace period");
         let reasons: Vec<Value> = writes(&sent)
@@ -410,7 +422,7 @@ mod tests {
         let (client, sent) = statefulsets_api((403, status(403, "Forbidden")));
         let (object, owner, report) = app();
         let context = context(client);
-        let error = reconcile_rollout(&object, &owner, &report, &context)
+        let error = reconcile_rollout(&object, &owner, &report, object.value(), &context)
             .await
             .expect_err("fails");
         assert!(

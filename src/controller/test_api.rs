@@ -26,8 +26,12 @@ pub struct Sent {
 
 pub type Log = Arc<Mutex<Vec<Sent>>>;
 
+/// A JSON string answer is sent as plain text (a pod's log); anything else as JSON.
 fn reply(status: u16, body: &Value) -> hyper::Response<Body> {
-    let bytes = Bytes::from(body.to_string());
+    let bytes = match body {
+        Value::String(text) => Bytes::from(text.clone()),
+        other => Bytes::from(other.to_string()),
+    };
     let stream = futures::stream::once(async move { Ok(hyper::body::Frame::data(bytes)) }).boxed();
     hyper::Response::builder()
         .status(status)

@@ -21,6 +21,9 @@ Modes
     emptyDir  install into the pod's own volume on every start.
     pvc       share immutable builds between pods through a ReadWriteMany volume.
     gcs       keep a tar.gz of each build in a Google Cloud Storage bucket.
+    With ``build`` in the config (a build Job) the installer resolves, writes a PEP 751 lock,
+    installs from it and publishes the set; with ``restore`` (the app's pods) it restores a
+    built set, or installs exactly the locked set with hash checking.
 
 Exit codes are fixed (see ``EXIT_CODES``); with ``onFailure: allow`` a failure exits 0 and
 the app starts without its packages.
@@ -262,7 +265,9 @@ def load_config(environ: Dict[str, str]) -> Config:
     if mode == "gcs":
         gcs = _load_gcs(_require(data, "gcs", dict))
 
+    build, restore = load_set_mode(data)
     return Config(
+        build=build, restore=restore,
         mode=mode, app=app, namespace=namespace, install_key=install_key, packages=packages,
         index_url=index_url, extra_index_urls=extra, trusted_hosts=trusted,
         credentials=credentials, retries=retries, timeout=float(timeout), on_failure=on_failure,
@@ -1990,6 +1995,598 @@ def run_gcs(ctx: Context) -> Plan:
 
 
 # --------------------------------------------------------------------------------------------
+# Package sets: build mode (resolve -> lock -> install from the lock -> publish) and restore
+# mode (the built set from the cache, else exactly the locked set with hash checking)
+# --------------------------------------------------------------------------------------------
+
+SET_ID_RE = re.compile(r"^[0-9a-f]{16}$")
+LOCK_FILE_NAME = "pylock.toml"
+LOCK_NAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$")
+LOCK_VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.+!_-]*$")
+SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+LOCK_LINE_WIDTH = 76
+
+
+def load_set_mode(data: dict) -> Tuple[Optional[Config], Optional[Config]]:
+    """The optional ``build`` and ``restore`` objects of the configuration (at most one)."""
+    build = restore = None
+    if "build" in data:
+        obj = _typed(data["build"], dict, "build")
+        set_id = _require(obj, "set", str, "build.set")
+        if not SET_ID_RE.match(set_id):
+            raise _fail_config("build.set", "%s is not 16 lowercase hex characters" % _show(set_id))
+        lock_out = obj.get("lockFile")
+        if lock_out is not None and not os.path.isabs(_typed(lock_out, str, "build.lockFile")):
+            raise _fail_config("build.lockFile", "%s is not an absolute path" % _show(lock_out))
+        build = Config(set=set_id, lock_file=lock_out)
+    if "restore" in data:
+        if build is not None:
+            raise _fail_config("restore", "cannot be combined with build")
+        obj = _typed(data["restore"], dict, "restore")
+        set_id = _require(obj, "set", str, "restore.set")
+        if not SET_ID_RE.match(set_id):
+            raise _fail_config("restore.set", "%s is not 16 lowercase hex characters" % _show(set_id))
+        lock_file = _require(obj, "lockFile", str, "restore.lockFile")
+        if not os.path.isabs(lock_file):
+            raise _fail_config("restore.lockFile", "%s is not an absolute path" % _show(lock_file))
+        wait = _typed(obj.get("awaitSeconds", 0), (int, float), "restore.awaitSeconds")
+        if not 0 <= wait <= 86400:
+            raise _fail_config("restore.awaitSeconds", "%s is not in [0, 86400]" % _show(wait))
+        restore = Config(set=set_id, lock_file=lock_file, await_seconds=float(wait))
+    return build, restore
+
+
+class LockedDist:
+    """One entry of a lock: a distribution and the one file that provides it."""
+
+    def __init__(self, name: str, version: str, kind: str, filename: str, sha256: str,
+                 url: Optional[str] = None, index: Optional[str] = None):
+        self.name = name
+        self.version = version
+        self.kind = kind  # "wheel", "sdist" or "archive" (a direct reference)
+        self.filename = filename
+        self.sha256 = sha256
+        self.url = url
+        self.index = index
+
+
+def _toml_str(value: str) -> str:
+    # A JSON string with only ASCII is a valid TOML basic string (same escapes, \uXXXX).
+    return json.dumps(value, ensure_ascii=True)
+
+
+def render_lock(dists: List[LockedDist], set_id: str, install_key: str, tag: str) -> str:
+    """A PEP 751 ``pylock.toml`` for ``dists``, in the subset ``parse_lock`` reads back."""
+    out = ['lock-version = "1.0"', 'created-by = "kaspr-packages"',
+           "requires-python = %s" % _toml_str("==" + platform.python_version()), ""]
+    for dist in sorted(dists, key=lambda d: normalize(d.name)):
+        out += ["[[packages]]", "name = %s" % _toml_str(dist.name),
+                "version = %s" % _toml_str(dist.version)]
+        if dist.index:
+            out.append("index = %s" % _toml_str(dist.index))
+        out.append({"wheel": "[[packages.wheels]]", "sdist": "[packages.sdist]",
+                    "archive": "[packages.archive]"}[dist.kind])
+        if dist.kind != "archive":
+            out.append("name = %s" % _toml_str(dist.filename))
+        if dist.url:
+            out.append("url = %s" % _toml_str(dist.url))
+        out += ["hashes = {sha256 = %s}" % _toml_str(dist.sha256), ""]
+    out += ["[tool.kaspr-packages]", "set = %s" % _toml_str(set_id),
+            "install-key = %s" % _toml_str(install_key), "python-tag = %s" % _toml_str(tag), ""]
+    return "\n".join(out)
+
+
+LOCK_KV_RE = re.compile(r'^([A-Za-z0-9_-]+)\s*=\s*(".*"|\{\s*sha256\s*=\s*"[0-9a-f]*"\s*\})$')
+
+
+def _parse_lock_subset(text: str) -> dict:
+    """Read the TOML subset ``render_lock`` writes (for Pythons without ``tomllib``)."""
+    doc: dict = {"packages": []}
+    table: dict = doc
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line == "[[packages]]":
+            table = {}
+            doc["packages"].append(table)
+            continue
+        if line in ("[[packages.wheels]]", "[packages.sdist]", "[packages.archive]"):
+            if not doc["packages"]:
+                raise ValueError("line %d: %s before any [[packages]]" % (number, line))
+            pkg = doc["packages"][-1]
+            table = {}
+            if line == "[[packages.wheels]]":
+                pkg.setdefault("wheels", []).append(table)
+            else:
+                pkg[line[len("[packages."):-1]] = table
+            continue
+        if line == "[tool.kaspr-packages]":
+            table = doc.setdefault("tool", {}).setdefault("kaspr-packages", {})
+            continue
+        match = LOCK_KV_RE.match(line)
+        if not match:
+            raise ValueError("line %d is not understood: %s" % (number, one_line(line, 80)))
+        key, value = match.group(1), match.group(2)
+        if value.startswith("{"):
+            table[key] = {"sha256": value.split('"')[1]}
+        else:
+            table[key] = json.loads(value)
+    return doc
+
+
+def parse_lock(text: str) -> dict:
+    try:
+        import tomllib  # Python >= 3.11
+    except ImportError:
+        return _parse_lock_subset(text)
+    return tomllib.loads(text)
+
+
+def lock_dists(doc: dict) -> List[LockedDist]:
+    """The distributions of a parsed lock, each checked; a bad entry is ``invalid_config``."""
+    dists = []
+    packages = doc.get("packages")
+    if not isinstance(packages, list):
+        raise _fail_config("lock", "has no [[packages]] list")
+    for i, pkg in enumerate(packages):
+        field = "lock packages[%d]" % i
+        if not isinstance(pkg, dict):
+            raise _fail_config(field, "is not a table")
+        name, version = pkg.get("name"), pkg.get("version")
+        if not isinstance(name, str) or not LOCK_NAME_RE.match(name):
+            raise _fail_config(field + ".name", "%s is not a distribution name" % _show(name))
+        if not isinstance(version, str) or not LOCK_VERSION_RE.match(version):
+            raise _fail_config(field + ".version", "%s is not a version" % _show(version))
+        if isinstance(pkg.get("wheels"), list) and pkg["wheels"]:
+            kind, entry = "wheel", pkg["wheels"][0]
+        elif isinstance(pkg.get("sdist"), dict):
+            kind, entry = "sdist", pkg["sdist"]
+        elif isinstance(pkg.get("archive"), dict):
+            kind, entry = "archive", pkg["archive"]
+        else:
+            raise _fail_config(field, "names no wheel, sdist or archive")
+        sha = (entry.get("hashes") or {}).get("sha256") if isinstance(entry, dict) else None
+        if not isinstance(sha, str) or not SHA256_RE.match(sha):
+            raise _fail_config(field + ".hashes.sha256", "%s is not a sha256 hex digest" % _show(sha))
+        url = entry.get("url")
+        if url is not None and (not isinstance(url, str) or any(ch.isspace() for ch in url)):
+            raise _fail_config(field + ".url", "%s is not a URL" % _show(url))
+        dists.append(LockedDist(name, version, kind, str(entry.get("name") or ""), sha, url,
+                                pkg.get("index") if isinstance(pkg.get("index"), str) else None))
+    return dists
+
+
+def lock_sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def print_lock(text: str) -> None:
+    """Print the lock, gzip + base64, between marker lines: the controller reads it from the
+    build pod's log (a termination message is capped at 4 KiB)."""
+    import gzip
+    blob = base64.b64encode(gzip.compress(text.encode("utf-8"), mtime=0)).decode("ascii")
+    log("LOCK BEGIN sha256 %s" % lock_sha256(text))
+    for start in range(0, len(blob), LOCK_LINE_WIDTH):
+        log("LOCK " + blob[start:start + LOCK_LINE_WIDTH])
+    log("LOCK END")
+
+
+def extract_printed_lock(log_text: str) -> Optional[str]:
+    """The lock that ``print_lock`` wrote into ``log_text``, verified against its sha256."""
+    import gzip
+    begin = "%s LOCK BEGIN sha256 " % PREFIX
+    digest, chunks = None, []
+    for line in log_text.splitlines():
+        if line.startswith(begin):
+            digest, chunks = line[len(begin):].strip(), []
+        elif digest is not None and line == "%s LOCK END" % PREFIX:
+            try:
+                text = gzip.decompress(base64.b64decode("".join(chunks))).decode("utf-8")
+            except (ValueError, OSError, EOFError, zlib.error):
+                return None
+            return text if lock_sha256(text) == digest else None
+        elif digest is not None and line.startswith("%s LOCK " % PREFIX):
+            chunks.append(line[len(PREFIX) + 6:])
+    return None
+
+
+class _Links(__import__("html.parser").parser.HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.hrefs: List[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "a":
+            for key, value in attrs:
+                if key == "href" and value:
+                    self.hrefs.append(value)
+
+
+def configured_indexes(ctx: "Context") -> List[str]:
+    if ctx.cfg.index_url:
+        first = [ctx.cfg.index_url]
+    else:  # the image's or pip's default index, as pip itself used it
+        first = [ctx.environ.get("PIP_INDEX_URL") or "https://pypi.org/simple/"]
+    return first + list(ctx.cfg.extra_index_urls)
+
+
+def index_page(ctx: "Context", index: str, project: str, timeout: float):
+    """The project's PEP 503 page on ``index`` as (final URL, HTML), or None."""
+    import ssl
+    url = index.rstrip("/") + "/" + project + "/"
+    request = urllib.request.Request(url, headers={"Accept": "text/html"})
+    if ctx.credentials and ctx.cfg.index_url and same_host(index, ctx.cfg.index_url):
+        token = base64.b64encode(("%s:%s" % ctx.credentials).encode("utf-8")).decode("ascii")
+        request.add_header("Authorization", "Basic " + token)
+    handlers: list = [_NoRedirect()]
+    host = urllib.parse.urlsplit(index)
+    if host.hostname in ctx.cfg.trusted_hosts or host.netloc.rsplit("@", 1)[-1] in ctx.cfg.trusted_hosts:
+        handlers.append(urllib.request.HTTPSHandler(context=ssl._create_unverified_context()))
+    try:
+        with urllib.request.build_opener(*handlers).open(request, timeout=timeout) as response:
+            return url, response.read(32 << 20).decode("utf-8", "replace")
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
+
+
+def locate_files(ctx: "Context", dists: List[LockedDist], deadline: float) -> None:
+    """Fill in each index distribution's file URL and index from the index pages (pages only:
+    the files themselves were downloaded once, by pip). A file whose page states another sha256
+    than the one computed over the downloaded file is an ``integrity`` failure."""
+    indexes = configured_indexes(ctx)
+    for dist in dists:
+        if dist.kind == "archive":
+            continue
+        for index in indexes:
+            remaining = deadline - time.monotonic()
+            if remaining <= 1:
+                log("warning: no time left to look up file URLs; the lock names files without URL")
+                return
+            page = index_page(ctx, index, normalize(dist.name), min(10.0, remaining))
+            if page is None:
+                continue
+            links = _Links()
+            links.feed(page[1])
+            found = None
+            for href in links.hrefs:
+                absolute = urllib.parse.urljoin(page[0], href)
+                path = urllib.parse.urlsplit(absolute).path
+                if urllib.parse.unquote(path.rsplit("/", 1)[-1]) == dist.filename:
+                    found = absolute
+                    break
+            if found is None:
+                continue
+            url, _, fragment = found.partition("#")
+            stated = dict(p.split("=", 1) for p in fragment.split("&") if "=" in p).get("sha256")
+            if stated and stated.lower() != dist.sha256:
+                raise InstallError("integrity", "%s: the index states sha256 %s, the downloaded file has %s"
+                                   % (dist.filename, stated, dist.sha256))
+            dist.url = clean_lock_url(ctx, url)
+            dist.index = describe_url(index)
+            break
+        else:
+            log("warning: %s was found on no configured index page; the lock names it without URL" % dist.filename)
+
+
+def clean_lock_url(ctx: "Context", url: Optional[str]) -> Optional[str]:
+    """A URL fit for the lock: no userinfo, and nothing that came from an expanded secret."""
+    if not url:
+        return None
+    url = describe_url(url)
+    return url if ctx.redactor(url) == url else None
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def offline_requirement(requirement: str) -> str:
+    """The requirement for resolving from the downloaded files only: a named direct reference
+    becomes its name (and extras, and marker); everything else stays."""
+    head, sep, marker = requirement.partition(";")
+    match = NAMED_URL_RE.match(head.strip())
+    if match and requirement_url(requirement) is not None:
+        name = head.split("@", 1)[0].strip()
+        return name + ((" ;" + marker) if sep else "")
+    return requirement
+
+
+def set_pip_env(ctx: "Context") -> Dict[str, str]:
+    env = pip_child_env(ctx.index.env, ctx.work_dir)
+    if ctx.index.netrc is not None:
+        env["NETRC"] = write_private(os.path.join(ctx.work_dir, "netrc"), ctx.index.netrc)
+    return env
+
+
+def set_pip_args(command: str, ctx: "Context") -> List[str]:
+    return [command, "--disable-pip-version-check", "--no-input", "--progress-bar", "off",
+            "--cache-dir", os.path.join(ctx.work_dir, "pip-cache")]
+
+
+def build_attempt(ctx: "Context", dest: str, deadline: float) -> Plan:
+    """Resolve, lock and install one set: every distribution is downloaded once into a wheel
+    directory, resolved against the image from there, locked, and installed from the lock
+    with hash checking and without resolving again."""
+    for req in ctx.expanded:
+        url = requirement_url(req)
+        if url is not None and (url.startswith("git@") or "+" in url.split("://", 1)[0] or url.startswith("ssh://")):
+            raise _fail_config("packages", "%s is a VCS requirement, which a lock cannot pin by file "
+                               "hash; publish it as a wheel or use an archive URL" % ctx.redactor(req))
+    if ctx.pip_version < MIN_PIP_FOR_RESOLVE:
+        raise InstallError("unknown", "pip %s cannot resolve without installing; builds need pip >= 22.2"
+                           % ".".join(map(str, ctx.pip_version)), retryable=False)
+    wheels = os.path.join(ctx.work_dir, "wheels")
+    reset_dir(wheels)
+    env = set_pip_env(ctx)
+    requirements = "".join(pip_requirement(line) + "\n" for line in ctx.expanded)
+    log("downloading the configuration's distributions (pip %s)" % ".".join(map(str, ctx.pip_version)))
+    result = run_pip(set_pip_args("download", ctx) + ["--dest", wheels, "-r", "/dev/stdin"],
+                     requirements, env, deadline, ctx.redactor)
+    if result.returncode != 0:
+        error = pip_failure(result, "download")
+        if error.category == "package_not_found":
+            error = diagnose_not_found(ctx, result.lines, deadline) or error
+        raise error
+    log("pip download took %.2fs" % result.seconds)
+
+    offline = "".join(offline_requirement(pip_requirement(line)) + "\n" for line in ctx.expanded)
+    result = run_pip(set_pip_args("install", ctx) + [
+        "--dry-run", "--report", "{report}", "--no-index", "--find-links", wheels, "-r", "/dev/stdin"],
+        offline, env, deadline, ctx.redactor, want_report=True)
+    if result.returncode != 0:
+        raise pip_failure(result, "resolve")
+    plan = plan_from_report(result.report, ctx.expanded, ctx.installed)
+    report = json.loads(result.report)
+    direct = {normalize(offline_requirement(r).split("[")[0].split(";")[0].strip()): r
+              for r in ctx.expanded if requirement_url(r) is not None}
+    dists = []
+    for item in report.get("install", []):
+        meta = item.get("metadata") or {}
+        url = (item.get("download_info") or {}).get("url", "")
+        filename = urllib.parse.unquote(urllib.parse.urlsplit(url).path.rsplit("/", 1)[-1])
+        path = os.path.join(wheels, filename)
+        if not filename or not os.path.isfile(path):
+            raise InstallError("unknown", "the resolver chose %s, which is not among the downloaded files" % (url or meta.get("name")))
+        name = meta["name"]
+        requirement = direct.get(normalize(name))
+        kind = "archive" if requirement else ("wheel" if filename.endswith(".whl") else "sdist")
+        dist = LockedDist(name, meta["version"], kind, filename, file_sha256(path))
+        if requirement:
+            dist.url = clean_lock_url(ctx, requirement_url(requirement))
+        dists.append(dist)
+    for override in plan.overrides:
+        log("override: " + override)
+    locate_files(ctx, dists, deadline)
+    lock = render_lock(dists, ctx.cfg.build.set, ctx.cfg.install_key, ctx.tag)
+    log("locked %d distributions: %s" % (len(dists), ", ".join("%s %s" % (d.name, d.version) for d in dists)))
+    if dists:
+        pinned = "".join("%s==%s --hash=sha256:%s\n" % (d.name, d.version, d.sha256) for d in dists)
+        result = run_pip(set_pip_args("install", ctx) + [
+            "--no-index", "--find-links", wheels, "--require-hashes", "--no-deps",
+            "--no-warn-script-location", "--target", dest, "-r", "/dev/stdin"],
+            pinned, env, deadline, ctx.redactor)
+        if result.returncode != 0:
+            raise pip_failure(result, "install from the lock")
+        log("pip install from the lock took %.2fs" % result.seconds)
+    plan.lock = lock
+    return plan
+
+
+def restore_attempt(ctx: "Context", dest: str, deadline: float, lock: str) -> Plan:
+    """Install exactly the locked set: pinned, hash-checked, no dependency resolution."""
+    dists = lock_dists(parse_lock(lock))
+    direct = {}
+    for req in ctx.expanded:
+        if requirement_url(req) is not None:
+            direct[normalize(offline_requirement(req).split("[")[0].split(";")[0].strip())] = req
+    lines = []
+    for dist in dists:
+        if dist.kind == "archive":
+            source = dist.url or requirement_url(direct.get(normalize(dist.name), "") or "")
+            if not source:
+                raise _fail_config("lock", "%s is a direct reference without URL, and no package "
+                                   "string names it" % dist.name)
+            lines.append("%s @ %s --hash=sha256:%s" % (dist.name, source, dist.sha256))
+        else:
+            lines.append("%s==%s --hash=sha256:%s" % (dist.name, dist.version, dist.sha256))
+    names = ["%s %s" % (d.name, d.version) for d in dists]
+    if lines:
+        log("installing the locked set (%d distributions, hash-checked, no resolution): %s"
+            % (len(lines), ", ".join(names)))
+        result = run_pip(set_pip_args("install", ctx) + [
+            "--require-hashes", "--no-deps", "--no-warn-script-location", "--target", dest,
+            "-r", "/dev/stdin"], "".join(l + "\n" for l in lines), set_pip_env(ctx), deadline, ctx.redactor)
+        if result.returncode != 0:
+            raise pip_failure(result, "install from the lock")
+        log("pip install from the lock took %.2fs" % result.seconds)
+    return Plan(lines, names, [])
+
+
+def set_attempts(ctx: "Context", dest: str, attempt) -> Plan:
+    """``attempt(dest, deadline)`` with 1 + retries attempts, each bounded by the timeout."""
+    attempts = 1 + ctx.cfg.retries
+    for number in range(1, attempts + 1):
+        reset_dir(dest)
+        started = time.monotonic()
+        log("attempt %d/%d (timeout %gs)" % (number, attempts, ctx.cfg.timeout))
+        try:
+            plan = attempt(dest, started + ctx.cfg.timeout)
+            scrub_secrets(dest, ctx.redactor)
+            return plan
+        except InstallError as exc:
+            log("attempt %d/%d failed after %.1fs: %s: %s"
+                % (number, attempts, time.monotonic() - started, exc.category, ctx.redactor(exc.message)))
+            if number == attempts or not exc.retryable:
+                raise
+            time.sleep(backoff_delay(number, ctx.environ))
+        except OSError as exc:
+            raise classify_os_error(exc, "installing")
+    raise InstallError("unknown", "no attempt was made")
+
+
+def write_set_marker(build: str, ctx: "Context", plan: Plan, set_id: str, lock: str) -> None:
+    with open(os.path.join(build, LOCK_FILE_NAME), "w", encoding="utf-8") as handle:
+        handle.write(lock)
+    write_marker(build, ctx, plan)
+    path = os.path.join(build, BUILD_MARKER)
+    with open(path, encoding="utf-8") as handle:
+        marker = json.load(handle)
+    marker["set"] = set_id
+    marker["lockSha256"] = lock_sha256(lock)
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(marker, handle, indent=1)
+
+
+def set_is_complete(build: str, ctx: "Context", set_id: str) -> bool:
+    marker = read_marker(build)
+    return build_is_complete(build, ctx) and bool(marker) and marker.get("set") == set_id
+
+
+def pvc_set_dir(ctx: "Context", set_id: str) -> str:
+    return os.path.join(ctx.cfg.cache_dir, "sets", set_id, ctx.tag)
+
+
+def gcs_set_object(ctx: "Context", set_id: str) -> str:
+    gcs = ctx.cfg.gcs
+    return "%s%s/%s/sets/%s/%s.tar.gz" % (gcs.prefix, ctx.cfg.namespace, ctx.cfg.app, set_id, ctx.tag)
+
+
+def run_build(ctx: "Context") -> Plan:
+    """Build mode (a build Job): resolve, lock, install from the lock, publish to the cache."""
+    set_id = ctx.cfg.build.set
+    builds = os.path.join(ctx.cfg.target, ".builds")
+    os.makedirs(builds, exist_ok=True)
+    tmp = os.path.join(builds, ".tmp-set-%d" % os.getpid())
+    plan = set_attempts(ctx, tmp, lambda dest, deadline: build_attempt(ctx, dest, deadline))
+    lock = plan.lock
+    write_set_marker(tmp, ctx, plan, set_id, lock)
+    # The job's own volume holds the set too (``site``), like a pod's; the cache gets a copy.
+    final = os.path.join(builds, "%s-%s" % (set_id, ctx.tag))
+    publish_pod_build(ctx.cfg.target, tmp, final)
+    tmp = final
+    if ctx.cfg.mode == "pvc":
+        publish_pvc_set(ctx, set_id, tmp)
+    elif ctx.cfg.mode == "gcs":
+        gcs = Gcs(ctx)
+        gcs.object = gcs_set_object(ctx, set_id)
+        archive = os.path.join(ctx.work_dir, "set.tar.gz")
+        size = make_archive(tmp, archive)
+        if size > ctx.cfg.gcs.max_archive_size:
+            raise InstallError("cache_error", "the set's archive is %d bytes, over maxArchiveSize %d"
+                               % (size, ctx.cfg.gcs.max_archive_size), retryable=False)
+        try:
+            uploaded = gcs.upload_once(archive, None)
+        except GcsError as exc:
+            raise InstallError("cache_error", "uploading gs://%s/%s failed: %s"
+                               % (gcs.bucket, gcs.object, ctx.redactor(str(exc))), retryable=False)
+        log("uploaded gs://%s/%s (%d bytes)" % (gcs.bucket, gcs.object, size) if uploaded
+            else "gs://%s/%s already exists; keeping it" % (gcs.bucket, gcs.object))
+    if ctx.cfg.build.lock_file:
+        with open(ctx.cfg.build.lock_file, "w", encoding="utf-8") as handle:
+            handle.write(lock)
+    print_lock(lock)
+    plan.lock_sha256 = lock_sha256(lock)
+    return plan
+
+
+def publish_pvc_set(ctx: "Context", set_id: str, built: str) -> None:
+    final = pvc_set_dir(ctx, set_id)
+    parent = os.path.dirname(final)
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as exc:
+        raise InstallError("cache_error", "cannot use cache directory %s: %s"
+                           % (ctx.cfg.cache_dir, exc.strerror or exc), retryable=False)
+    lock = FileLock(os.path.join(parent, ".%s.lock" % ctx.tag))
+    if not lock.acquire(lock_wait_limit(ctx)):
+        raise InstallError("lock_timeout", "another build held the lock of set %s" % set_id, retryable=False)
+    try:
+        if set_is_complete(final, ctx, set_id):
+            log("set %s/%s is already published" % (set_id, ctx.tag))
+            return
+        staging = os.path.join(parent, ".tmp-%s-%d" % (ctx.tag, os.getpid()))
+        remove_tree(staging)
+        shutil.copytree(built, staging, symlinks=True)
+        fsync_dir(staging)
+        os.rename(staging, final)
+        fsync_dir(parent)
+        log("published set %s/%s" % (set_id, ctx.tag))
+    finally:
+        lock.release()
+
+
+def restored(ctx: "Context", build: str) -> Plan:
+    return Plan([], (read_marker(build) or {}).get("distributions", []), [])
+
+
+def run_restore(ctx: "Context") -> Plan:
+    """Restore mode (the app's pods): the built set from the cache without the index, else
+    (emptyDir, or a cache without the set) exactly the locked set, hash-checked."""
+    spec = ctx.cfg.restore
+    set_id = spec.set
+    target = ctx.cfg.target
+    builds = os.path.join(target, ".builds")
+    final = os.path.join(builds, "%s-%s" % (set_id, ctx.tag))
+    if set_is_complete(final, ctx, set_id):
+        log("set %s already present in this pod's volume; skipping pip" % set_id)
+        link_site(target, final)
+        return restored(ctx, final)
+    os.makedirs(builds, exist_ok=True)
+    tmp = os.path.join(builds, ".tmp-%d" % os.getpid())
+    deadline = time.monotonic() + spec.await_seconds
+    gcs = None
+    if ctx.cfg.mode == "gcs":
+        gcs = Gcs(ctx)
+        gcs.object = gcs_set_object(ctx, set_id)
+    waited = False
+    while True:
+        if ctx.cfg.mode == "pvc":
+            build = pvc_set_dir(ctx, set_id)
+            # The lease's last-use file lives in the install key's directory.
+            os.makedirs(os.path.join(ctx.cfg.cache_dir, ctx.cfg.install_key), exist_ok=True)
+            if set_is_complete(build, ctx, set_id) and use_build(ctx, build):
+                log("set %s/%s restored from the cache" % (set_id, ctx.tag))
+                return restored(ctx, build)
+        if gcs is not None and gcs_fetch(ctx, gcs, tmp).hit and set_is_complete(tmp, ctx, set_id):
+            publish_pod_build(target, tmp, final)
+            log("set %s/%s restored from the bucket" % (set_id, ctx.tag))
+            return restored(ctx, final)
+        if os.path.isfile(spec.lock_file):
+            break
+        if time.monotonic() >= deadline:
+            raise InstallError("lock_timeout", "set %s is not built yet: no lock at %s%s"
+                               % (set_id, spec.lock_file,
+                                  " after waiting %.0fs" % spec.await_seconds if spec.await_seconds else ""),
+                               retryable=False)
+        if not waited:
+            log("waiting up to %.0fs for set %s to be built" % (spec.await_seconds, set_id))
+            waited = True
+        time.sleep(2.0)
+    with open(spec.lock_file, encoding="utf-8") as handle:
+        lock = handle.read()
+    try:
+        doc = parse_lock(lock)
+    except ValueError as exc:
+        raise _fail_config("lock", "%s is not a readable pylock.toml: %s" % (spec.lock_file, one_line(exc, 200)))
+    locked_set = ((doc.get("tool") or {}).get("kaspr-packages") or {}).get("set")
+    if locked_set != set_id:
+        raise _fail_config("lock", "%s is the lock of set %s, not %s" % (spec.lock_file, _show(locked_set), set_id))
+    locked_tag = ((doc.get("tool") or {}).get("kaspr-packages") or {}).get("python-tag")
+    if locked_tag != ctx.tag:
+        log("warning: set %s was built for %s; this pod's python is %s (hash checks still apply)"
+            % (set_id, locked_tag, ctx.tag))
+    plan = set_attempts(ctx, tmp, lambda dest, deadline_: restore_attempt(ctx, dest, deadline_, lock))
+    write_set_marker(tmp, ctx, plan, set_id, lock)
+    publish_pod_build(target, tmp, final)
+    return plan
+
+
+# --------------------------------------------------------------------------------------------
 # Entry point
 # --------------------------------------------------------------------------------------------
 
@@ -2048,6 +2645,10 @@ def run(cfg: Config, ctx: Context) -> Plan:
     remove_tree(ctx.work_dir)  # a killed earlier run may have left it
     os.makedirs(ctx.work_dir, mode=0o700)
     try:
+        if cfg.build is not None:
+            return run_build(ctx)
+        if cfg.restore is not None:
+            return run_restore(ctx)
         if cfg.mode == "pvc":
             return run_pvc(ctx)
         if cfg.mode == "gcs":
@@ -2083,6 +2684,10 @@ def main(environ: Optional[Dict[str, str]] = None) -> int:
         return finish_failure(environ, error, on_failure, ctx.redactor if ctx else None)
     line = "%s OK %d packages, key %s, %s, %.1fs" % (
         PREFIX, len(cfg.packages), cfg.install_key, ctx.tag, time.monotonic() - started)
+    if getattr(plan, "lock_sha256", None):
+        line += ", set %s, lock sha256 %s" % (cfg.build.set, plan.lock_sha256)
+    elif cfg.restore is not None:
+        line += ", set %s" % cfg.restore.set
     if plan.overrides:
         line += ", overrides: " + "; ".join(plan.overrides)
     write_operator_marker(environ, cfg, time.monotonic() - started)

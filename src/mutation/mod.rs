@@ -79,6 +79,18 @@ pub fn apply(
     field_prefix: &str,
     config: &RenderConfig,
 ) -> Result<Vec<String>, Denial> {
+    apply_set(template, spec, app, field_prefix, config, None)
+}
+
+/// [`apply`], with the pods restoring package `set` (builds on, see docs/builds.md).
+pub fn apply_set(
+    template: &mut Value,
+    spec: Option<&PythonPackages>,
+    app: &AppRef,
+    field_prefix: &str,
+    config: &RenderConfig,
+    set: Option<&crate::builds::render::PackageSet>,
+) -> Result<Vec<String>, Denial> {
     let Some(template) = template.as_object_mut() else {
         return Ok(Vec::new());
     };
@@ -165,7 +177,7 @@ pub fn apply(
             "{field_prefix}.containers[{main_index}].image: the main container has no image to run the installer with"
         )));
     }
-    let injection = render::render(spec, app, &main, pod_spec, config, disguise.as_ref());
+    let injection = render::render(spec, app, &main, pod_spec, config, disguise.as_ref(), set);
     warnings.extend(cache_access::warnings(
         spec,
         app,
@@ -251,6 +263,10 @@ fn write_annotations(template: &mut Map<String, Value>, injection: &Injection, r
             names::INJECTED_ANNOTATION.into(),
             json!(record.to_annotation()),
         );
+        match &injection.set {
+            Some(set) => annotations.insert(names::SET_ANNOTATION.into(), json!(set)),
+            None => annotations.remove(names::SET_ANNOTATION),
+        };
     }
 }
 

@@ -219,6 +219,11 @@ fn is_our_volume(volume: &Value) -> bool {
             .is_some_and(|claim| claim.ends_with(crate::spec::PVC_SUFFIX))
     } else if name_is(volume, names::GCS_KEY_VOLUME) {
         source("secret")
+    } else if name_is(volume, names::LOCK_VOLUME) {
+        volume
+            .pointer("/configMap/name")
+            .and_then(Value::as_str)
+            .is_some_and(|name| name.ends_with("-python-packages-lock"))
     } else {
         false
     }
@@ -231,6 +236,7 @@ fn is_our_mount(mount: &Value) -> bool {
         (names::PACKAGES_VOLUME, names::PACKAGES_PATH),
         (names::CACHE_VOLUME, names::CACHE_PATH),
         (names::GCS_KEY_VOLUME, names::GCS_KEY_DIR),
+        (names::LOCK_VOLUME, names::LOCK_DIR),
     ]
     .iter()
     .any(|(name, ours)| name_is(mount, name) && path == Some(ours))

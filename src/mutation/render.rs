@@ -2,12 +2,14 @@
 //! Pure functions of the spec and the pod they are rendered for.
 
 use k8s_openapi::api::core::v1::{
-    Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, KeyToPath, ObjectFieldSelector,
-    PersistentVolumeClaimVolumeSource, SecretKeySelector, SecretVolumeSource, Volume, VolumeMount,
+    ConfigMapVolumeSource, Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, KeyToPath,
+    ObjectFieldSelector, PersistentVolumeClaimVolumeSource, SecretKeySelector, SecretVolumeSource,
+    Volume, VolumeMount,
 };
 use serde_json::{Map, Value, json};
 
 use crate::app::AppRef;
+use crate::builds::render::PackageSet;
 use crate::config::RenderConfig;
 use crate::names;
 use crate::spec::{Cache, OnFailure, PythonPackages, pvc_name, short_sha256};
@@ -21,6 +23,8 @@ pub struct Injection {
     pub main_mounts: Vec<Value>,
     pub install_key: String,
     pub template_hash: String,
+    /// The package set the pods restore (builds on).
+    pub set: Option<String>,
 }
 
 /// The installer's configuration (`KASPR_PACKAGES_CONFIG`): everything it needs that is not a
@@ -253,7 +257,8 @@ pub struct Disguise {
     pub packages_hash: Option<Value>,
 }
 
-/// Renders the injection for one pod template (`disguise` under takeover).
+/// Renders the injection for one pod template (`disguise` under takeover); with `set` (builds
+/// on), the installer restores that package set instead of resolving (see docs/builds.md).
 pub fn render(
     spec: &PythonPackages,
     app: &AppRef,
@@ -261,15 +266,19 @@ pub fn render(
     pod_spec: &Map<String, Value>,
     config: &RenderConfig,
     disguise: Option<&Disguise>,
+    set: Option<&PackageSet>,
 ) -> Injection {
     let install_key = spec.install_key();
 
     let Mounts {
-        volumes,
-        init_mounts,
+        mut volumes,
+        mut init_mounts,
         main_mounts,
     } = volumes_and_mounts(spec, app, config);
-    let env = init_env(spec, app, &install_key);
+    let mut env = init_env(spec, app, &install_key);
+    if let Some(set) = set {
+        add_restore(&mut env, &mut volumes, &mut init_mounts, app, set);
+    }
 
     let name = if disguise.is_some() {
         names::OPERATOR_INIT_CONTAINER
@@ -331,5 +340,43 @@ pub fn render(
         main_mounts,
         install_key,
         template_hash,
+        set: set.map(|s| s.id.clone()),
     }
+}
+
+/// Restore mode: the installer's config names the set, and the set's lock reaches the init
+/// container from the app's lock ConfigMap (optional: on a first deployment it appears once
+/// the set is built, and the installer waits for it).
+fn add_restore(
+    env: &mut [EnvVar],
+    volumes: &mut Vec<Volume>,
+    init_mounts: &mut Vec<VolumeMount>,
+    app: &AppRef,
+    set: &PackageSet,
+) {
+    if let Some(config) = env.iter_mut().find(|e| e.name == names::CONFIG_ENV)
+        && let Some(Ok(mut value)) = config.value.as_deref().map(serde_json::from_str::<Value>)
+    {
+        value["restore"] = json!({
+            "set": set.id,
+            "lockFile": format!("{}/{}", names::LOCK_DIR, crate::builds::render::LOCK_FILE),
+            "awaitSeconds": set.await_seconds,
+        });
+        config.value = Some(value.to_string());
+    }
+    volumes.push(Volume {
+        name: names::LOCK_VOLUME.to_owned(),
+        config_map: Some(ConfigMapVolumeSource {
+            name: crate::builds::lock_config_map_name(&app.name),
+            optional: Some(true),
+            items: Some(vec![KeyToPath {
+                key: crate::builds::state::lock_key(&set.id),
+                path: crate::builds::render::LOCK_FILE.to_owned(),
+                mode: None,
+            }]),
+            default_mode: None,
+        }),
+        ..Default::default()
+    });
+    init_mounts.push(mount(names::LOCK_VOLUME, names::LOCK_DIR, true));
 }

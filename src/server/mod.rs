@@ -164,7 +164,7 @@ pub async fn serve(options: ServeOptions, shutdown: Shutdown) -> anyhow::Result<
         Arc::clone(&certs).watch(reload_interval),
     ));
 
-    let source = app_source(apps, reload_interval, &mut tasks).await?;
+    let source = app_source(apps, reload_interval, controller.builds, &mut tasks).await?;
     if let Some((config, policy)) = self_managed {
         let client = source
             .client
@@ -246,6 +246,7 @@ struct AppSourceParts {
 async fn app_source(
     apps: AppSource,
     reload_interval: Duration,
+    builds: bool,
     tasks: &mut Vec<BackgroundTask>,
 ) -> anyhow::Result<AppSourceParts> {
     match apps {
@@ -272,8 +273,19 @@ async fn app_source(
                 .context("cannot configure a Kubernetes client (KUBECONFIG or in-cluster service account); use --kasprapps DIR to run without a cluster")?;
             let (cache, runner) = KubeKasprApps::new(client.clone(), &namespaces);
             tasks.push(BackgroundTask::new("kasprapp-cache", runner));
+            let apps: Arc<dyn KasprApps> = if builds {
+                // Builds on: render each app's current package set (docs/builds.md).
+                let (locks, runner) = crate::cache::KubeLockStates::new(&client, &namespaces);
+                tasks.push(BackgroundTask::new("lock-configmap-cache", runner));
+                Arc::new(crate::cache::SetAwareApps::new(
+                    Arc::new(cache),
+                    Arc::new(locks),
+                ))
+            } else {
+                Arc::new(cache)
+            };
             Ok(AppSourceParts {
-                apps: Arc::new(cache),
+                apps,
                 client: Some(client),
                 namespaces,
             })

@@ -43,6 +43,7 @@ def main(rounds: int) -> None:
             authed = "http://%s:%s@127.0.0.1:%d/simple/" % (PLAIN_USER, PLAIN_PASSWORD, pypi.port)
 
             plain_pip, total, in_pip, warm = [], [], [], []
+            build, restore_lock, restore_pvc = [], [], []
             for i in range(rounds):
                 # Baseline: one plain pip install of the same requirements into a fresh target.
                 target = work / ("pip-%d" % i)
@@ -65,6 +66,26 @@ def main(rounds: int) -> None:
                 assert run.returncode == 0 and "skipping pip" in run.stdout, run
                 warm.append(run.duration)
 
+                # Package sets: a build Job (PVC mode), a pod restoring it from the cache, and
+                # an emptyDir pod installing the locked set with hash checking.
+                lock = work / ("lock-%d.toml" % i)
+                set_cache = work / ("sets-%d" % i)
+                job = config(work / ("job-%d" % i), pypi.url, PACKAGES, credentials=True, mode="pvc",
+                             cacheDir=str(set_cache), build={"set": "5e7a00000000000%d" % (i % 10), "lockFile": str(lock)})
+                run = run_installer(python, job, env, work / "termlog")
+                assert run.returncode == 0, run
+                build.append(run.duration)
+                pod = config(work / ("setpod-%d" % i), pypi.url, PACKAGES, credentials=True, mode="pvc",
+                             cacheDir=str(set_cache), restore={"set": job["build"]["set"], "lockFile": str(lock)})
+                run = run_installer(python, pod, env, work / "termlog")
+                assert run.returncode == 0 and "restored from the cache" in run.stdout, run
+                restore_pvc.append(run.duration)
+                pod = config(work / ("lockpod-%d" % i), pypi.url, PACKAGES, credentials=True,
+                             restore={"set": job["build"]["set"], "lockFile": str(lock)})
+                run = run_installer(python, pod, env, work / "termlog")
+                assert run.returncode == 0 and "hash-checked" in run.stdout, run
+                restore_lock.append(run.duration)
+
             own = [t - p for t, p in zip(total, in_pip)]
             med = statistics.median
             print("rounds: %d" % rounds)
@@ -74,6 +95,9 @@ def main(rounds: int) -> None:
             print("  installer's own overhead beyond pip:       %.2fs" % med(own))
             print("  total minus plain pip (incl. 2nd pip run): %.2fs" % med([t - p for t, p in zip(total, plain_pip)]))
             print("PVC warm restart (build present), total:     %.2fs" % med(warm))
+            print("set build (download, lock, install, publish): %.2fs" % med(build))
+            print("set restore, PVC (no index), total:          %.2fs" % med(restore_pvc))
+            print("set restore, emptyDir (from the lock):       %.2fs" % med(restore_lock))
         finally:
             pypi.stop()
     finally:

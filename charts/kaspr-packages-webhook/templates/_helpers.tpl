@@ -140,4 +140,17 @@ cert-manager.io/inject-ca-from: {{ printf "%s/%s" .Release.Namespace (include "k
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["get", "list", "watch"]
+{{- if .Values.builds.enabled }}
+# Package-set builds (docs/builds.md): the build Jobs, the lock ConfigMaps, and the lock the
+# build prints into its pod's log.
+- apiGroups: ["batch"]
+  resources: ["jobs"]
+  verbs: ["get", "list", "watch", "create", "delete"]
+- apiGroups: [""]
+  resources: ["configmaps"]
+  verbs: ["get", "list", "watch", "create", "patch"]
+- apiGroups: [""]
+  resources: ["pods/log"]
+  verbs: ["get"]
+{{- end }}
 {{- end }}
