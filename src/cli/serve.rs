@@ -289,6 +289,13 @@ pub struct ServeArgs {
     /// start, as without this flag. Off with --kasprapps.
     #[arg(long, env = "KASPR_WEBHOOK_BUILDS", value_name = "BOOL", default_value_t = false, action = clap::ArgAction::Set)]
     pub builds: bool,
+
+    /// How long the API server may fail to call this webhook for an app (no ready endpoint,
+    /// connection refused) before the controller records a Warning Event on it; until then it
+    /// retries every 3 s and logs at info. Covers an install or upgrade whose Service has no
+    /// ready endpoint yet. 0s warns at once.
+    #[arg(long, env = "KASPR_WEBHOOK_UNREACHABLE_GRACE", value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+    pub unreachable_grace: std::time::Duration,
 }
 
 impl ServeArgs {
@@ -328,6 +335,7 @@ impl ServeArgs {
             controller_pvc,
             controller_rollout,
             builds,
+            unreachable_grace,
         } = self;
         let certs = match (tls_cert, tls_key) {
             (Some(cert), Some(key)) => crate::server::CertSource::Files { cert, key },
@@ -388,6 +396,7 @@ impl ServeArgs {
                 pvc: controller_pvc,
                 rollout: controller_rollout,
                 builds,
+                unreachable_grace,
             },
         }
     }

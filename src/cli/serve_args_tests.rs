@@ -61,7 +61,8 @@ fn defaults_are_local_and_safe() {
         crate::controller::ControllerOptions {
             pvc: true,
             rollout: true,
-            builds: false
+            builds: false,
+            unreachable_grace: std::time::Duration::from_secs(60),
         }
     );
 }
@@ -73,6 +74,7 @@ fn controller_parts_can_be_switched_off() {
         "--controller-rollout",
         "false",
         "--builds=true",
+        "--unreachable-grace=5s",
     ])
     .expect("parse")
     .into_options();
@@ -81,7 +83,8 @@ fn controller_parts_can_be_switched_off() {
         crate::controller::ControllerOptions {
             pvc: false,
             rollout: false,
-            builds: true
+            builds: true,
+            unreachable_grace: std::time::Duration::from_secs(5),
         }
     );
     assert!(serve_args(&["--builds=sometimes"]).is_err());

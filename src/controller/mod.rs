@@ -59,6 +59,8 @@ pub struct ControllerOptions {
     pub rollout: bool,
     /// Build each package set in a Job before anything rolls (docs/builds.md).
     pub builds: bool,
+    /// How long the API server may fail to reach the webhook for an app before a Warning Event.
+    pub unreachable_grace: Duration,
 }
 
 impl Default for ControllerOptions {
@@ -67,6 +69,7 @@ impl Default for ControllerOptions {
             pvc: true,
             rollout: true,
             builds: false,
+            unreachable_grace: rollout::UNREACHABLE_GRACE,
         }
     }
 }

@@ -123,8 +123,8 @@ pub fn resync_patch() -> Value {
     json!({"spec": {"template": {"metadata": {"annotations": {TEMPLATE_HASH_ANNOTATION: null}}}}})
 }
 
-/// How long the API server may fail to reach this webhook for an app before that app gets a
-/// Warning Event. At install and upgrade the controller starts before its own Service has
+/// How long, by default (`--unreachable-grace`), the API server may fail to reach this webhook
+/// for an app before that app gets a Warning Event. At install and upgrade the controller starts before its own Service has
 /// endpoints (or the API server has read the new registration); that is not worth an alarm.
 pub const UNREACHABLE_GRACE: std::time::Duration = std::time::Duration::from_secs(60);
 

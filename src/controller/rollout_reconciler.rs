@@ -165,7 +165,7 @@ const UNREACHABLE_RETRY: Duration = Duration::from_secs(3);
 
 /// The resync patch, which makes the API server send the StatefulSet through the webhook; a
 /// refusal marks the app out of sync and warns. `None` while the API server cannot reach the
-/// webhook and has not for longer than [`rollout::UNREACHABLE_GRACE`] (a fresh install or an
+/// webhook and has not for longer than `--unreachable-grace` (a fresh install or an
 /// upgrade whose Service has no ready endpoint yet): logged, counted, no Warning Event.
 async fn send_through_webhook(
     app: &KasprAppObject,
@@ -224,7 +224,7 @@ fn within_grace(key: &ObjectRef<KasprAppObject>, context: &Context) -> bool {
         .unreachable_since
         .entry(key.clone())
         .or_insert_with(std::time::Instant::now);
-    since.elapsed() < rollout::UNREACHABLE_GRACE
+    since.elapsed() < context.options.unreachable_grace
 }
 
 /// Logs and publishes (as a Normal Event) that the StatefulSet now carries another injection.

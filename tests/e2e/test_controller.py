@@ -210,7 +210,8 @@ def test_webhook_down_controller_retries_and_converges(cluster: ControlPlane, we
         _packages(cluster, namespace, "patient", ["kasprdemo==2.0"])
         # ...and then down: with failurePolicy Fail, no owned StatefulSet can be updated.
         webhook.stop()
-        second_replica.start()
+        # No grace for an unreachable webhook: this replica warns at once (the default waits 60 s).
+        second_replica.start(extra_args=[*second_replica.extra_args, "--unreachable-grace=0s"])
         wait_for("the second replica's controller to fail and back off",
                  lambda: second_replica.metric(RECONCILES, part="rollout", outcome="failed") >= 2,
                  timeout=CONTROLLER_TIMEOUT)
