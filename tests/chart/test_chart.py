@@ -167,7 +167,7 @@ def test_defaults_keep_the_hardened_security_contexts():
         "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}}
     assert "env" not in container
     assert container["livenessProbe"] == {"httpGet": {"path": "/livez", "port": "probes"},
-                                          "periodSeconds": 10, "timeoutSeconds": 2, "failureThreshold": 3}
+                                          "periodSeconds": 10, "timeoutSeconds": 5, "failureThreshold": 6}
     assert container["readinessProbe"] == {"httpGet": {"path": "/readyz", "port": "probes"},
                                            "periodSeconds": 5, "timeoutSeconds": 3, "failureThreshold": 3}
 
