@@ -66,3 +66,39 @@ impl From<OperatorPackagesArg> for crate::spec::OperatorPackages {
         }
     }
 }
+
+/// The rendering settings `serve` and `preview` share, so both render the same way.
+#[derive(Debug, clap::Args)]
+pub struct RenderArgs {
+    /// Init container resources when a KasprApp sets none, as JSON:
+    /// '{"requests":{"cpu":"100m","memory":"256Mi"},"limits":{"memory":"1Gi"}}'.
+    #[arg(long, env = "KASPR_WEBHOOK_INIT_CONTAINER_RESOURCES", value_name = "JSON", value_parser = parse_resources)]
+    pub init_container_resources: Option<k8s_openapi::api::core::v1::ResourceRequirements>,
+
+    /// sizeLimit of the per-pod kaspr-packages emptyDir, a Kubernetes quantity such as 4Gi
+    /// (none when unset). A pod that writes more is evicted by the kubelet.
+    #[arg(long, env = "KASPR_WEBHOOK_PACKAGES_VOLUME_SIZE_LIMIT", value_name = "QUANTITY", value_parser = parse_size_limit)]
+    pub packages_volume_size_limit: Option<k8s_openapi::apimachinery::pkg::api::resource::Quantity>,
+
+    /// What to do with the Kaspr operator's own package injection (operator v0.14+, its
+    /// `install-packages` init container) when a KasprApp's annotation
+    /// packages.kaspr.io/operator-packages does not say: respect leaves it alone, takeover
+    /// replaces it with ours.
+    #[arg(
+        long,
+        env = "KASPR_WEBHOOK_OPERATOR_PACKAGES",
+        value_enum,
+        default_value = "respect"
+    )]
+    pub operator_packages: OperatorPackagesArg,
+}
+
+impl RenderArgs {
+    pub fn into_config(self) -> crate::config::RenderConfig {
+        crate::config::RenderConfig {
+            default_resources: self.init_container_resources,
+            packages_volume_size_limit: self.packages_volume_size_limit,
+            operator_packages: self.operator_packages.into(),
+        }
+    }
+}

@@ -1,7 +1,7 @@
 //! `preview` and `validate`: the offline commands.
 use std::process::ExitCode;
 
-use super::parsers::{OperatorPackagesArg, parse_resources, parse_size_limit};
+use super::parsers::RenderArgs;
 
 pub(super) const PREVIEW_ABOUT: &str = "Render what the webhook would do, without a cluster.
 
@@ -44,27 +44,8 @@ pub struct PreviewArgs {
     )]
     pub output: PreviewOutputArg,
 
-    /// Chart-level default resources for the init container, as JSON
-    /// ({"requests":{...},"limits":{...}}), used when the KasprApp sets none.
-    #[arg(long, env = "KASPR_WEBHOOK_INIT_CONTAINER_RESOURCES", value_name = "JSON", value_parser = parse_resources)]
-    pub init_container_resources: Option<k8s_openapi::api::core::v1::ResourceRequirements>,
-
-    /// sizeLimit of the per-pod kaspr-packages emptyDir, a Kubernetes quantity such as 4Gi
-    /// (none when unset). A pod that writes more is evicted by the kubelet.
-    #[arg(long, env = "KASPR_WEBHOOK_PACKAGES_VOLUME_SIZE_LIMIT", value_name = "QUANTITY", value_parser = parse_size_limit)]
-    pub packages_volume_size_limit: Option<k8s_openapi::apimachinery::pkg::api::resource::Quantity>,
-
-    /// What to do with the Kaspr operator's own package injection (operator v0.14+, its
-    /// `install-packages` init container) when a KasprApp's annotation
-    /// packages.kaspr.io/operator-packages does not say: respect leaves it alone, takeover
-    /// replaces it with ours.
-    #[arg(
-        long,
-        env = "KASPR_WEBHOOK_OPERATOR_PACKAGES",
-        value_enum,
-        default_value = "respect"
-    )]
-    pub operator_packages: OperatorPackagesArg,
+    #[command(flatten)]
+    pub render: RenderArgs,
 }
 
 /// Options of `validate`.
@@ -91,9 +72,7 @@ pub(super) fn preview(args: PreviewArgs) -> ExitCode {
         kasprapp,
         object,
         output,
-        init_container_resources,
-        packages_volume_size_limit,
-        operator_packages,
+        render,
     } = args;
     let result = (|| -> Result<crate::preview::Preview, String> {
         let app_name = kasprapp.display().to_string();
@@ -113,11 +92,7 @@ pub(super) fn preview(args: PreviewArgs) -> ExitCode {
             }
             None => None,
         };
-        let config = crate::config::RenderConfig {
-            default_resources: init_container_resources,
-            packages_volume_size_limit,
-            operator_packages: operator_packages.into(),
-        };
+        let config = render.into_config();
         let output = match output {
             PreviewOutputArg::Yaml => crate::preview::Output::Yaml,
             PreviewOutputArg::Json => crate::preview::Output::Json,

@@ -1,7 +1,7 @@
 //! `serve`: the flags of the admission server and controller, and how they become its options.
 use std::process::ExitCode;
 
-use super::parsers::{OperatorPackagesArg, parse_duration, parse_resources, parse_size_limit};
+use super::parsers::{RenderArgs, parse_duration};
 
 pub(super) const SERVE_ABOUT: &str = "Run the admission webhook.
 
@@ -162,27 +162,8 @@ pub struct ServeArgs {
     #[arg(long, env = "KASPR_WEBHOOK_HEADER_TIMEOUT", value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
     pub header_timeout: std::time::Duration,
 
-    /// Init container resources when a KasprApp sets none, as JSON:
-    /// '{"requests":{"cpu":"100m","memory":"256Mi"},"limits":{"memory":"1Gi"}}'.
-    #[arg(long, env = "KASPR_WEBHOOK_INIT_CONTAINER_RESOURCES", value_name = "JSON", value_parser = parse_resources)]
-    pub init_container_resources: Option<k8s_openapi::api::core::v1::ResourceRequirements>,
-
-    /// sizeLimit of the per-pod kaspr-packages emptyDir, a Kubernetes quantity such as 4Gi
-    /// (none when unset). A pod that writes more is evicted by the kubelet.
-    #[arg(long, env = "KASPR_WEBHOOK_PACKAGES_VOLUME_SIZE_LIMIT", value_name = "QUANTITY", value_parser = parse_size_limit)]
-    pub packages_volume_size_limit: Option<k8s_openapi::apimachinery::pkg::api::resource::Quantity>,
-
-    /// What to do with the Kaspr operator's own package injection (operator v0.14+, its
-    /// `install-packages` init container) when a KasprApp's annotation
-    /// packages.kaspr.io/operator-packages does not say: respect leaves it alone, takeover
-    /// replaces it with ours.
-    #[arg(
-        long,
-        env = "KASPR_WEBHOOK_OPERATOR_PACKAGES",
-        value_enum,
-        default_value = "respect"
-    )]
-    pub operator_packages: OperatorPackagesArg,
+    #[command(flatten)]
+    pub render: RenderArgs,
 
     /// Require a client certificate signed by a CA in this PEM file on the webhook port (the
     /// API server presents one when its admission configuration names it; docs/security.md).
@@ -317,9 +298,7 @@ impl ServeArgs {
             shutdown_timeout,
             request_timeout,
             header_timeout,
-            init_container_resources,
-            packages_volume_size_limit,
-            operator_packages,
+            render,
             client_ca,
             self_managed_certs,
             cert_secret,
@@ -382,11 +361,7 @@ impl ServeArgs {
                 header_timeout,
                 shutdown_delay,
                 shutdown_timeout,
-                render: crate::config::RenderConfig {
-                    default_resources: init_container_resources,
-                    packages_volume_size_limit,
-                    operator_packages: operator_packages.into(),
-                },
+                render: render.into_config(),
                 client_ca,
             },
             certs,
