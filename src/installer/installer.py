@@ -1364,7 +1364,9 @@ def write_lease(ctx: Context, build_rel: str) -> None:
     leases = os.path.join(ctx.cfg.cache_dir, "leases")
     make_shared_dir(leases, ctx.cache_group)
     path = os.path.join(leases, lease_file_name(ctx.environ))
-    write_shared_file(path, json.dumps({"build": build_rel, "time": int(time.time()), "pod": pod_name(ctx.environ),
+    # Milliseconds: a pod's lease written in the same second as an older one of its name must
+    # still read as the newer one, or the replaced pod's build would never expire.
+    write_shared_file(path, json.dumps({"build": build_rel, "time": round(time.time(), 3), "pod": pod_name(ctx.environ),
                                         "uid": ctx.environ.get("KASPR_PACKAGES_POD_UID") or ""}), ctx.cache_group)
     # Last-use time of the build, for the pruning grace period (its mtime).
     used = os.path.join(ctx.cfg.cache_dir, ctx.cfg.install_key, "%s.used" % ctx.tag)

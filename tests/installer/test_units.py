@@ -316,3 +316,25 @@ def test_the_operator_marker_is_written_only_with_a_plain_packages_hash(tmp_path
                     {"PACKAGES_HASH": "a/b"}):
         assert installer.write_operator_marker(environ, cfg, 1.0) is None
     assert sorted(p.name for p in tmp_path.iterdir()) == [".installed-9f86d081884c7d65"]
+
+
+def test_a_lease_replaced_within_the_same_second_still_expires_the_older_one(tmp_path, monkeypatch):
+    """Two leases of one pod name written 0.4 s apart: the older one is the replaced pod's and
+    expires once past the grace period; the newer one stays."""
+    leases = tmp_path / "leases"
+    leases.mkdir()
+    clock = [1_000_000.2]
+    monkeypatch.setattr(installer.time, "time", lambda: clock[0])
+    for uid, build, written in (("a", "A/t", 1_000_000.2), ("b", "B/t", 1_000_000.6)):
+        clock[0] = written
+        environ = {"HOSTNAME": "shared", "KASPR_PACKAGES_POD_UID": uid}
+        ctx = type("Ctx", (), {})()
+        ctx.environ = environ
+        ctx.cache_group = None
+        ctx.tag = "t"
+        ctx.cfg = type("Cfg", (), {"cache_dir": str(tmp_path), "install_key": build.split("/")[0]})()
+        (tmp_path / ctx.cfg.install_key).mkdir(exist_ok=True)
+        installer.write_lease(ctx, build)
+    clock[0] = 1_000_001.0
+    assert installer.live_lease_builds(str(leases), 0.1) == {"B/t"}
+    assert sorted(os.listdir(leases)) == ["shared.b.json"]
