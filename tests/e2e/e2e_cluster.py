@@ -27,6 +27,11 @@ KUBERNETES_SERVICE_IP = "10.96.0.1"
 POD_CIDR = "10.244.0.0/24"
 NODE_IP = "10.244.0.1"
 BRIDGE = "cni0"
+# A bridge without an address of its own takes the lowest MAC of its ports, so it changes
+# whenever a pod's veth comes or goes; every pod's cached neighbour entry for NODE_IP then
+# names a MAC the bridge no longer answers to, and replies to the kubelet's probes and to the
+# API server are lost until the entry expires. A fixed, locally administered MAC prevents it.
+BRIDGE_MAC = "02:00:0a:f4:00:01"
 APISERVER_PORT = 6443
 ETCD_CLIENT_PORT = 2379
 ETCD_PEER_PORT = 2380
@@ -102,7 +107,7 @@ class NetworkNamespace:
         run(["ip", "-n", self.name, "route", "add", "local", SERVICE_CIDR, "dev", "lo"])
         # The node's bridge exists before the API server starts, so NODE_IP is on a real
         # interface for the API server to advertise and the kubelet to report.
-        run(["ip", "-n", self.name, "link", "add", BRIDGE, "type", "bridge"])
+        run(["ip", "-n", self.name, "link", "add", BRIDGE, "address", BRIDGE_MAC, "type", "bridge"])
         run(["ip", "-n", self.name, "addr", "add", f"{NODE_IP}/{POD_CIDR.split('/')[1]}", "dev", BRIDGE])
         run(["ip", "-n", self.name, "link", "set", BRIDGE, "up"])
         links = self.links()

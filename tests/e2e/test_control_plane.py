@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from e2e_cluster import NODE_IP, ControlPlane, E2EError, Process
+from e2e_cluster import BRIDGE, BRIDGE_MAC, NODE_IP, ControlPlane, E2EError, Process
 from e2e_node import NODE_NAME, Node
 from e2e_objects import plain_statefulset
 
@@ -59,6 +59,27 @@ def test_namespace_has_no_way_out(cluster: ControlPlane):
                                  namespace="default")["items"]
     addresses = [a for s in endpoints for e in s.get("endpoints", []) for a in e["addresses"]]
     assert addresses == [NODE_IP], addresses
+
+
+def test_the_pod_bridge_keeps_its_address_while_pods_come_and_go(cluster: ControlPlane):
+    def bridge_mac() -> str:
+        return json.loads(cluster.netns.run(["ip", "-j", "link", "show", BRIDGE]).stdout)[0]["address"]
+
+    assert bridge_mac() == BRIDGE_MAC
+    # 3 is NET_ADDR_SET: the address was given, not inherited from a port.
+    assign = cluster.netns.run(["cat", f"/sys/class/net/{BRIDGE}/addr_assign_type"]).stdout.strip()
+    assert assign == "3", assign
+    # A port whose MAC sorts below the bridge's joins and leaves, as a pod's veth does: a bridge
+    # with an inherited MAC would take the port's and keep changing.
+    veth, peer = "vethkeepmac", "vethkeepmacp"
+    cluster.netns.run(["ip", "link", "add", veth, "address", "02:00:00:00:00:01", "type", "veth",
+                       "peer", "name", peer])
+    try:
+        cluster.netns.run(["ip", "link", "set", veth, "master", BRIDGE, "up"])
+        assert bridge_mac() == BRIDGE_MAC
+    finally:
+        cluster.netns.run(["ip", "link", "del", veth], check=False)
+    assert bridge_mac() == BRIDGE_MAC
 
 
 def test_statefulset_pods_are_scheduled_on_the_node(cluster: ControlPlane, namespace: str):
