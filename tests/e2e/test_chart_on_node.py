@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from e2e_cluster import ControlPlane, E2EError, make_ca, make_cert, pod_ready, wait_for
+from e2e_cluster import BRIDGE, ControlPlane, E2EError, make_ca, make_cert, pod_ready, wait_for
 from e2e_objects import init_container, kasprapp, operator_statefulset
 from e2e_webhook import Webhook
 from test_helm_chart import CHART, RELEASE_NAMESPACE, Helm
@@ -103,7 +103,7 @@ class AdmissionLoop:
                         f"{p['metadata']['name']} ready={pod_ready(p)} restarts="
                         f"{[c.get('restartCount', 0) for c in p['status'].get('containerStatuses') or []]} "
                         f"last={[c.get('lastState') for c in p['status'].get('containerStatuses') or []]}"
-                        for p in release_pods(self.args[0])))
+                        for p in release_pods(self.args[0])) + "\n" + node_side(self.args[0]))
 
     def __enter__(self) -> "AdmissionLoop":
         self._thread.start()
@@ -120,6 +120,27 @@ def release_pod_events(cluster: ControlPlane) -> str:
                             "--sort-by", ".lastTimestamp", "-o", "custom-columns=LAST:.lastTimestamp,COUNT:.count,"
                             "POD:.involvedObject.name,REASON:.reason,MESSAGE:.message"], check=False)
     return proc.stdout or proc.stderr
+
+
+def node_side(cluster: ControlPlane) -> str:
+    """What the node sees of the release's pods at this moment: each pod's /livez asked
+    directly at its IP (no Service, no kubelet), the bridge's address and neighbours."""
+    lines = []
+    for pod in release_pods(cluster):
+        ip = pod["status"].get("podIP")
+        ports = [p["containerPort"] for c in pod["spec"]["containers"] for p in c.get("ports", [])
+                 if p.get("name") == "probes"]
+        if not ip or not ports:
+            lines.append(f"{pod['metadata']['name']}: no IP or probe port yet")
+            continue
+        probe = cluster.netns.run(["curl", "-sS", "-m", "3", "-o", "/dev/null", "-w", "%{http_code} %{time_total}s",
+                                   f"http://{ip}:{ports[0]}/livez"], check=False)
+        lines.append(f"{pod['metadata']['name']} {ip}: /livez {probe.stdout.strip()} {probe.stderr.strip()}")
+    for args in (["ip", "-br", "link", "show", "master", BRIDGE], ["ip", "neigh", "show", "dev", BRIDGE],
+                 ["ip", "-br", "link", "show", BRIDGE]):
+        proc = cluster.netns.run(args, check=False)
+        lines.append(f"$ {' '.join(args)}\n{proc.stdout.strip()}{proc.stderr.strip()}")
+    return "\n".join(lines)
 
 
 def secret_data(cluster: ControlPlane, name: str) -> dict[str, bytes]:
@@ -204,7 +225,7 @@ def test_chart_deployment_serves_through_its_service_through_rotation_and_upgrad
         assert loop.count >= 30, loop.count
         assert not loop.failures, (f"{len(loop.failures)} of {loop.count} admissions failed: {loop.failures[:3]} "
                                    f"... {loop.failures[-2:]}\nreplicas then: {loop.replica_states}\n"
-                                   f"their events:\n{release_pod_events(cluster)}")
+                                   f"their events:\n{release_pod_events(cluster)}\nthe node now:\n{node_side(cluster)}")
         # The leaf the Service presents chains to the CA the Secret holds now.
         leaf = served_certificate(cluster, name)
         assert "BEGIN CERTIFICATE" in leaf, leaf
@@ -251,7 +272,8 @@ def test_provided_certificate_reloads_after_the_kubelets_secret_swap(
         ok, error = admit(cluster, namespace, "provided", app["metadata"]["uid"])
         assert ok, error
         statuses = [s for p in release_pods(cluster) for s in p["status"]["containerStatuses"]]
-        assert [s.get("restartCount", 0) for s in statuses] == [0, 0], [s.get("lastState") for s in statuses]
+        assert [s.get("restartCount", 0) for s in statuses] == [0, 0], (
+            [s.get("lastState") for s in statuses], release_pod_events(cluster), node_side(cluster))
     finally:
         helm("uninstall", RELEASE, "--namespace", RELEASE_NAMESPACE, "--wait", "--timeout", "120s", check=False)
         cluster.kubectl(["delete", "secret", "provided-tls", "-n", RELEASE_NAMESPACE, "--ignore-not-found"],
