@@ -148,112 +148,28 @@ pub fn run_blocking(
 
 async fn read(kind: Kind, name: &str, options: &FetchOptions) -> Result<Snapshot, FetchError> {
     let (client, default_namespace) = client(options).await?;
-    let namespace = options.namespace.clone().unwrap_or(default_namespace);
-    let namespaced = |resource: &ApiResource| {
-        Api::<DynamicObject>::namespaced_with(client.clone(), &namespace, resource)
+    let reader = Reader {
+        namespace: options.namespace.clone().unwrap_or(default_namespace),
+        client,
     };
-    let cluster = |resource: &ApiResource| Api::<DynamicObject>::all_with(client.clone(), resource);
-
-    let resource = match kind {
-        Kind::Pod => ApiResource::erase::<Pod>(&()),
-        Kind::StatefulSet => ApiResource::erase::<StatefulSet>(&()),
-        Kind::KasprApp => kasprapp_resource(),
-    };
-    let object = match get(&namespaced(&resource), name).await {
-        Known::Found(object) => object,
-        Known::Missing => {
-            return Err(FetchError::NotFound {
-                kind: kind.as_str(),
-                namespace,
-                name: name.to_owned(),
-            });
-        }
-        Known::Unreadable(reason) => {
-            return Err(FetchError::Read {
-                what: format!("{} {namespace}/{name}", kind.as_str()),
-                reason,
-            });
-        }
-    };
-    let mut snapshot = Snapshot::of(kind, object);
-    snapshot.namespace = get(&cluster(&ApiResource::erase::<Namespace>(&())), &namespace).await;
-
-    let mutating_api = cluster(&ApiResource::erase::<MutatingWebhookConfiguration>(&()));
-    snapshot.mutating = match &options.webhook_config {
-        Some(config) => get(&mutating_api, config).await,
-        None => match list(&mutating_api, None).await {
-            Known::Found(all) => release_configuration(all),
-            Known::Missing => Known::Missing,
-            Known::Unreadable(reason) => Known::Unreadable(reason),
-        },
-    };
-    if let Some(config) = snapshot.mutating.found() {
-        let config_name = config
-            .pointer("/metadata/name")
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_owned();
-        let validating = cluster(&ApiResource::erase::<ValidatingWebhookConfiguration>(&()));
-        snapshot.validating = get(&validating, &config_name).await;
-    } else {
-        snapshot.validating = snapshot.mutating.clone();
-    }
-    snapshot.server = server(&client, snapshot.mutating.found(), options).await;
-
-    let app_name = match kind {
-        Kind::Pod => {
-            if let Some(owner) = owner_statefulset(&snapshot.object) {
-                snapshot.owner =
-                    Some(get(&namespaced(&ApiResource::erase::<StatefulSet>(&())), &owner).await);
-            }
-            app::pod_app(&snapshot.object).or_else(|| {
-                snapshot
-                    .owner
-                    .as_ref()?
-                    .found()
-                    .and_then(app::statefulset_app)
-            })
-        }
-        Kind::StatefulSet => {
-            let selector = match_labels(&snapshot.object);
-            if let Some(selector) = selector {
-                snapshot.pods = list(
-                    &namespaced(&ApiResource::erase::<Pod>(&())),
-                    Some(&selector),
-                )
-                .await;
-            }
-            app::statefulset_app(&snapshot.object)
-        }
-        Kind::KasprApp => {
-            let statefulsets =
-                list(&namespaced(&ApiResource::erase::<StatefulSet>(&())), None).await;
-            if let Known::Found(all) = statefulsets {
-                snapshot.statefulsets = all
-                    .into_iter()
-                    .filter(|s| app::statefulset_app(s).as_deref() == Some(name))
-                    .collect();
-            }
-            let selector = format!("{}={name}", crate::names::APP_LABEL);
-            snapshot.pods = list(
-                &namespaced(&ApiResource::erase::<Pod>(&())),
-                Some(&selector),
-            )
-            .await;
-            snapshot.kasprapp = Some(snapshot.object.clone());
-            Some(name.to_owned())
-        }
-    };
-    let Some(app_name) = app_name else {
+    let mut snapshot = Snapshot::of(kind, reader.object(kind, name).await?);
+    snapshot.namespace = get(
+        &reader.cluster(&ApiResource::erase::<Namespace>(&())),
+        &reader.namespace,
+    )
+    .await;
+    reader.webhook_configurations(&mut snapshot, options).await;
+    snapshot.server = server(&reader.client, snapshot.mutating.found(), options).await;
+    let Some(app_name) = reader.related(&mut snapshot, kind, name).await else {
         return Ok(snapshot);
     };
     if kind != Kind::KasprApp {
-        snapshot.kasprapp = match get(&namespaced(&kasprapp_resource()), &app_name).await {
+        snapshot.kasprapp = match get(&reader.namespaced(&kasprapp_resource()), &app_name).await {
             Known::Found(app) => Some(app),
             Known::Missing => None,
             Known::Unreadable(reason) => {
                 return Err(FetchError::Read {
-                    what: format!("KasprApp {namespace}/{app_name}"),
+                    what: format!("KasprApp {}/{app_name}", reader.namespace),
                     reason,
                 });
             }
@@ -265,10 +181,111 @@ async fn read(kind: Kind, name: &str, options: &FetchOptions) -> Result<Snapshot
         .and_then(|a| crate::validation::validate_kasprapp(a).spec)
         .is_some_and(|spec| matches!(spec.cache, Cache::Pvc(_)));
     if pvc_mode {
-        let claims = namespaced(&ApiResource::erase::<PersistentVolumeClaim>(&()));
+        let claims = reader.namespaced(&ApiResource::erase::<PersistentVolumeClaim>(&()));
         snapshot.claim = Some(get(&claims, &pvc_name(&app_name)).await);
     }
     Ok(snapshot)
+}
+
+/// GETs and LISTs in the explained object's namespace, or cluster-wide.
+struct Reader {
+    client: Client,
+    namespace: String,
+}
+
+impl Reader {
+    fn namespaced(&self, resource: &ApiResource) -> Api<DynamicObject> {
+        Api::namespaced_with(self.client.clone(), &self.namespace, resource)
+    }
+
+    fn cluster(&self, resource: &ApiResource) -> Api<DynamicObject> {
+        Api::all_with(self.client.clone(), resource)
+    }
+
+    /// The object explained: without it there is nothing to explain.
+    async fn object(&self, kind: Kind, name: &str) -> Result<Value, FetchError> {
+        let resource = match kind {
+            Kind::Pod => ApiResource::erase::<Pod>(&()),
+            Kind::StatefulSet => ApiResource::erase::<StatefulSet>(&()),
+            Kind::KasprApp => kasprapp_resource(),
+        };
+        match get(&self.namespaced(&resource), name).await {
+            Known::Found(object) => Ok(object),
+            Known::Missing => Err(FetchError::NotFound {
+                kind: kind.as_str(),
+                namespace: self.namespace.clone(),
+                name: name.to_owned(),
+            }),
+            Known::Unreadable(reason) => Err(FetchError::Read {
+                what: format!("{} {}/{name}", kind.as_str(), self.namespace),
+                reason,
+            }),
+        }
+    }
+
+    /// The release's webhook configurations: the named one, or the one registering ours.
+    async fn webhook_configurations(&self, snapshot: &mut Snapshot, options: &FetchOptions) {
+        let mutating_api = self.cluster(&ApiResource::erase::<MutatingWebhookConfiguration>(&()));
+        snapshot.mutating = match &options.webhook_config {
+            Some(config) => get(&mutating_api, config).await,
+            None => match list(&mutating_api, None).await {
+                Known::Found(all) => release_configuration(all),
+                Known::Missing => Known::Missing,
+                Known::Unreadable(reason) => Known::Unreadable(reason),
+            },
+        };
+        if let Some(config) = snapshot.mutating.found() {
+            let config_name = config
+                .pointer("/metadata/name")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_owned();
+            let validating =
+                self.cluster(&ApiResource::erase::<ValidatingWebhookConfiguration>(&()));
+            snapshot.validating = get(&validating, &config_name).await;
+        } else {
+            snapshot.validating = snapshot.mutating.clone();
+        }
+    }
+
+    /// The objects around the explained one (its StatefulSet, pods, or an app's StatefulSets
+    /// and pods), and the name of its KasprApp when it belongs to one.
+    async fn related(&self, snapshot: &mut Snapshot, kind: Kind, name: &str) -> Option<String> {
+        let pods = self.namespaced(&ApiResource::erase::<Pod>(&()));
+        let statefulsets = self.namespaced(&ApiResource::erase::<StatefulSet>(&()));
+        match kind {
+            Kind::Pod => {
+                if let Some(owner) = owner_statefulset(&snapshot.object) {
+                    snapshot.owner = Some(get(&statefulsets, &owner).await);
+                }
+                app::pod_app(&snapshot.object).or_else(|| {
+                    snapshot
+                        .owner
+                        .as_ref()?
+                        .found()
+                        .and_then(app::statefulset_app)
+                })
+            }
+            Kind::StatefulSet => {
+                if let Some(selector) = match_labels(&snapshot.object) {
+                    snapshot.pods = list(&pods, Some(&selector)).await;
+                }
+                app::statefulset_app(&snapshot.object)
+            }
+            Kind::KasprApp => {
+                if let Known::Found(all) = list(&statefulsets, None).await {
+                    snapshot.statefulsets = all
+                        .into_iter()
+                        .filter(|s| app::statefulset_app(s).as_deref() == Some(name))
+                        .collect();
+                }
+                let selector = format!("{}={name}", crate::names::APP_LABEL);
+                snapshot.pods = list(&pods, Some(&selector)).await;
+                snapshot.kasprapp = Some(snapshot.object.clone());
+                Some(name.to_owned())
+            }
+        }
+    }
 }
 
 /// The one MutatingWebhookConfiguration that registers this product's webhooks.

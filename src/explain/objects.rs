@@ -121,62 +121,8 @@ pub fn pod(snapshot: &Snapshot) -> Report {
     let pod = &snapshot.object;
     let namespace = str_at(pod, "/metadata/namespace");
     let current = annotation(pod, names::TEMPLATE_HASH_ANNOTATION);
-    let owner = snapshot.owner.as_ref();
-    let owner_sts = owner.and_then(Known::found);
-
-    // The pod is injected through its StatefulSet's template, or at its own CREATE. Once
-    // injected it carries our hash, which keeps the pod webhook away: ask about the pod as it
-    // was created, and about the rules only while it is not injected.
-    let mut admission_lines = Lines::default();
-    let mut left_out = admission(
-        &mut admission_lines,
-        snapshot,
-        &snapshot.mutating,
-        POD_WEBHOOK,
-        ("", "pods", "CREATE"),
-        &without_hash(pod),
-    );
-    match owner {
-        Some(Known::Found(sts)) => {
-            admission_lines.info(format!(
-                "owned by StatefulSet {}",
-                str_at(sts, "/metadata/name")
-            ));
-            let mut sts_lines = Lines::default();
-            let sts_left_out = admission(
-                &mut sts_lines,
-                snapshot,
-                &snapshot.mutating,
-                STATEFULSET_WEBHOOK,
-                ("apps", "statefulsets", "UPDATE"),
-                sts,
-            );
-            // The namespace was judged once; keep what is about the StatefulSet's webhook.
-            admission_lines
-                .0
-                .extend(sts_lines.0.into_iter().filter(|l| {
-                    l.text.starts_with("webhook ") || l.text.starts_with("matchConditions")
-                }));
-            left_out = left_out && sts_left_out;
-        }
-        Some(Known::Missing) => admission_lines.info("its owning StatefulSet no longer exists"),
-        Some(Known::Unreadable(reason)) => {
-            admission_lines.info(format!("its StatefulSet could not be read ({reason})"));
-        }
-        None => {}
-    }
-    for mut line in admission_lines.0 {
-        if current.is_some() {
-            if line.text.starts_with("webhook ") || line.text.starts_with("matchConditions") {
-                continue;
-            }
-            // Excluded now, but injected before: what counts is whether it is current.
-            if line.severity == super::Severity::NotInjected {
-                line.severity = super::Severity::Info;
-            }
-        }
-        lines.0.push(line);
-    }
+    let owner_sts = snapshot.owner.as_ref().and_then(Known::found);
+    let left_out = pod_admission(&mut lines, snapshot, current.is_some());
     controller_reach(&mut lines, snapshot);
 
     let app_name = app::pod_app(pod).or_else(|| owner_sts.and_then(app::statefulset_app));
@@ -215,20 +161,117 @@ pub fn pod(snapshot: &Snapshot) -> Report {
         }
     };
     state.desired = annotation(&rendered, names::TEMPLATE_HASH_ANNOTATION);
-    let sts_hash = owner_sts
-        .and_then(|s| s.pointer("/spec/template"))
-        .and_then(|t| annotation(t, names::TEMPLATE_HASH_ANNOTATION));
-    match (&current, &state.desired) {
-        (None, None) if spec.is_some() && has_operator_installer(&template) => lines.not_injected(format!(
+    if spec.is_some()
+        && current.is_none()
+        && state.desired.is_none()
+        && has_operator_installer(&template)
+    {
+        lines.not_injected(format!(
             "its template has the Kaspr operator's own {:?} init container: left alone, with a warning",
             names::OPERATOR_INIT_CONTAINER
-        )),
+        ));
+    } else {
+        let sts_hash = owner_sts
+            .and_then(|s| s.pointer("/spec/template"))
+            .and_then(|t| annotation(t, names::TEMPLATE_HASH_ANNOTATION));
+        pod_currency(
+            &mut lines,
+            &mut state,
+            snapshot,
+            &rendered,
+            left_out,
+            sts_hash.as_deref(),
+        );
+    }
+    claim_lines(&mut lines, snapshot, &app, spec);
+    if current.is_some() {
+        status::init_container(&mut lines, pod);
+    }
+    finish(snapshot, lines, Some(state), Some(&validation))
+}
+
+/// Whether the API server calls the webhook for the pod (or its StatefulSet), as lines; true
+/// when it is left out. The pod is injected through its StatefulSet's template, or at its own
+/// CREATE. Once injected it carries our hash, which keeps the pod webhook away: ask about the
+/// pod as it was created, and about the rules only while it is not injected.
+fn pod_admission(lines: &mut Lines, snapshot: &Snapshot, injected: bool) -> bool {
+    let mut admission_lines = Lines::default();
+    let mut left_out = admission(
+        &mut admission_lines,
+        snapshot,
+        &snapshot.mutating,
+        POD_WEBHOOK,
+        ("", "pods", "CREATE"),
+        &without_hash(&snapshot.object),
+    );
+    match snapshot.owner.as_ref() {
+        Some(Known::Found(sts)) => {
+            admission_lines.info(format!(
+                "owned by StatefulSet {}",
+                str_at(sts, "/metadata/name")
+            ));
+            let mut sts_lines = Lines::default();
+            let sts_left_out = admission(
+                &mut sts_lines,
+                snapshot,
+                &snapshot.mutating,
+                STATEFULSET_WEBHOOK,
+                ("apps", "statefulsets", "UPDATE"),
+                sts,
+            );
+            // The namespace was judged once; keep what is about the StatefulSet's webhook.
+            admission_lines.0.extend(
+                sts_lines
+                    .0
+                    .into_iter()
+                    .filter(|l| is_webhook_rule_line(&l.text)),
+            );
+            left_out = left_out && sts_left_out;
+        }
+        Some(Known::Missing) => admission_lines.info("its owning StatefulSet no longer exists"),
+        Some(Known::Unreadable(reason)) => {
+            admission_lines.info(format!("its StatefulSet could not be read ({reason})"));
+        }
+        None => {}
+    }
+    for mut line in admission_lines.0 {
+        if injected {
+            if is_webhook_rule_line(&line.text) {
+                continue;
+            }
+            // Excluded now, but injected before: what counts is whether it is current.
+            if line.severity == super::Severity::NotInjected {
+                line.severity = super::Severity::Info;
+            }
+        }
+        lines.0.push(line);
+    }
+    left_out
+}
+
+/// A line about the webhook's rules or match conditions (rather than the namespace).
+fn is_webhook_rule_line(text: &str) -> bool {
+    text.starts_with("webhook ") || text.starts_with("matchConditions")
+}
+
+/// Whether the pod carries what its app renders now, and what to do when it does not.
+fn pod_currency(
+    lines: &mut Lines,
+    state: &mut TemplateState,
+    snapshot: &Snapshot,
+    rendered: &Value,
+    left_out: bool,
+    sts_hash: Option<&str>,
+) {
+    let pod = &snapshot.object;
+    let has_owner = snapshot.owner.as_ref().and_then(Known::found).is_some();
+    match (state.current.clone(), state.desired.clone()) {
         (None, None) => {}
         (None, Some(_)) if left_out => {
             lines.not_injected("not injected: the API server does not call the webhook for it");
         }
         (None, Some(desired)) => {
-            state.differences = diff::differences(pod, &rendered);
+            state.differences = diff::differences(pod, rendered);
             lines.problem(format!(
                 "not injected although its KasprApp lists packages: it was created while the webhook \
                  was not called (down with failurePolicy Ignore, or installed later); the app renders \
@@ -239,7 +282,7 @@ pub fn pod(snapshot: &Snapshot) -> Report {
             lines.ok(format!("injected and current: template hash {current}"));
         }
         (Some(current), desired) => {
-            state.differences = diff::differences(pod, &rendered);
+            state.differences = diff::differences(pod, rendered);
             lines.problem(format!(
                 "out of date: template hash {current} on the pod, {} rendered by the app now",
                 desired.as_deref().unwrap_or("none (no packages)")
@@ -248,11 +291,11 @@ pub fn pod(snapshot: &Snapshot) -> Report {
                 lines.problem(format!("what differs:\n{}", state.differences.join("\n")));
             }
             match (&sts_hash, desired) {
-                (Some(sts), Some(desired)) if sts == desired => lines.info(
+                (Some(sts), Some(desired)) if *sts == desired => lines.info(
                     "its StatefulSet already carries the current template: the rolling update \
                      replaces this pod (with updateStrategy OnDelete, delete it)",
                 ),
-                _ if owner_sts.is_some() => lines.info(
+                _ if has_owner => lines.info(
                     "its StatefulSet is out of date too: the controller sends it through the \
                      webhook again (see `explain statefulset`)",
                 ),
@@ -260,11 +303,6 @@ pub fn pod(snapshot: &Snapshot) -> Report {
             }
         }
     }
-    claim_lines(&mut lines, snapshot, &app, spec);
-    if current.is_some() {
-        status::init_container(&mut lines, pod);
-    }
-    finish(snapshot, lines, Some(state), Some(&validation))
 }
 
 /// The pod as it was before an injection: our hash would have kept the pod webhook away.
