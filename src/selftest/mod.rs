@@ -176,35 +176,91 @@ pub fn probes(namespace: &str, app: Option<&str>, nonce: &str) -> Vec<Probe> {
     });
     let mut invalid_app = valid_app.clone();
     invalid_app["spec"]["pythonPackages"]["packages"] = json!(["--index-url=http://example.com"]);
-    let kasprapp_review = |uid: &str, object: Value| {
-        json!({
-            "apiVersion": "admission.k8s.io/v1",
-            "kind": "AdmissionReview",
-            "request": {
-                "uid": uid,
-                "kind": {"group": "kaspr.io", "version": "v1alpha1", "kind": "KasprApp"},
-                "resource": {"group": "kaspr.io", "version": "v1alpha1", "resource": "kasprapps"},
-                "name": ABSENT_APP,
-                "namespace": namespace,
-                "operation": "CREATE",
-                "userInfo": {"username": "kaspr-packages-webhook:self-test"},
-                "object": object,
-                "dryRun": true,
-                "options": {"apiVersion": "meta.k8s.io/v1", "kind": "CreateOptions"}
-            }
-        })
+    let kasprapp = Resource {
+        kind: json!({"group": "kaspr.io", "version": "v1alpha1", "kind": "KasprApp"}),
+        resource: json!({"group": "kaspr.io", "version": "v1alpha1", "resource": "kasprapps"}),
+        name: ABSENT_APP.to_owned(),
+        namespace,
     };
     let (app_name, expect, what) = match app {
         Some(app) => (app, Expect::AllowedPatched, "patched"),
         None => (ABSENT_APP, Expect::AllowedUnchanged, "allowed unchanged"),
     };
-    let statefulset_name = format!("{app_name}-app");
+    let statefulset = Resource {
+        kind: json!({"group": "apps", "version": "v1", "kind": "StatefulSet"}),
+        resource: json!({"group": "apps", "version": "v1", "resource": "statefulsets"}),
+        name: format!("{app_name}-app"),
+        namespace,
+    };
+    let statefulset_object = kaspr_statefulset(namespace, app_name);
+    let statefulset_uid = format!("self-test-{nonce}-statefulset");
+    let valid_uid = format!("self-test-{nonce}-valid");
+    let invalid_uid = format!("self-test-{nonce}-invalid");
+    vec![
+        Probe {
+            name: "validate a valid KasprApp".to_owned(),
+            path: "/validate",
+            review: kasprapp.create_review(&valid_uid, &valid_app),
+            uid: valid_uid,
+            expect: Expect::AllowedUnchanged,
+        },
+        Probe {
+            name: "validate an invalid KasprApp".to_owned(),
+            path: "/validate",
+            review: kasprapp.create_review(&invalid_uid, &invalid_app),
+            uid: invalid_uid,
+            expect: Expect::Denied("spec.pythonPackages.packages[0]"),
+        },
+        Probe {
+            name: format!("mutate a StatefulSet of KasprApp {namespace}/{app_name} ({what})"),
+            path: "/mutate",
+            review: statefulset.create_review(&statefulset_uid, &statefulset_object),
+            uid: statefulset_uid,
+            expect,
+        },
+    ]
+}
+
+/// What a synthetic review is about.
+struct Resource<'a> {
+    kind: Value,
+    resource: Value,
+    name: String,
+    namespace: &'a str,
+}
+
+impl Resource<'_> {
+    /// A dry-run CREATE review of `object`, sent as the self-test's own user.
+    fn create_review(&self, uid: &str, object: &Value) -> Value {
+        json!({
+            "apiVersion": "admission.k8s.io/v1",
+            "kind": "AdmissionReview",
+            "request": {
+                "uid": uid,
+                "kind": self.kind,
+                "resource": self.resource,
+                "name": self.name,
+                "namespace": self.namespace,
+                "operation": "CREATE",
+                "userInfo": {"username": "kaspr-packages-webhook:self-test"},
+                "object": object,
+                "oldObject": null,
+                "dryRun": true,
+                "options": {"apiVersion": "meta.k8s.io/v1", "kind": "CreateOptions"}
+            }
+        })
+    }
+}
+
+/// A StatefulSet as the Kaspr operator creates it for `app_name`.
+fn kaspr_statefulset(namespace: &str, app_name: &str) -> Value {
+    let name = format!("{app_name}-app");
     let labels = json!({"kaspr.io/app": app_name, "kaspr.io/kind": "KasprApp"});
-    let statefulset = json!({
+    json!({
         "apiVersion": "apps/v1",
         "kind": "StatefulSet",
         "metadata": {
-            "name": statefulset_name,
+            "name": name,
             "namespace": namespace,
             "labels": labels,
             "ownerReferences": [{
@@ -215,57 +271,14 @@ pub fn probes(namespace: &str, app: Option<&str>, nonce: &str) -> Vec<Probe> {
         },
         "spec": {
             "replicas": 1,
-            "serviceName": statefulset_name,
+            "serviceName": name,
             "selector": {"matchLabels": {"kaspr.io/app": app_name}},
             "template": {
                 "metadata": {"labels": labels},
                 "spec": {"containers": [{"name": "kaspr", "image": "kasprio/kaspr:0.5.0"}]}
             }
         }
-    });
-    let statefulset_uid = format!("self-test-{nonce}-statefulset");
-    let statefulset_review = json!({
-        "apiVersion": "admission.k8s.io/v1",
-        "kind": "AdmissionReview",
-        "request": {
-            "uid": statefulset_uid,
-            "kind": {"group": "apps", "version": "v1", "kind": "StatefulSet"},
-            "resource": {"group": "apps", "version": "v1", "resource": "statefulsets"},
-            "name": statefulset_name,
-            "namespace": namespace,
-            "operation": "CREATE",
-            "userInfo": {"username": "kaspr-packages-webhook:self-test"},
-            "object": statefulset,
-            "oldObject": null,
-            "dryRun": true,
-            "options": {"apiVersion": "meta.k8s.io/v1", "kind": "CreateOptions"}
-        }
-    });
-    let valid_uid = format!("self-test-{nonce}-valid");
-    let invalid_uid = format!("self-test-{nonce}-invalid");
-    vec![
-        Probe {
-            name: "validate a valid KasprApp".to_owned(),
-            path: "/validate",
-            review: kasprapp_review(&valid_uid, valid_app),
-            uid: valid_uid,
-            expect: Expect::AllowedUnchanged,
-        },
-        Probe {
-            name: "validate an invalid KasprApp".to_owned(),
-            path: "/validate",
-            review: kasprapp_review(&invalid_uid, invalid_app),
-            uid: invalid_uid,
-            expect: Expect::Denied("spec.pythonPackages.packages[0]"),
-        },
-        Probe {
-            name: format!("mutate a StatefulSet of KasprApp {namespace}/{app_name} ({what})"),
-            path: "/mutate",
-            review: statefulset_review,
-            uid: statefulset_uid,
-            expect,
-        },
-    ]
+    })
 }
 
 /// Checks one answer: HTTP 200, an AdmissionReview v1 whose `response.uid` is the request's,
