@@ -410,27 +410,27 @@ trait WebhookConfiguration:
     fn bundles(&self) -> Vec<(&str, Option<&ByteString>)>;
 }
 
-impl WebhookConfiguration for MutatingWebhookConfiguration {
-    const KIND: &'static str = "MutatingWebhookConfiguration";
-    fn bundles(&self) -> Vec<(&str, Option<&ByteString>)> {
-        self.webhooks
-            .iter()
-            .flatten()
-            .map(|w| (w.name.as_str(), w.client_config.ca_bundle.as_ref()))
-            .collect()
-    }
+/// Both configuration kinds list webhooks with a name and a client config, in different types.
+macro_rules! webhook_configuration {
+    ($kind:ty, $name:literal) => {
+        impl WebhookConfiguration for $kind {
+            const KIND: &'static str = $name;
+            fn bundles(&self) -> Vec<(&str, Option<&ByteString>)> {
+                self.webhooks
+                    .iter()
+                    .flatten()
+                    .map(|w| (w.name.as_str(), w.client_config.ca_bundle.as_ref()))
+                    .collect()
+            }
+        }
+    };
 }
 
-impl WebhookConfiguration for ValidatingWebhookConfiguration {
-    const KIND: &'static str = "ValidatingWebhookConfiguration";
-    fn bundles(&self) -> Vec<(&str, Option<&ByteString>)> {
-        self.webhooks
-            .iter()
-            .flatten()
-            .map(|w| (w.name.as_str(), w.client_config.ca_bundle.as_ref()))
-            .collect()
-    }
-}
+webhook_configuration!(MutatingWebhookConfiguration, "MutatingWebhookConfiguration");
+webhook_configuration!(
+    ValidatingWebhookConfiguration,
+    "ValidatingWebhookConfiguration"
+);
 
 fn stale_webhooks<'a>(
     webhooks: impl Iterator<Item = (&'a str, Option<&'a ByteString>)>,

@@ -199,21 +199,11 @@ mod tests {
 
     #[test]
     fn every_explain_flag_reads_its_environment_variable_and_has_help() {
+        crate::cli::serve_args_tests::assert_flags_read_their_environment_variables(
+            "explain", true,
+        );
         let command = Cli::command();
         let found = command.find_subcommand("explain").expect("explain");
-        for arg in found.get_arguments() {
-            let id = arg.get_id().as_str();
-            if id == "help" || arg.is_positional() {
-                continue;
-            }
-            let expected = format!("KASPR_WEBHOOK_{}", id.to_uppercase());
-            assert_eq!(
-                arg.get_env().and_then(|e| e.to_str()),
-                Some(expected.as_str()),
-                "--{id}"
-            );
-            assert!(arg.get_help().is_some(), "--{id} has no help text");
-        }
         let help = found.get_long_about().expect("long help").to_string();
         for code in [
             "0  injected",

@@ -55,21 +55,13 @@ pub struct SelfTestArgs {
 }
 
 pub(super) fn self_test(args: SelfTestArgs) -> ExitCode {
-    let SelfTestArgs {
-        url,
-        ca_file,
-        namespace,
-        app,
-        timeout,
-        max_response_time,
-    } = args;
     let options = crate::selftest::SelfTestOptions {
-        url,
-        ca_file,
-        namespace,
-        app,
-        timeout,
-        max_response_time,
+        url: args.url,
+        ca_file: args.ca_file,
+        namespace: args.namespace,
+        app: args.app,
+        timeout: args.timeout,
+        max_response_time: args.max_response_time,
     };
     match crate::selftest::run_blocking(&options) {
         Ok(report) => {

@@ -11,12 +11,12 @@ fn serve_args(args: &[&str]) -> Result<ServeArgs, clap::Error> {
 }
 
 /// Every flag of `subcommand` reads `KASPR_WEBHOOK_<FLAG>`; with `with_help`, each has help text.
-fn assert_flags_read_their_environment_variables(subcommand: &str, with_help: bool) {
+pub(super) fn assert_flags_read_their_environment_variables(subcommand: &str, with_help: bool) {
     let command = Cli::command();
     let found = command.find_subcommand(subcommand).expect(subcommand);
     for arg in found.get_arguments() {
         let id = arg.get_id().as_str();
-        if id == "help" {
+        if id == "help" || arg.is_positional() {
             continue;
         }
         let expected = format!("KASPR_WEBHOOK_{}", id.to_uppercase());

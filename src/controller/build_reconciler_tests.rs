@@ -3,26 +3,13 @@
 use serde_json::{Value, json};
 
 use super::*;
-use crate::controller::test_api::{Log, context, fake_api, status, writes};
+use crate::controller::test_api::{Log, app, context, fake_api, status, writes};
 
 const STS_PATH: &str = "/apis/apps/v1/namespaces/apps/statefulsets/demo-app";
 const CM_PATH: &str = "/api/v1/namespaces/apps/configmaps/demo-python-packages-lock";
 const JOBS_PATH: &str = "/apis/batch/v1/namespaces/apps/jobs";
 const PODS_PATH: &str = "/api/v1/namespaces/apps/pods";
 const LOCK: &str = "lock-version = \"1.0\"\n";
-
-fn app() -> (KasprAppObject, AppOwner, Report) {
-    let value = json!({"apiVersion": "kaspr.io/v1alpha1", "kind": "KasprApp",
-        "metadata": {"name": "demo", "namespace": "apps", "uid": "app-uid", "resourceVersion": "3"},
-        "spec": {"pythonPackages": {"packages": ["a==1"]}}});
-    let report = crate::validation::validate_kasprapp(&value);
-    let owner = AppOwner::of(&value).expect("owner");
-    (
-        serde_json::from_value(value).expect("object"),
-        owner,
-        report,
-    )
-}
 
 fn statefulset() -> Value {
     json!({"apiVersion": "apps/v1", "kind": "StatefulSet",

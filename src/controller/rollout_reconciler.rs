@@ -275,22 +275,9 @@ mod tests {
 
     use super::*;
     use crate::app::AppRef;
-    use crate::controller::test_api::{Log, context, fake_api, status, writes};
+    use crate::controller::test_api::{Log, app, context, fake_api, status, writes};
 
     const STS_PATH: &str = "/apis/apps/v1/namespaces/apps/statefulsets/demo-app";
-
-    fn app() -> (KasprAppObject, AppOwner, Report) {
-        let value = json!({"apiVersion": "kaspr.io/v1alpha1", "kind": "KasprApp",
-            "metadata": {"name": "demo", "namespace": "apps", "uid": "app-uid", "resourceVersion": "3"},
-            "spec": {"pythonPackages": {"packages": ["a==1"]}}});
-        let report = crate::validation::validate_kasprapp(&value);
-        let owner = AppOwner::of(&value).expect("owner");
-        (
-            serde_json::from_value(value).expect("object"),
-            owner,
-            report,
-        )
-    }
 
     /// The operator's StatefulSet, as stored without the injection.
     fn statefulset(generation: i64) -> Value {

@@ -104,3 +104,21 @@ pub fn context(client: kube::Client) -> Context {
         state: std::sync::Mutex::new(State::default()),
     }
 }
+
+/// The KasprApp `apps/demo` with one package, as the reconcilers receive it.
+pub fn app() -> (
+    crate::cache::KasprAppObject,
+    crate::app::AppOwner,
+    crate::validation::Report,
+) {
+    let value = json!({"apiVersion": "kaspr.io/v1alpha1", "kind": "KasprApp",
+        "metadata": {"name": "demo", "namespace": "apps", "uid": "app-uid", "resourceVersion": "3"},
+        "spec": {"pythonPackages": {"packages": ["a==1"]}}});
+    let report = crate::validation::validate_kasprapp(&value);
+    let owner = crate::app::AppOwner::of(&value).expect("owner");
+    (
+        serde_json::from_value(value).expect("object"),
+        owner,
+        report,
+    )
+}
