@@ -120,6 +120,82 @@ impl Io<'_> {
         &self.owner.app.namespace
     }
 
+    /// The pod template of the app's StatefulSet (None: not created yet).
+    async fn statefulset_template(&self) -> Result<Option<Value>, ControllerError> {
+        let namespace = self.namespace();
+        let name = format!("{}-app", self.owner.app.name);
+        let api: Api<DynamicObject> = Api::namespaced_with(
+            self.context.client.clone(),
+            namespace,
+            &ApiResource::erase::<StatefulSet>(&()),
+        );
+        let found = api
+            .get_opt(&name)
+            .await
+            .map_err(api_error("read", format!("StatefulSet {namespace}/{name}")))?;
+        Ok(found.map(|s| {
+            s.data
+                .pointer("/spec/template")
+                .cloned()
+                .unwrap_or(Value::Null)
+        }))
+    }
+
+    /// The lock ConfigMap's state and locks; a state broken by a hand edit starts over rather
+    /// than stay stuck (locks are rebuilt).
+    async fn lock_state(&self) -> Result<(LockState, BTreeMap<String, String>), ControllerError> {
+        let namespace = self.namespace();
+        let name = builds::lock_config_map_name(&self.owner.app.name);
+        let api: Api<ConfigMap> = Api::namespaced(self.context.client.clone(), namespace);
+        let config_map = api
+            .get_opt(&name)
+            .await
+            .map_err(api_error("read", format!("ConfigMap {namespace}/{name}")))?;
+        let data = config_map.as_ref().and_then(|c| c.data.as_ref());
+        let state = LockState::from_data(&name, data).unwrap_or_else(|error| {
+            tracing::warn!(%error, "the lock ConfigMap is unreadable; its state is reset");
+            LockState::default()
+        });
+        Ok((state, state::locks_of(data)))
+    }
+
+    /// The set's Job, and its pod once the Job has finished.
+    async fn job_and_pod(
+        &self,
+        job_name: &str,
+    ) -> Result<(Option<Job>, Option<Pod>), ControllerError> {
+        let namespace = self.namespace();
+        let jobs: Api<Job> = Api::namespaced(self.context.client.clone(), namespace);
+        let job = jobs
+            .get_opt(job_name)
+            .await
+            .map_err(api_error("read", format!("Job {namespace}/{job_name}")))?;
+        let finished = job
+            .as_ref()
+            .and_then(|j| j.status.as_ref())
+            .is_some_and(|s| s.failed.unwrap_or(0) > 0 || s.succeeded.unwrap_or(0) > 0);
+        let pod = if finished {
+            self.build_pod(job_name).await?
+        } else {
+            None
+        };
+        Ok((job, pod))
+    }
+
+    /// The build container's log, which carries the lock.
+    async fn build_log(&self, pod_name: &str) -> Result<String, ControllerError> {
+        let namespace = self.namespace();
+        let pods: Api<Pod> = Api::namespaced(self.context.client.clone(), namespace);
+        let params = LogParams {
+            container: Some(job::BUILD_CONTAINER.to_owned()),
+            ..LogParams::default()
+        };
+        pods.logs(pod_name, &params).await.map_err(api_error(
+            "read the log of",
+            format!("Pod {namespace}/{pod_name}"),
+        ))
+    }
+
     async fn apply_state(
         &self,
         state: &LockState,
@@ -214,62 +290,16 @@ pub(super) async fn reconcile_build(
         return Ok(RESYNC);
     };
     let io = Io { context, owner };
-    let namespace = owner.app.namespace.as_str();
-    let sts_name = format!("{}-app", owner.app.name);
-    let statefulsets: Api<DynamicObject> = Api::namespaced_with(
-        context.client.clone(),
-        namespace,
-        &ApiResource::erase::<StatefulSet>(&()),
-    );
-    let Some(statefulset) = statefulsets.get_opt(&sts_name).await.map_err(api_error(
-        "read",
-        format!("StatefulSet {namespace}/{sts_name}"),
-    ))?
-    else {
+    let Some(template) = io.statefulset_template().await? else {
         return Ok(RESYNC); // the operator has not created it yet; its watch wakes the app
     };
-    let template = statefulset
-        .data
-        .pointer("/spec/template")
-        .cloned()
-        .unwrap_or(Value::Null);
     let Some(wanted) = wanted_set(app.value(), owner, &spec.install_key(), &template) else {
         return Ok(RESYNC);
     };
-
-    let cm_name = builds::lock_config_map_name(&owner.app.name);
-    let config_maps: Api<ConfigMap> = Api::namespaced(context.client.clone(), namespace);
-    let config_map = config_maps.get_opt(&cm_name).await.map_err(api_error(
-        "read",
-        format!("ConfigMap {namespace}/{cm_name}"),
-    ))?;
-    let data = config_map.as_ref().and_then(|c| c.data.as_ref());
-    let lock_state = match LockState::from_data(&cm_name, data) {
-        Ok(state) => state,
-        Err(error) => {
-            // A hand edit broke it: start over rather than stay stuck (locks are rebuilt).
-            tracing::warn!(%error, "the lock ConfigMap is unreadable; its state is reset");
-            LockState::default()
-        }
-    };
-    let mut locks = state::locks_of(data);
-
+    let (lock_state, locks) = io.lock_state().await?;
     let job_name = builds::job_name(&owner.app.name, &wanted.id);
-    let jobs: Api<Job> = Api::namespaced(context.client.clone(), namespace);
-    let found_job = jobs
-        .get_opt(&job_name)
-        .await
-        .map_err(api_error("read", format!("Job {namespace}/{job_name}")))?;
-    let mut pod = None;
-    if found_job
-        .as_ref()
-        .and_then(|j| j.status.as_ref())
-        .is_some_and(|s| s.failed.unwrap_or(0) > 0 || s.succeeded.unwrap_or(0) > 0)
-    {
-        pod = io.build_pod(&job_name).await?;
-    }
+    let (found_job, pod) = io.job_and_pod(&job_name).await?;
     let status = job_status(found_job.as_ref(), termination_message(pod.as_ref()));
-
     let entry = SetEntry {
         id: wanted.id.clone(),
         state: SetPhase::Building,
@@ -287,147 +317,38 @@ pub(super) async fn reconcile_build(
         category: None,
         message: None,
     };
-    // A finished Job whose entry is missing (lost, or recorded by a replica whose write
-    // failed) is still recorded, with what the current spec says.
-    let recorded = if lock_state.entry(&wanted.id).is_some() {
-        lock_state.clone()
-    } else {
-        lock_state.with_building(entry.clone())
+    let step = builds::state::next_step(&lock_state, &wanted.id, &status);
+    let build = Build {
+        io,
+        app,
+        wanted,
+        job_name,
+        found_job,
+        pod,
+        lock_state,
+        locks,
+        entry,
     };
-
-    match builds::state::next_step(&lock_state, &wanted.id, &status) {
+    match step {
         Step::StartBuild => {
-            let body = job::build_job(&template, spec, owner, &wanted.id, &context.render)
-                .map_err(|e| {
-                    ControllerError::invalid(
-                        "build",
-                        format!("Job {namespace}/{job_name}"),
-                        e.to_string(),
-                    )
-                })?;
-            io.apply_state(&lock_state.with_building(entry), &locks)
-                .await?;
-            let job: Job = serde_json::from_value(body).map_err(|e| {
-                ControllerError::invalid(
-                    "build",
-                    format!("Job {namespace}/{job_name}"),
-                    e.to_string(),
-                )
-            })?;
-            match jobs.create(&PostParams::default(), &job).await {
-                Ok(_) => {
-                    context.metrics.count(Part::Builds, "changed");
-                    context
-                        .publish(
-                            app,
-                            EventType::Normal,
-                            Part::Builds,
-                            "PackageBuildStarted",
-                            format!("building package set {} in Job {job_name}", wanted.id),
-                        )
-                        .await;
-                }
-                // Another replica created it first: it builds this set; nothing to do.
-                Err(error) if is_status(&error, &[409]) => {
-                    context.metrics.count(Part::Builds, "pending")
-                }
-                Err(error) => {
-                    return Err(api_error("create", format!("Job {namespace}/{job_name}"))(
-                        error,
-                    ));
-                }
-            }
-            Ok(BUILD_POLL)
+            let body = job::build_job(&template, spec, owner, &build.wanted.id, &context.render)
+                .map_err(|e| build.invalid("build", &e))?;
+            build.start(body).await
         }
         Step::Wait => {
             context.metrics.count(Part::Builds, "pending");
             Ok(BUILD_POLL)
         }
-        Step::Collect => {
-            let lock_sha = if let Some(existing) = lock_state
-                .entry(&wanted.id)
-                .and_then(|e| e.lock_sha256.clone())
-            {
-                existing
-            } else {
-                let Some(pod_name) = pod.as_ref().and_then(|p| p.metadata.name.clone()) else {
-                    // The build's pod (and its log with the lock) is gone: build again.
-                    if let Some(job) = &found_job {
-                        io.delete_job(job).await?;
-                    }
-                    return Ok(BUILD_POLL);
-                };
-                let pods: Api<Pod> = Api::namespaced(context.client.clone(), namespace);
-                let log = pods
-                    .logs(
-                        &pod_name,
-                        &LogParams {
-                            container: Some(job::BUILD_CONTAINER.to_owned()),
-                            ..LogParams::default()
-                        },
-                    )
-                    .await
-                    .map_err(api_error(
-                        "read the log of",
-                        format!("Pod {namespace}/{pod_name}"),
-                    ))?;
-                let lock = report::lock_from_log(&log).map_err(|e| {
-                    ControllerError::invalid(
-                        "collect",
-                        format!("Job {namespace}/{job_name}"),
-                        e.to_string(),
-                    )
-                })?;
-                let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(lock.as_bytes()));
-                locks.insert(wanted.id.clone(), lock);
-                sha
-            };
-            io.apply_state(&recorded.with_built(&wanted.id, &lock_sha), &locks)
-                .await?;
-            if let Some(job) = &found_job {
-                io.delete_job(job).await?;
-            }
-            context.metrics.count_build("built", "");
-            context.report(app, Part::Builds, Vec::new()).await;
-            context
-                .publish(
-                    app,
-                    EventType::Normal,
-                    Part::Builds,
-                    "PackageSetBuilt",
-                    format!(
-                        "package set {} is built (lock sha256 {lock_sha}); pods roll onto it",
-                        wanted.id
-                    ),
-                )
-                .await;
-            Ok(RESYNC)
-        }
+        Step::Collect => build.collect().await,
         Step::RecordFailure { category, message } => {
-            io.apply_state(
-                &recorded.with_failed(&wanted.id, &category, &message),
-                &locks,
-            )
-            .await?;
-            if let Some(job) = &found_job {
-                io.delete_job(job).await?;
-            }
-            context.metrics.count_build("failed", &category);
-            let notice = failure_notice(&wanted.id, &category, &message);
-            context.report(app, Part::Builds, vec![notice]).await;
-            Ok(RESYNC)
+            build.record_failure(&category, &message).await
         }
         Step::Failed => {
-            let entry = lock_state.entry(&wanted.id);
+            let entry = build.lock_state.entry(&build.wanted.id);
             let category = entry.and_then(|e| e.category.clone()).unwrap_or_default();
             let message = entry.and_then(|e| e.message.clone()).unwrap_or_default();
-            context
-                .report(
-                    app,
-                    Part::Builds,
-                    vec![failure_notice(&wanted.id, &category, &message)],
-                )
-                .await;
+            let notice = failure_notice(&build.wanted.id, &category, &message);
+            context.report(app, Part::Builds, vec![notice]).await;
             context.metrics.count(Part::Builds, "pending");
             Ok(RESYNC)
         }
@@ -436,6 +357,149 @@ pub(super) async fn reconcile_build(
             context.metrics.count(Part::Builds, "in_sync");
             Ok(RESYNC)
         }
+    }
+}
+
+/// One app's build of the set its spec wants, with what was read about it.
+struct Build<'a> {
+    io: Io<'a>,
+    app: &'a KasprAppObject,
+    wanted: Wanted,
+    job_name: String,
+    found_job: Option<Job>,
+    /// The finished Job's pod (its termination message and its log carry the result).
+    pod: Option<Pod>,
+    lock_state: LockState,
+    locks: BTreeMap<String, String>,
+    /// The set's entry as the current spec describes it, building.
+    entry: SetEntry,
+}
+
+impl Build<'_> {
+    fn invalid(&self, verb: &'static str, error: &dyn std::fmt::Display) -> ControllerError {
+        ControllerError::invalid(
+            verb,
+            format!("Job {}/{}", self.io.namespace(), self.job_name),
+            error.to_string(),
+        )
+    }
+
+    /// The state with this set recorded: a finished Job whose entry is missing (lost, or
+    /// recorded by a replica whose write failed) is still recorded, with what the spec says.
+    fn recorded(&self) -> LockState {
+        if self.lock_state.entry(&self.wanted.id).is_some() {
+            self.lock_state.clone()
+        } else {
+            self.lock_state.with_building(self.entry.clone())
+        }
+    }
+
+    async fn start(&self, body: Value) -> Result<Duration, ControllerError> {
+        let context = self.io.context;
+        self.io
+            .apply_state(
+                &self.lock_state.with_building(self.entry.clone()),
+                &self.locks,
+            )
+            .await?;
+        let job: Job = serde_json::from_value(body).map_err(|e| self.invalid("build", &e))?;
+        let jobs: Api<Job> = Api::namespaced(context.client.clone(), self.io.namespace());
+        match jobs.create(&PostParams::default(), &job).await {
+            Ok(_) => {
+                context.metrics.count(Part::Builds, "changed");
+                let message = format!(
+                    "building package set {} in Job {}",
+                    self.wanted.id, self.job_name
+                );
+                context
+                    .publish(
+                        self.app,
+                        EventType::Normal,
+                        Part::Builds,
+                        "PackageBuildStarted",
+                        message,
+                    )
+                    .await;
+            }
+            // Another replica created it first: it builds this set; nothing to do.
+            Err(error) if is_status(&error, &[409]) => {
+                context.metrics.count(Part::Builds, "pending");
+            }
+            Err(error) => {
+                let what = format!("Job {}/{}", self.io.namespace(), self.job_name);
+                return Err(api_error("create", what)(error));
+            }
+        }
+        Ok(BUILD_POLL)
+    }
+
+    async fn collect(mut self) -> Result<Duration, ControllerError> {
+        let context = self.io.context;
+        let known = self
+            .lock_state
+            .entry(&self.wanted.id)
+            .and_then(|e| e.lock_sha256.clone());
+        let lock_sha = match known {
+            Some(existing) => existing,
+            None => {
+                let Some(pod_name) = self.pod.as_ref().and_then(|p| p.metadata.name.clone()) else {
+                    // The build's pod (and its log with the lock) is gone: build again.
+                    if let Some(job) = &self.found_job {
+                        self.io.delete_job(job).await?;
+                    }
+                    return Ok(BUILD_POLL);
+                };
+                let log = self.io.build_log(&pod_name).await?;
+                let lock = report::lock_from_log(&log).map_err(|e| self.invalid("collect", &e))?;
+                let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(lock.as_bytes()));
+                self.locks.insert(self.wanted.id.clone(), lock);
+                sha
+            }
+        };
+        self.io
+            .apply_state(
+                &self.recorded().with_built(&self.wanted.id, &lock_sha),
+                &self.locks,
+            )
+            .await?;
+        if let Some(job) = &self.found_job {
+            self.io.delete_job(job).await?;
+        }
+        context.metrics.count_build("built", "");
+        context.report(self.app, Part::Builds, Vec::new()).await;
+        let message = format!(
+            "package set {} is built (lock sha256 {lock_sha}); pods roll onto it",
+            self.wanted.id
+        );
+        context
+            .publish(
+                self.app,
+                EventType::Normal,
+                Part::Builds,
+                "PackageSetBuilt",
+                message,
+            )
+            .await;
+        Ok(RESYNC)
+    }
+
+    async fn record_failure(
+        &self,
+        category: &str,
+        message: &str,
+    ) -> Result<Duration, ControllerError> {
+        let context = self.io.context;
+        let failed = self
+            .recorded()
+            .with_failed(&self.wanted.id, category, message);
+        self.io.apply_state(&failed, &self.locks).await?;
+        if let Some(job) = &self.found_job {
+            self.io.delete_job(job).await?;
+        }
+        context.metrics.count_build("failed", category);
+        let notice = failure_notice(&self.wanted.id, category, message);
+        context.report(self.app, Part::Builds, vec![notice]).await;
+        Ok(RESYNC)
     }
 }
 
