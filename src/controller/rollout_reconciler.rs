@@ -51,45 +51,13 @@ pub(super) async fn reconcile_rollout(
         .get_opt(&name)
         .await
         .map_err(api_error("read", object.clone()))?;
-    // The app's own: by ownerReference, else (StatefulSets an operator recreated without
-    // one) by its pod-template labels, exactly as the webhook recognises it.
-    let owned = found.as_ref().is_some_and(|sts| {
-        sts.metadata.deletion_timestamp.is_none()
-            && app::statefulset_app(&serde_json::json!({
-                "metadata": sts.metadata,
-                "spec": sts.data.get("spec"),
-            }))
-            .as_deref()
-                == Some(owner.app.name.as_str())
-    });
-    let (Some(statefulset), true) = (found, owned) else {
+    let Some(statefulset) = found.filter(|sts| owned_by(sts, owner)) else {
         // Nothing the webhook would act on.
         context.set_out_of_sync(&key, false);
         context.report(app, Part::Rollout, Vec::new()).await;
         return Ok(RESYNC);
     };
-    let render_for = &owner.app;
-    let state_of = |template: &Value| {
-        if report.errors.is_empty() {
-            // Builds on: the set the webhook renders for this template (`render_app` is the
-            // effective app); builds off: none.
-            let set = report.spec.as_ref().and_then(|spec| {
-                crate::builds::render::set_for(render_app, template, spec, render_for)
-            });
-            rollout::sync_state_set(
-                template,
-                report.spec.as_ref(),
-                render_for,
-                &context.render,
-                set.as_ref(),
-            )
-        } else {
-            SyncState::Blocked(report.error_message(&format!(
-                "KasprApp {}/{}",
-                owner.app.namespace, owner.app.name
-            )))
-        }
-    };
+    let state_of = |template: &Value| sync_state_of(template, report, render_app, owner, context);
     let (current, desired) = match state_of(&template_of(&statefulset)) {
         SyncState::InSync => {
             context.state().unconverged.remove(&key);
@@ -128,21 +96,72 @@ pub(super) async fn reconcile_rollout(
         // The webhook is not reachable through the API server yet: look again shortly.
         return Ok(UNREACHABLE_RETRY);
     };
-    let after = state_of(&template_of(&updated));
     if updated.metadata.generation != statefulset.metadata.generation {
         announce_rollout(app, owner, &updated, current.as_deref(), context).await;
     }
-    if after.in_sync() {
+    if state_of(&template_of(&updated)).in_sync() {
         context.state().unconverged.remove(&key);
         context.set_out_of_sync(&key, false);
         context.report(app, Part::Rollout, Vec::new()).await;
         context.metrics.count(Part::Rollout, "changed");
         return Ok(RESYNC);
     }
-    // The webhook rendered something else: it may still read an older KasprApp (its cache
-    // follows its own watch), or the UPDATE bypassed it. Look again soon, then less often.
-    let attempt = context.state().unconverged(&key);
-    context.set_out_of_sync(&key, true);
+    Ok(still_out_of_sync(app, &key, &object, &updated, desired.as_deref(), context).await)
+}
+
+/// The app's own StatefulSet: by ownerReference, else (StatefulSets an operator recreated
+/// without one) by its pod-template labels, exactly as the webhook recognises it.
+fn owned_by(statefulset: &DynamicObject, owner: &AppOwner) -> bool {
+    statefulset.metadata.deletion_timestamp.is_none()
+        && app::statefulset_app(&serde_json::json!({
+            "metadata": statefulset.metadata,
+            "spec": statefulset.data.get("spec"),
+        }))
+        .as_deref()
+            == Some(owner.app.name.as_str())
+}
+
+/// Whether `template` carries what the app renders now. Builds on: with the set the webhook
+/// renders for this template (`render_app` is the effective app); builds off: none.
+fn sync_state_of(
+    template: &Value,
+    report: &Report,
+    render_app: &Value,
+    owner: &AppOwner,
+    context: &Context,
+) -> SyncState {
+    if !report.errors.is_empty() {
+        return SyncState::Blocked(report.error_message(&format!(
+            "KasprApp {}/{}",
+            owner.app.namespace, owner.app.name
+        )));
+    }
+    let set = report
+        .spec
+        .as_ref()
+        .and_then(|spec| crate::builds::render::set_for(render_app, template, spec, &owner.app));
+    rollout::sync_state_set(
+        template,
+        report.spec.as_ref(),
+        &owner.app,
+        &context.render,
+        set.as_ref(),
+    )
+}
+
+/// The webhook rendered something else: it may still read an older KasprApp (its cache
+/// follows its own watch), or the UPDATE bypassed it. Look again soon, then less often, and
+/// warn from the third attempt on.
+async fn still_out_of_sync(
+    app: &KasprAppObject,
+    key: &ObjectRef<KasprAppObject>,
+    object: &str,
+    updated: &DynamicObject,
+    desired: Option<&str>,
+    context: &Context,
+) -> Duration {
+    let attempt = context.state().unconverged(key);
+    context.set_out_of_sync(key, true);
     context.metrics.count(Part::Rollout, "pending");
     if attempt >= 2 {
         let notice = Notice::warning(
@@ -151,13 +170,13 @@ pub(super) async fn reconcile_rollout(
                 "{object} still lacks the current python-packages injection after being sent \
                  through the webhook (template hash {}, expected {}); the webhook may be bypassed \
                  (failurePolicy Ignore) or not reading the current KasprApp; retrying with backoff",
-                rollout_hash(&updated).as_deref().unwrap_or("none"),
-                desired.as_deref().unwrap_or("none"),
+                rollout_hash(updated).as_deref().unwrap_or("none"),
+                desired.unwrap_or("none"),
             ),
         );
         context.report(app, Part::Rollout, vec![notice]).await;
     }
-    Ok(retry_delay(attempt.saturating_add(1)))
+    retry_delay(attempt.saturating_add(1))
 }
 
 /// How soon to look again while the webhook is not reachable through the API server.
