@@ -88,42 +88,7 @@ pub fn build_job(
         .cloned()
         .ok_or(JobError::NoInitContainer(names::INIT_CONTAINER))?;
     let container = build_container(init, set);
-
-    let mounted: Vec<&str> = container
-        .get("volumeMounts")
-        .and_then(Value::as_array)
-        .map(|m| {
-            m.iter()
-                .filter_map(|v| v.get("name").and_then(Value::as_str))
-                .collect()
-        })
-        .unwrap_or_default();
-    let volumes: Vec<Value> = pod
-        .get("volumes")
-        .and_then(Value::as_array)
-        .map(|all| {
-            all.iter()
-                .filter(|v| {
-                    v.get("name")
-                        .and_then(Value::as_str)
-                        .is_some_and(|n| mounted.contains(&n))
-                })
-                .cloned()
-                .collect()
-        })
-        .unwrap_or_default();
-
-    let mut pod_spec = Map::new();
-    for field in COPIED_POD_FIELDS {
-        if let Some(value) = pod.get(*field) {
-            pod_spec.insert((*field).to_owned(), value.clone());
-        }
-    }
-    pod_spec.insert("restartPolicy".into(), json!("Never"));
-    pod_spec.insert("containers".into(), json!([container]));
-    if !volumes.is_empty() {
-        pod_spec.insert("volumes".into(), Value::Array(volumes));
-    }
+    let pod_spec = build_pod_spec(&pod, container);
 
     // Not `kaspr.io/app`: the build pod is not one of the app's pods (selectors, the
     // operator's status reader and the webhook's Pod path must not take it for one).
@@ -159,6 +124,47 @@ pub fn build_job(
             },
         },
     }))
+}
+
+/// The build pod: what the app's pods run with (security context, service account, pull
+/// secrets, placement), the build container, and only the volumes it mounts.
+fn build_pod_spec(pod: &Map<String, Value>, container: Value) -> Map<String, Value> {
+    let mounted: Vec<&str> = container
+        .get("volumeMounts")
+        .and_then(Value::as_array)
+        .map(|m| {
+            m.iter()
+                .filter_map(|v| v.get("name").and_then(Value::as_str))
+                .collect()
+        })
+        .unwrap_or_default();
+    let volumes: Vec<Value> = pod
+        .get("volumes")
+        .and_then(Value::as_array)
+        .map(|all| {
+            all.iter()
+                .filter(|v| {
+                    v.get("name")
+                        .and_then(Value::as_str)
+                        .is_some_and(|n| mounted.contains(&n))
+                })
+                .cloned()
+                .collect()
+        })
+        .unwrap_or_default();
+
+    let mut pod_spec = Map::new();
+    for field in COPIED_POD_FIELDS {
+        if let Some(value) = pod.get(*field) {
+            pod_spec.insert((*field).to_owned(), value.clone());
+        }
+    }
+    pod_spec.insert("restartPolicy".into(), json!("Never"));
+    pod_spec.insert("containers".into(), Value::Array(vec![container]));
+    if !volumes.is_empty() {
+        pod_spec.insert("volumes".into(), Value::Array(volumes));
+    }
+    pod_spec
 }
 
 /// The injected init container, renamed, its installer configuration switched to build mode.
