@@ -298,6 +298,12 @@ pub(super) async fn reconcile_build(
     match builds::state::next_step(&lock_state, &wanted.id, &status) {
         Step::StartBuild => {
             let body = job::build_job(&template, spec, owner, &wanted.id, &context.render)
+                .map(|mut body| {
+                    if builds::image::publishes(app.value(), &context.render.image_mode) {
+                        builds::image::add_publish(&mut body, &context.render.image_mode);
+                    }
+                    body
+                })
                 .map_err(|e| {
                     ControllerError::invalid(
                         "build",
@@ -344,6 +350,7 @@ pub(super) async fn reconcile_build(
             Ok(BUILD_POLL)
         }
         Step::Collect => {
+            let mut published = None;
             let lock_sha = if let Some(existing) = lock_state
                 .entry(&wanted.id)
                 .and_then(|e| e.lock_sha256.clone())
@@ -378,12 +385,23 @@ pub(super) async fn reconcile_build(
                         e.to_string(),
                     )
                 })?;
+                published =
+                    crate::builds::image::image_from_log(&log, &wanted.image).map_err(|e| {
+                        ControllerError::invalid(
+                            "collect",
+                            format!("Job {namespace}/{job_name}"),
+                            e.to_string(),
+                        )
+                    })?;
                 let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(lock.as_bytes()));
                 locks.insert(wanted.id.clone(), lock);
                 sha
             };
-            io.apply_state(&recorded.with_built(&wanted.id, &lock_sha), &locks)
-                .await?;
+            let mut next = recorded.with_built(&wanted.id, &lock_sha);
+            if let Some(image) = published {
+                next = next.with_image(&wanted.id, image);
+            }
+            io.apply_state(&next, &locks).await?;
             if let Some(job) = &found_job {
                 io.delete_job(job).await?;
             }

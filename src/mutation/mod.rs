@@ -9,6 +9,7 @@
 //! path composes validate → [`apply`] → diff (see `admission::mutate`).
 
 pub mod cache_access;
+pub mod image;
 pub mod record;
 pub mod render;
 pub mod takeover;
@@ -177,6 +178,50 @@ pub fn apply_set(
             "{field_prefix}.containers[{main_index}].image: the main container has no image to run the installer with"
         )));
     }
+    let main_image = main
+        .get("image")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    match image::decide(
+        set,
+        main_image,
+        &config.image_mode,
+        disguise.is_some(),
+        field_prefix,
+    ) {
+        image::Decision::Mount(published) => {
+            let pull_secret = config.image_mode.pull_secret.as_deref();
+            let injection = Injection {
+                init_container: Value::Null,
+                volumes: vec![image::volume(&published)],
+                main_mounts: vec![image::mount()],
+                install_key: spec.install_key(),
+                template_hash: image::template_hash(&published, pull_secret),
+                set: set.map(|s| s.id.clone()),
+            };
+            for volume in &injection.volumes {
+                push(pod_spec, "volumes", volume.clone());
+            }
+            let added_secret = image::add_pull_secret(pod_spec, pull_secret);
+            let path = format!("{field_prefix}.containers[{main_index}]");
+            let (mount_names, pythonpath_warning) =
+                inject_main_container(pod_spec, main_index, &injection, &path);
+            warnings.extend(pythonpath_warning);
+            let record = Record {
+                init_containers: Vec::new(),
+                volumes: vec![names::IMAGE_VOLUME.to_owned()],
+                container: main_name,
+                volume_mounts: mount_names,
+                env: vec![names::PYTHONPATH.to_owned()],
+                security_context: main_context_set,
+                image_pull_secrets: added_secret.into_iter().collect(),
+            };
+            write_annotations(template, &injection, &record);
+            return Ok(warnings);
+        }
+        image::Decision::Fallback(warning) => warnings.push(warning),
+        image::Decision::NotAsked => {}
+    }
     let injection = render::render(spec, app, &main, pod_spec, config, disguise.as_ref(), set);
     warnings.extend(cache_access::warnings(
         spec,
@@ -212,6 +257,7 @@ pub fn apply_set(
         volume_mounts: mount_names,
         env: vec![names::PYTHONPATH.to_owned()],
         security_context: main_context_set,
+        image_pull_secrets: Vec::new(),
     };
     write_annotations(template, &injection, &record);
     Ok(warnings)
