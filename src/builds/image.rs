@@ -144,6 +144,23 @@ pub fn request_of(effective: &Value) -> Option<ImageRequest> {
     Some(ImageRequest { published })
 }
 
+/// The warning for an app that asks for image mode while builds are off (no set is rendered):
+/// images are published by build Jobs only.
+pub fn without_builds_warning(
+    kasprapp: &Value,
+    set: Option<&crate::builds::render::PackageSet>,
+    has_packages: bool,
+) -> Option<String> {
+    (has_packages && set.is_none() && requested_mode(kasprapp) == Ok(Some(PackagesMode::Image)))
+        .then(|| {
+            format!(
+                "the app asks for image mode ({MODE_ANNOTATION}: image) but package builds are off \
+                 (--builds, chart value builds.enabled): its packages are installed by the init \
+                 container in the configured cache mode"
+            )
+        })
+}
+
 /// The build Job's volume with the push credentials (never in an app's pod).
 pub const PUSH_VOLUME: &str = "kaspr-packages-push";
 /// Where the build container reads them: the Secret's `.dockerconfigjson` as `config.json`.

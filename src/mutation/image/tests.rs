@@ -235,3 +235,20 @@ fn apps_that_do_not_ask_render_as_before() {
     );
     assert_eq!(with_image_config, without);
 }
+
+#[test]
+fn image_mode_with_builds_off_warns_and_installs_at_start() {
+    // Builds off: the KasprApp as it is, without a lock state.
+    let (sts, warnings) = render(&statefulset(APP_IMAGE), &kasprapp(Some("image")), &config());
+    assert_eq!(
+        pod_spec(&sts)["initContainers"][0]["name"],
+        names::INIT_CONTAINER
+    );
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(
+        warnings[0].contains("package builds are off"),
+        "{warnings:?}"
+    );
+    let (_, quiet) = render(&statefulset(APP_IMAGE), &kasprapp(None), &config());
+    assert!(quiet.is_empty(), "{quiet:?}");
+}
