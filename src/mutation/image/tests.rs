@@ -111,6 +111,12 @@ fn a_built_set_with_its_image_is_mounted_read_only_by_digest_without_an_init_con
         spec["volumes"],
         json!([{"name": names::IMAGE_VOLUME, "image": {"reference": REFERENCE, "pullPolicy": "IfNotPresent"}}])
     );
+    // The shape Kubernetes' own types read (field names and nesting of `volumes[].image`).
+    let typed: k8s_openapi::api::core::v1::Volume =
+        serde_json::from_value(spec["volumes"][0].clone()).expect("a Volume");
+    let source = typed.image.expect("an image volume source");
+    assert_eq!(source.reference.as_deref(), Some(REFERENCE));
+    assert_eq!(source.pull_policy.as_deref(), Some("IfNotPresent"));
     let main = &spec["containers"][0];
     assert_eq!(
         main["volumeMounts"],
