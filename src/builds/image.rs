@@ -203,6 +203,14 @@ pub fn add_publish(job: &mut Value, config: &crate::config::ImageModeConfig) {
     else {
         return;
     };
+    // Pods carry the installer without its publishing code; this Job needs all of it.
+    if let Some(program) = container
+        .get_mut("command")
+        .and_then(|c| c.get_mut(2))
+        .filter(|p| p.is_string())
+    {
+        *program = json!(crate::installer::build_bootstrap());
+    }
     if config.push_secret.is_some() {
         let mount = json!({"name": PUSH_VOLUME, "mountPath": PUSH_DIR, "readOnly": true});
         match container
@@ -303,6 +311,7 @@ mod tests {
     #[test]
     fn a_publishing_build_gets_the_repository_and_the_push_secret_only() {
         let mut job = json!({"spec": {"template": {"spec": {"containers": [{"name": "build",
+            "command": ["python3", "-c", crate::installer::bootstrap()],
             "env": [{"name": crate::names::CONFIG_ENV, "value": "{\"build\":{\"set\":\"aa\"}}"}]}]}}}});
         let config = crate::config::ImageModeConfig {
             repository: Some("r.example/kaspr/packages".into()),
@@ -332,6 +341,10 @@ mod tests {
         assert!(
             !job.to_string().contains("\"pull\""),
             "the pull secret is the pods' business"
+        );
+        assert_eq!(
+            pod["containers"][0]["command"][2],
+            crate::installer::build_bootstrap()
         );
         let app = |mode: &str| json!({"metadata": {"annotations": {MODE_ANNOTATION: mode}}});
         assert!(publishes(&app("image"), &config));

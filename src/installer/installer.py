@@ -2596,6 +2596,7 @@ def run_restore(ctx: "Context") -> Plan:
 # Entry point
 # --------------------------------------------------------------------------------------------
 
+# kaspr-packages: build-only begin (pods get these lines blank; only build Jobs publish images)
 # --------------------------------------------------------------------------------------------
 # Image mode: a built set published as an OCI image, one layer per distribution
 # --------------------------------------------------------------------------------------------
@@ -3037,6 +3038,7 @@ def publish_image(ctx: "Context", set_id: str, built: str) -> dict:
         % (target.repository, digest, len(layers), uploaded, registry.uploaded_bytes, total))
     print(IMAGE_MARKER + json.dumps(published, sort_keys=True), flush=True)
     return published
+# kaspr-packages: build-only end
 
 
 def write_termination_log(environ: Dict[str, str], line: str) -> None:
