@@ -109,5 +109,56 @@ pub fn template_hash(image: &PublishedImage, pull_secret: Option<&str>) -> Strin
     crate::spec::short_sha256(rendered.to_string().as_bytes())
 }
 
+/// The main container an image-mode injection goes into.
+pub struct MainContainer {
+    pub index: usize,
+    pub name: String,
+    /// Whether the injection set its securityContext (under takeover).
+    pub security_context_set: bool,
+    /// Its field path, for messages.
+    pub path: String,
+}
+
+/// Injects the image volume, its mount, PYTHONPATH and the pull secret into a template whose
+/// earlier injection was stripped, and writes the annotations. Returns warnings.
+pub fn apply_mount(
+    template: &mut Map<String, Value>,
+    image: &PublishedImage,
+    spec: &crate::spec::PythonPackages,
+    set: Option<&PackageSet>,
+    config: &crate::config::RenderConfig,
+    main: MainContainer,
+) -> Vec<String> {
+    let Some(pod_spec) = template.get_mut("spec").and_then(Value::as_object_mut) else {
+        return Vec::new();
+    };
+    let pull_secret = config.image_mode.pull_secret.as_deref();
+    let injection = super::Injection {
+        init_container: Value::Null,
+        volumes: vec![volume(image)],
+        main_mounts: vec![mount()],
+        install_key: spec.install_key(),
+        template_hash: template_hash(image, pull_secret),
+        set: set.map(|s| s.id.clone()),
+    };
+    for volume in &injection.volumes {
+        super::push(pod_spec, "volumes", volume.clone());
+    }
+    let added_secret = add_pull_secret(pod_spec, pull_secret);
+    let (mount_names, pythonpath_warning) =
+        super::inject_main_container(pod_spec, main.index, &injection, &main.path);
+    let record = super::Record {
+        init_containers: Vec::new(),
+        volumes: vec![names::IMAGE_VOLUME.to_owned()],
+        container: main.name,
+        volume_mounts: mount_names,
+        env: vec![names::PYTHONPATH.to_owned()],
+        security_context: main.security_context_set,
+        image_pull_secrets: added_secret.into_iter().collect(),
+    };
+    super::write_annotations(template, &injection, &record);
+    pythonpath_warning.into_iter().collect()
+}
+
 #[cfg(test)]
 mod tests;

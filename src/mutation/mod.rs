@@ -190,33 +190,15 @@ pub fn apply_set(
         field_prefix,
     ) {
         image::Decision::Mount(published) => {
-            let pull_secret = config.image_mode.pull_secret.as_deref();
-            let injection = Injection {
-                init_container: Value::Null,
-                volumes: vec![image::volume(&published)],
-                main_mounts: vec![image::mount()],
-                install_key: spec.install_key(),
-                template_hash: image::template_hash(&published, pull_secret),
-                set: set.map(|s| s.id.clone()),
+            let main = image::MainContainer {
+                index: main_index,
+                name: main_name,
+                security_context_set: main_context_set,
+                path: format!("{field_prefix}.containers[{main_index}]"),
             };
-            for volume in &injection.volumes {
-                push(pod_spec, "volumes", volume.clone());
-            }
-            let added_secret = image::add_pull_secret(pod_spec, pull_secret);
-            let path = format!("{field_prefix}.containers[{main_index}]");
-            let (mount_names, pythonpath_warning) =
-                inject_main_container(pod_spec, main_index, &injection, &path);
-            warnings.extend(pythonpath_warning);
-            let record = Record {
-                init_containers: Vec::new(),
-                volumes: vec![names::IMAGE_VOLUME.to_owned()],
-                container: main_name,
-                volume_mounts: mount_names,
-                env: vec![names::PYTHONPATH.to_owned()],
-                security_context: main_context_set,
-                image_pull_secrets: added_secret.into_iter().collect(),
-            };
-            write_annotations(template, &injection, &record);
+            warnings.extend(image::apply_mount(
+                template, &published, spec, set, config, main,
+            ));
             return Ok(warnings);
         }
         image::Decision::Fallback(warning) => warnings.push(warning),
