@@ -223,12 +223,18 @@ pub fn preview_with_lock(
         }
     };
     let app = admission::kasprapp_ref(kasprapp, &object);
-    let outcome = if lock.is_some() {
+    let mut outcome = if lock.is_some() {
         admission::mutate_object(kind, &object, kasprapp, config)
     } else {
         admission::mutate_validated(kind, &object, &report, &app, config)
     }
     .map_err(|d| PreviewError::Denied(d.message))?;
+    if lock.is_none()
+        && let Some(warning) =
+            crate::builds::image::without_builds_warning(kasprapp, None, report.spec.is_some())
+    {
+        outcome.warnings.push(warning);
+    }
     let unprintable = |e: &dyn std::fmt::Display| {
         PreviewError::Denied(format!("the result cannot be printed: {e}"))
     };

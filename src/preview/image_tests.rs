@@ -75,6 +75,14 @@ fn preview_with_the_lock_renders_the_image_volume_of_the_current_set() {
         preview_with_lock(&kasprapp(), None, Output::Json, &config(), None).expect("preview");
     assert!(!plain.text.contains(names::IMAGE_VOLUME));
     assert!(plain.text.contains(names::INIT_CONTAINER));
+    assert!(
+        plain
+            .warnings
+            .iter()
+            .any(|w| w.contains("package builds are off")),
+        "{:?}",
+        plain.warnings
+    );
 }
 
 #[test]
