@@ -420,7 +420,18 @@ pub fn mutate_object(
         }
         _ => None,
     };
-    mutate_validated_set(kind, object, &report, &app, config, set.as_ref())
+    let outcome = mutate_validated_set(kind, object, &report, &app, config, set.as_ref());
+    match crate::builds::image::without_builds_warning(
+        kasprapp,
+        set.as_ref(),
+        report.spec.is_some(),
+    ) {
+        Some(warning) => outcome.map(|mut o| {
+            o.warnings.push(warning);
+            o
+        }),
+        None => outcome,
+    }
 }
 
 /// The namespace and name of `kasprapp`; the object's namespace when the app names none.

@@ -14,8 +14,16 @@ pub const GCS_KEY_VOLUME: &str = "kaspr-packages-gcs-key";
 /// The package set's lock (builds on), from the app's lock ConfigMap.
 pub const LOCK_VOLUME: &str = "kaspr-packages-lock";
 pub const LOCK_DIR: &str = "/var/run/kaspr-packages/lock";
+/// Image mode: the package set's image, mounted read-only at [`SITE_PATH`].
+pub const IMAGE_VOLUME: &str = "kaspr-packages-image";
 /// Every volume name the injection may add.
-pub const VOLUMES: &[&str] = &[PACKAGES_VOLUME, CACHE_VOLUME, GCS_KEY_VOLUME, LOCK_VOLUME];
+pub const VOLUMES: &[&str] = &[
+    PACKAGES_VOLUME,
+    CACHE_VOLUME,
+    GCS_KEY_VOLUME,
+    LOCK_VOLUME,
+    IMAGE_VOLUME,
+];
 
 pub const PACKAGES_PATH: &str = "/opt/kaspr/packages";
 pub const CACHE_PATH: &str = "/opt/kaspr/packages-cache";
@@ -57,8 +65,14 @@ pub const OPERATOR_PACKAGES_ANNOTATION: &str = "packages.kaspr.io/operator-packa
 /// requires `cache.gcs.secretRef.name`; `workload-identity` ignores it and uses the pod's
 /// service account.
 pub const GCS_AUTH_ANNOTATION: &str = "packages.kaspr.io/gcs-auth";
+/// `image` or `cache`: image mode (docs/image-mode.md) or the configured cache mode.
+pub const MODE_ANNOTATION: &str = crate::builds::image::MODE_ANNOTATION;
 /// Every KasprApp annotation this product reads.
-pub const KASPRAPP_ANNOTATIONS: &[&str] = &[OPERATOR_PACKAGES_ANNOTATION, GCS_AUTH_ANNOTATION];
+pub const KASPRAPP_ANNOTATIONS: &[&str] = &[
+    OPERATOR_PACKAGES_ANNOTATION,
+    GCS_AUTH_ANNOTATION,
+    MODE_ANNOTATION,
+];
 
 /// What the Kaspr operator (v0.14+) renders for its own package injection, for an app `N`:
 /// volume `N-app-packages` (see [`operator_packages_volume`]), its Secret volume for the GCS

@@ -165,6 +165,45 @@ pub fn preview(
     output: Output,
     config: &RenderConfig,
 ) -> Result<Preview, PreviewError> {
+    preview_with_lock(kasprapp, object, output, config, None)
+}
+
+/// [`preview`] with builds on: `lock` is the app's lock ConfigMap (`<app>-python-packages-lock`,
+/// as `kubectl get configmap -o yaml` prints it), so the preview renders the app's current set,
+/// or awaits its first one, as the webhook does; in image mode, the set's image.
+pub fn preview_with_lock(
+    kasprapp: &Value,
+    object: Option<Value>,
+    output: Output,
+    config: &RenderConfig,
+    lock: Option<&Value>,
+) -> Result<Preview, PreviewError> {
+    let effective;
+    let kasprapp = match lock {
+        Some(config_map) => {
+            let data: std::collections::BTreeMap<String, String> = config_map
+                .get("data")
+                .cloned()
+                .map(serde_json::from_value)
+                .transpose()
+                .map_err(|e| PreviewError::Unreadable {
+                    source_name: "lock".into(),
+                    message: format!("data: {e}"),
+                })?
+                .unwrap_or_default();
+            let state = crate::builds::LockState::from_data(
+                str_at(config_map, "/metadata/name"),
+                Some(&data),
+            )
+            .map_err(|e| PreviewError::Unreadable {
+                source_name: "lock".into(),
+                message: e.to_string(),
+            })?;
+            effective = crate::builds::render::effective_app(kasprapp, Some(&state));
+            &effective
+        }
+        None => kasprapp,
+    };
     let report = validation::validate_kasprapp(kasprapp);
     if !report.errors.is_empty() {
         return Err(PreviewError::Invalid(report.error_message(&format!(
@@ -184,8 +223,18 @@ pub fn preview(
         }
     };
     let app = admission::kasprapp_ref(kasprapp, &object);
-    let outcome = admission::mutate_validated(kind, &object, &report, &app, config)
-        .map_err(|d| PreviewError::Denied(d.message))?;
+    let mut outcome = if lock.is_some() {
+        admission::mutate_object(kind, &object, kasprapp, config)
+    } else {
+        admission::mutate_validated(kind, &object, &report, &app, config)
+    }
+    .map_err(|d| PreviewError::Denied(d.message))?;
+    if lock.is_none()
+        && let Some(warning) =
+            crate::builds::image::without_builds_warning(kasprapp, None, report.spec.is_some())
+    {
+        outcome.warnings.push(warning);
+    }
     let unprintable = |e: &dyn std::fmt::Display| {
         PreviewError::Denied(format!("the result cannot be printed: {e}"))
     };
@@ -241,6 +290,9 @@ pub fn validate_text(text: &str, source_name: &str) -> Result<Vec<(String, Repor
     }
     Ok(reports)
 }
+
+#[cfg(test)]
+mod image_tests;
 
 #[cfg(test)]
 mod tests {

@@ -6,6 +6,7 @@
 //! reports ([`report`]). The controller carries them out.
 
 pub mod identity;
+pub mod image;
 pub mod job;
 pub mod render;
 pub mod report;

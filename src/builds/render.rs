@@ -28,6 +28,9 @@ pub const AWAIT: &str = "await";
 pub struct PackageSet {
     pub id: String,
     pub await_seconds: u64,
+    /// Image mode: the app asks for it (docs/image-mode.md); whether it is mounted is decided
+    /// where the pod is rendered.
+    pub image: Option<super::image::ImageRequest>,
 }
 
 /// The app as the webhook renders it with builds on: the current set's configuration, or the
@@ -55,6 +58,7 @@ pub fn effective_app(app: &Value, state: Option<&LockState>) -> Value {
             annotations.insert(RENDER_SET_ANNOTATION.into(), json!(chosen));
         }
     }
+    super::image::annotate(&mut effective, state.and_then(LockState::current_image));
     effective
 }
 
@@ -75,6 +79,7 @@ pub fn set_for(
         return Some(PackageSet {
             id: chosen.to_owned(),
             await_seconds,
+            image: super::image::request_of(effective),
         });
     }
     let containers = template.pointer("/spec/containers")?.as_array()?;
@@ -99,6 +104,7 @@ pub fn set_for(
             refresh,
         ),
         await_seconds,
+        image: super::image::request_of(effective),
     })
 }
 
@@ -160,7 +166,8 @@ mod tests {
             set,
             Some(PackageSet {
                 id: "00000000000000aa".into(),
-                await_seconds: deadline_seconds(&spec_of(&effective))
+                await_seconds: deadline_seconds(&spec_of(&effective)),
+                image: None,
             })
         );
     }

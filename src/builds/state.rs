@@ -56,6 +56,10 @@ pub struct LockState {
     pub current: Option<String>,
     #[serde(default)]
     pub sets: Vec<SetEntry>,
+    /// Image mode: the image each built set was published as, by set id (kept and dropped
+    /// with its set).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub images: BTreeMap<String, crate::builds::image::PublishedImage>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -151,6 +155,20 @@ impl LockState {
         next.pruned()
     }
 
+    /// The state with the image set `id` was published as.
+    pub fn with_image(&self, id: &str, image: crate::builds::image::PublishedImage) -> Self {
+        let mut next = self.clone();
+        if next.entry(id).is_some() {
+            next.images.insert(id.to_owned(), image);
+        }
+        next
+    }
+
+    /// The current set's published image, if it has one.
+    pub fn current_image(&self) -> Option<&crate::builds::image::PublishedImage> {
+        self.images.get(&self.current_entry()?.id)
+    }
+
     /// The state with set `id` failed; the current set stays.
     pub fn with_failed(&self, id: &str, category: &str, message: &str) -> Self {
         let mut next = self.clone();
@@ -181,6 +199,8 @@ impl LockState {
             SetPhase::Failed => s.sequence > current_seq,
         });
         self.sets.sort_by_key(|s| s.sequence);
+        let kept: Vec<String> = self.sets.iter().map(|s| s.id.clone()).collect();
+        self.images.retain(|id, _| kept.contains(id));
         self
     }
 

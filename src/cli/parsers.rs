@@ -91,14 +91,130 @@ pub struct RenderArgs {
         default_value = "respect"
     )]
     pub operator_packages: OperatorPackagesArg,
+
+    /// Image mode (docs/image-mode.md): the OCI repository, `<registry host[:port]>/<path>`,
+    /// build Jobs publish package sets to. Unset: apps asking for image mode (annotation
+    /// packages.kaspr.io/mode: image) keep their cache mode, with a warning.
+    #[arg(long, env = "KASPR_WEBHOOK_IMAGE_REPOSITORY", value_name = "REPOSITORY", value_parser = parse_image_repository)]
+    pub image_repository: Option<String>,
+
+    /// Secret (kubernetes.io/dockerconfigjson) in each app's namespace with the registry's push
+    /// credentials; mounted into build Jobs only.
+    #[arg(long, env = "KASPR_WEBHOOK_IMAGE_PUSH_SECRET", value_name = "SECRET", value_parser = parse_secret_name)]
+    pub image_push_secret: Option<String>,
+
+    /// Secret added to image-mode pods' imagePullSecrets, so the kubelet can pull set images.
+    #[arg(long, env = "KASPR_WEBHOOK_IMAGE_PULL_SECRET", value_name = "SECRET", value_parser = parse_secret_name)]
+    pub image_pull_secret: Option<String>,
+
+    /// Whether the nodes' container runtimes can mount image volumes (containerd 2.1+, CRI-O
+    /// 1.31+); the webhook cannot see them. false keeps every app on its cache mode.
+    #[arg(long, env = "KASPR_WEBHOOK_IMAGE_VOLUMES_ON_NODES", value_name = "BOOL", default_value = "true", action = clap::ArgAction::Set)]
+    pub image_volumes_on_nodes: bool,
+
+    /// The image registry speaks plain HTTP, not HTTPS (only for a registry reachable inside
+    /// the cluster's network); build Jobs push over HTTP.
+    #[arg(long, env = "KASPR_WEBHOOK_IMAGE_REGISTRY_PLAIN_HTTP", value_name = "BOOL", default_value = "false", action = clap::ArgAction::Set)]
+    pub image_registry_plain_http: bool,
 }
 
 impl RenderArgs {
     pub fn into_config(self) -> crate::config::RenderConfig {
+        let RenderArgs {
+            init_container_resources,
+            packages_volume_size_limit,
+            operator_packages,
+            image_repository,
+            image_push_secret,
+            image_pull_secret,
+            image_volumes_on_nodes,
+            image_registry_plain_http,
+        } = self;
         crate::config::RenderConfig {
-            default_resources: self.init_container_resources,
-            packages_volume_size_limit: self.packages_volume_size_limit,
-            operator_packages: self.operator_packages.into(),
+            default_resources: init_container_resources,
+            packages_volume_size_limit,
+            operator_packages: operator_packages.into(),
+            image_mode: crate::config::ImageModeConfig {
+                repository: image_repository,
+                push_secret: image_push_secret,
+                pull_secret: image_pull_secret,
+                unsupported: (!image_volumes_on_nodes).then(|| {
+                    "the chart says the nodes' container runtimes cannot mount image volumes \
+                     (imageMode.nodesSupportImageVolumes: false)"
+                        .to_owned()
+                }),
+                plain_http: image_registry_plain_http,
+            },
         }
+    }
+}
+
+/// `<registry host[:port]>/<path>`, the path in lowercase OCI form.
+fn parse_image_repository(value: &str) -> Result<String, String> {
+    let (host, path) = value.split_once('/').unwrap_or((value, ""));
+    let host_ok = !host.is_empty()
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':'));
+    let path_ok = !path.is_empty()
+        && path.split('/').all(|part| {
+            !part.is_empty()
+                && part.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+                && part.ends_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+                && part.chars().all(|c| {
+                    c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-')
+                })
+        });
+    if host_ok && path_ok && value.len() <= 255 {
+        Ok(value.to_owned())
+    } else {
+        Err(format!(
+            "{value:?} is not <registry host[:port]>/<path> (path in lowercase letters, digits, '.', '_', '-')"
+        ))
+    }
+}
+
+/// A Secret's name (a DNS subdomain).
+fn parse_secret_name(value: &str) -> Result<String, String> {
+    let ok = !value.is_empty()
+        && value.len() <= 253
+        && value
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '-'))
+        && value.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && value.ends_with(|c: char| c.is_ascii_alphanumeric());
+    if ok {
+        Ok(value.to_owned())
+    } else {
+        Err(format!("{value:?} is not a valid Secret name"))
+    }
+}
+
+#[cfg(test)]
+mod image_flag_tests {
+    use rstest::rstest;
+
+    #[rstest]
+    #[case::registry_with_port("registry.example:5000/kaspr/packages", true)]
+    #[case::plain("ghcr.io/acme/sets", true)]
+    #[case::no_path("ghcr.io", false)]
+    #[case::uppercase_path("ghcr.io/Acme", false)]
+    #[case::empty_component("ghcr.io//a", false)]
+    #[case::scheme("https://ghcr.io/a", false)]
+    fn image_repositories(#[case] value: &str, #[case] ok: bool) {
+        let parsed = super::parse_image_repository(value);
+        assert_eq!(parsed.is_ok(), ok, "{parsed:?}");
+        if let Err(message) = parsed {
+            assert!(message.contains(value), "{message}");
+        }
+    }
+
+    #[rstest]
+    #[case("registry-push", true)]
+    #[case("Push", false)]
+    #[case("-x", false)]
+    #[case("", false)]
+    fn secret_names(#[case] value: &str, #[case] ok: bool) {
+        assert_eq!(super::parse_secret_name(value).is_ok(), ok);
     }
 }

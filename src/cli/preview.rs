@@ -44,6 +44,12 @@ pub struct PreviewArgs {
     )]
     pub output: PreviewOutputArg,
 
+    /// The app's lock ConfigMap (YAML or JSON, as `kubectl get configmap
+    /// <app>-python-packages-lock -o yaml` prints it): render as the webhook does with builds
+    /// on, the current package set or, in image mode, its image.
+    #[arg(long, env = "KASPR_WEBHOOK_LOCK", value_name = "FILE")]
+    pub lock: Option<std::path::PathBuf>,
+
     #[command(flatten)]
     pub render: RenderArgs,
 }
@@ -71,6 +77,7 @@ pub(super) fn preview(args: PreviewArgs) -> ExitCode {
     let PreviewArgs {
         kasprapp,
         object,
+        lock,
         output,
         render,
     } = args;
@@ -98,7 +105,18 @@ pub(super) fn preview(args: PreviewArgs) -> ExitCode {
             PreviewOutputArg::Json => crate::preview::Output::Json,
             PreviewOutputArg::Patch => crate::preview::Output::Patch,
         };
-        crate::preview::preview(&app, object, output, &config).map_err(|e| e.to_string())
+        let lock = match lock {
+            Some(path) => {
+                let name = path.display().to_string();
+                Some(
+                    crate::preview::parse_one(&read_input(&name)?, &name)
+                        .map_err(|e| e.to_string())?,
+                )
+            }
+            None => None,
+        };
+        crate::preview::preview_with_lock(&app, object, output, &config, lock.as_ref())
+            .map_err(|e| e.to_string())
     })();
     match result {
         Ok(preview) => {

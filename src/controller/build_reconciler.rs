@@ -331,8 +331,12 @@ pub(super) async fn reconcile_build(
     };
     match step {
         Step::StartBuild => {
-            let body = job::build_job(&template, spec, owner, &build.wanted.id, &context.render)
-                .map_err(|e| build.invalid("build", &e))?;
+            let mut body =
+                job::build_job(&template, spec, owner, &build.wanted.id, &context.render)
+                    .map_err(|e| build.invalid("build", &e))?;
+            if builds::image::publishes(app.value(), &context.render.image_mode) {
+                builds::image::add_publish(&mut body, &context.render.image_mode);
+            }
             build.start(body).await
         }
         Step::Wait => {
@@ -439,6 +443,7 @@ impl Build<'_> {
             .lock_state
             .entry(&self.wanted.id)
             .and_then(|e| e.lock_sha256.clone());
+        let mut published = None;
         let lock_sha = match known {
             Some(existing) => existing,
             None => {
@@ -451,17 +456,18 @@ impl Build<'_> {
                 };
                 let log = self.io.build_log(&pod_name).await?;
                 let lock = report::lock_from_log(&log).map_err(|e| self.invalid("collect", &e))?;
+                published = builds::image::image_from_log(&log, &self.wanted.image)
+                    .map_err(|e| self.invalid("collect", &e))?;
                 let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(lock.as_bytes()));
                 self.locks.insert(self.wanted.id.clone(), lock);
                 sha
             }
         };
-        self.io
-            .apply_state(
-                &self.recorded().with_built(&self.wanted.id, &lock_sha),
-                &self.locks,
-            )
-            .await?;
+        let mut next = self.recorded().with_built(&self.wanted.id, &lock_sha);
+        if let Some(image) = published {
+            next = next.with_image(&self.wanted.id, image);
+        }
+        self.io.apply_state(&next, &self.locks).await?;
         if let Some(job) = &self.found_job {
             self.io.delete_job(job).await?;
         }

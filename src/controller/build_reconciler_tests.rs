@@ -242,3 +242,109 @@ async fn a_finished_build_whose_pod_is_gone_is_built_again() {
     let methods: Vec<String> = writes(&sent).iter().map(|s| s.method.clone()).collect();
     assert_eq!(methods, ["DELETE"]);
 }
+
+/// Image mode: an app with `packages.kaspr.io/mode: image` and a webhook with a repository.
+fn image_app() -> (KasprAppObject, AppOwner, Report) {
+    let (object, owner, report) = app();
+    let mut value = (**object.value()).clone();
+    value["metadata"]["annotations"] = json!({"packages.kaspr.io/mode": "image"});
+    (
+        serde_json::from_value(value).expect("object"),
+        owner,
+        report,
+    )
+}
+
+fn image_context(client: kube::Client) -> Context {
+    let mut context = context(client);
+    context.render.image_mode = crate::config::ImageModeConfig {
+        repository: Some("registry.example/kaspr/packages".into()),
+        push_secret: Some("registry-push".into()),
+        pull_secret: None,
+        unsupported: None,
+        plain_http: false,
+    };
+    context
+}
+
+const DIGEST: &str = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+#[tokio::test]
+async fn an_image_mode_build_job_pushes_with_the_push_secret() {
+    let (client, sent) = api(None, None, 201, json!({}));
+    let (object, owner, report) = image_app();
+    reconcile_build(&object, &owner, &report, &image_context(client))
+        .await
+        .expect("ok");
+    let created = writes(&sent)
+        .into_iter()
+        .find(|s| s.method == "POST" && s.path == JOBS_PATH)
+        .expect("job");
+    let pod = &created.body["spec"]["template"]["spec"];
+    assert_eq!(
+        pod["volumes"].as_array().map(|v| v
+            .iter()
+            .filter(|v| v["secret"]["secretName"] == "registry-push")
+            .count()),
+        Some(1)
+    );
+    let config = pod["containers"][0]["env"]
+        .as_array()
+        .expect("env")
+        .iter()
+        .find(|e| e["name"] == crate::names::CONFIG_ENV)
+        .and_then(|e| e["value"].as_str())
+        .expect("config");
+    let config: Value = serde_json::from_str(config).expect("json");
+    assert_eq!(
+        config["build"]["image"]["repository"],
+        "registry.example/kaspr/packages"
+    );
+    // The same app without the annotation builds without publishing.
+    let (client, sent) = api(None, None, 201, json!({}));
+    let (object, owner, report) = app();
+    reconcile_build(&object, &owner, &report, &image_context(client))
+        .await
+        .expect("ok");
+    let created = writes(&sent)
+        .into_iter()
+        .find(|s| s.method == "POST" && s.path == JOBS_PATH)
+        .expect("job");
+    assert!(!created.body.to_string().contains("registry-push"));
+}
+
+#[tokio::test]
+async fn a_finished_image_build_records_its_image_by_digest() {
+    let job_path = job_path();
+    let log = format!(
+        "{}kaspr-packages: IMAGE {{\"repository\": \"registry.example/kaspr/packages\", \"tag\": \"{}-cpython-311\", \"digest\": \"{DIGEST}\", \"pythonTag\": \"cpython-311\"}}\n",
+        crate::builds::report::tests::printed(LOCK),
+        wanted()
+    );
+    let (client, sent) = fake_api(move |method, path, body| match (method, path) {
+        ("GET", STS_PATH) => (200, statefulset()),
+        ("GET", CM_PATH) => (404, status(404, "NotFound")),
+        ("PATCH", CM_PATH) => (200, body.clone()),
+        ("GET", p) if p == job_path => (200, job(&json!({"succeeded": 1}))),
+        ("DELETE", p) if p == job_path => (200, job(&json!({"succeeded": 1}))),
+        ("GET", PODS_PATH) => (
+            200,
+            build_pod(&json!({"exitCode": 0, "message": "kaspr-packages: OK"})),
+        ),
+        ("GET", p) if p.ends_with("/log") => (200, Value::String(log.clone())),
+        _ => (404, status(404, "NotFound")),
+    });
+    let (object, owner, report) = image_app();
+    reconcile_build(&object, &owner, &report, &image_context(client))
+        .await
+        .expect("ok");
+    let (state, _) = applied_state(&sent);
+    assert_eq!(state.current.as_deref(), Some(wanted().as_str()));
+    let image = state.current_image().expect("image recorded");
+    assert_eq!(
+        image.reference,
+        format!("registry.example/kaspr/packages@{DIGEST}")
+    );
+    assert_eq!(image.built_for, "kaspr:1");
+    assert_eq!(image.python_tag, "cpython-311");
+}

@@ -158,6 +158,8 @@ pub fn degraded_installs(pod: &Pod) -> Vec<DegradedInstall> {
 pub(super) struct InstallMemory {
     counted: HashMap<String, HashSet<String>>,
     published: HashSet<(AppKey, &'static str)>,
+    /// (app, set) pairs whose image pull failure was published.
+    image_pulls: HashSet<(AppKey, String)>,
 }
 
 impl InstallMemory {
@@ -180,12 +182,36 @@ impl InstallMemory {
 
     pub(super) fn retain_apps(&mut self, exists: impl Fn(&AppKey) -> bool) {
         self.published.retain(|(app, _)| exists(app));
+        self.image_pulls.retain(|(app, _)| exists(app));
     }
 }
 
 /// Counts and reports the degraded runs of one pod. Runs that finished before `since` (the
 /// process's start) are not counted, so a restart does not count old pods again.
 pub(super) async fn observe(context: &Context, pod: &Pod, since: Timestamp) {
+    if let Some(failure) = image_pull::image_pull_failure(pod) {
+        let key: AppKey = ObjectRef::new(&failure.app).within(&failure.namespace);
+        let publish = {
+            let mut state = context.state();
+            find_app(context, &key).filter(|_| {
+                state
+                    .installs
+                    .image_pulls
+                    .insert((key.clone(), failure.set.clone()))
+            })
+        };
+        if let Some(app) = publish {
+            context
+                .publish(
+                    &app,
+                    EventType::Warning,
+                    Part::Installs,
+                    image_pull::IMAGE_PULL_REASON,
+                    image_pull::note(&failure),
+                )
+                .await;
+        }
+    }
     for install in degraded_installs(pod) {
         let key: AppKey = ObjectRef::new(&install.app).within(&install.namespace);
         let (count, publish) = {
@@ -256,6 +282,8 @@ pub(super) async fn watch(context: Arc<Context>, scope: Option<String>, since: T
         }
     }
 }
+
+pub mod image_pull;
 
 #[cfg(test)]
 mod tests;

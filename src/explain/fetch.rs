@@ -462,6 +462,18 @@ pub fn server_settings(deployment: &Value) -> Result<Server, String> {
             default_resources,
             packages_volume_size_limit,
             operator_packages,
+            image_mode: crate::config::ImageModeConfig {
+                repository: flag("image-repository"),
+                push_secret: flag("image-push-secret"),
+                pull_secret: flag("image-pull-secret"),
+                unsupported: (flag("image-volumes-on-nodes").as_deref() == Some("false")).then(
+                    || {
+                        "the chart says the nodes' container runtimes cannot mount image volumes"
+                            .to_owned()
+                    },
+                ),
+                plain_http: flag("image-registry-plain-http").as_deref() == Some("true"),
+            },
         },
         watch_namespaces,
         source: String::new(),

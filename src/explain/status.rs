@@ -110,6 +110,48 @@ pub fn claim(
     }
 }
 
+/// Image mode (docs/image-mode.md): no init container; the set's image is pulled by the
+/// kubelet, so a pull failure shows on the containers. Returns whether the pod is in image mode.
+fn image_mode(lines: &mut Lines, pod: &Value) -> bool {
+    let Some(reference) = pod
+        .pointer("/spec/volumes")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .find(|v| str_at(v, "/name") == Some(names::IMAGE_VOLUME))
+        .and_then(|v| str_at(v, "/image/reference"))
+    else {
+        return false;
+    };
+    let failing: Vec<String> = pod
+        .pointer("/status/containerStatuses")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|s| {
+            let reason = str_at(s, "/state/waiting/reason")?;
+            matches!(reason, "ErrImagePull" | "ImagePullBackOff").then(|| {
+                format!(
+                    "container {}: {reason}: {}",
+                    str_at(s, "/name").unwrap_or("?"),
+                    str_at(s, "/state/waiting/message").unwrap_or("").trim()
+                )
+            })
+        })
+        .collect();
+    if failing.is_empty() {
+        lines.ok(format!(
+            "image mode: packages are mounted read-only from {reference} (no init container)"
+        ));
+    } else {
+        lines.problem(format!(
+            "image mode: the pod waits for an image; its package set's image is {reference}: {}",
+            failing.join("; ")
+        ));
+    }
+    true
+}
+
 /// A label key inside a JSON pointer (`/` is escaped as `~1`).
 fn pointer_key(key: &str) -> String {
     key.replace('~', "~0").replace('/', "~1")
@@ -118,6 +160,9 @@ fn pointer_key(key: &str) -> String {
 /// Lines about the injected init container of a pod: its state now and its last termination
 /// message (the installer writes a one-line summary there).
 pub fn init_container(lines: &mut Lines, pod: &Value) {
+    if image_mode(lines, pod) {
+        return;
+    }
     let status = pod
         .pointer("/status/initContainerStatuses")
         .and_then(Value::as_array)
@@ -277,6 +322,31 @@ mod tests {
     fn pod(status: Value) -> Value {
         let statuses = vec![status];
         json!({"status": {"initContainerStatuses": statuses}})
+    }
+
+    #[test]
+    fn an_image_mode_pod_names_its_image_and_a_pull_failure() {
+        let reference = "registry.example/kaspr/packages@sha256:00aa";
+        let mut image_pod = json!({"spec": {"volumes": [
+            {"name": names::IMAGE_VOLUME, "image": {"reference": reference}}]},
+            "status": {"containerStatuses": [{"name": "kaspr", "state": {"running": {}}}]}});
+        let mut lines = Lines::default();
+        init_container(&mut lines, &image_pod);
+        assert_eq!(severities(&lines), [Severity::Ok]);
+        assert!(lines.0[0].text.contains(reference), "{:?}", lines.0);
+        image_pod["status"]["containerStatuses"][0]["state"] = json!({"waiting": {
+            "reason": "ImagePullBackOff", "message": "Back-off pulling image: not found"}});
+        let mut lines = Lines::default();
+        init_container(&mut lines, &image_pod);
+        assert_eq!(severities(&lines), [Severity::Problem]);
+        assert!(
+            lines.0[0]
+                .text
+                .contains("ImagePullBackOff: Back-off pulling image: not found")
+                && lines.0[0].text.contains(reference),
+            "{:?}",
+            lines.0
+        );
     }
 
     #[test]

@@ -33,6 +33,7 @@ import base64
 import errno
 import fcntl
 import hashlib
+import io
 import json
 import os
 import platform
@@ -2020,7 +2021,8 @@ def load_set_mode(data: dict) -> Tuple[Optional[Config], Optional[Config]]:
         lock_out = obj.get("lockFile")
         if lock_out is not None and not os.path.isabs(_typed(lock_out, str, "build.lockFile")):
             raise _fail_config("build.lockFile", "%s is not an absolute path" % _show(lock_out))
-        build = Config(set=set_id, lock_file=lock_out)
+        image = load_image_target(obj["image"]) if obj.get("image") is not None else None
+        build = Config(set=set_id, lock_file=lock_out, image=image)
     if "restore" in data:
         if build is not None:
             raise _fail_config("restore", "cannot be combined with build")
@@ -2488,6 +2490,8 @@ def run_build(ctx: "Context") -> Plan:
                                % (gcs.bucket, gcs.object, ctx.redactor(str(exc))), retryable=False)
         log("uploaded gs://%s/%s (%d bytes)" % (gcs.bucket, gcs.object, size) if uploaded
             else "gs://%s/%s already exists; keeping it" % (gcs.bucket, gcs.object))
+    if ctx.cfg.build.image is not None:
+        plan.image = publish_image(ctx, set_id, tmp)
     if ctx.cfg.build.lock_file:
         with open(ctx.cfg.build.lock_file, "w", encoding="utf-8") as handle:
             handle.write(lock)
@@ -2592,6 +2596,451 @@ def run_restore(ctx: "Context") -> Plan:
 # Entry point
 # --------------------------------------------------------------------------------------------
 
+# kaspr-packages: build-only begin (pods get these lines blank; only build Jobs publish images)
+# --------------------------------------------------------------------------------------------
+# Image mode: a built set published as an OCI image, one layer per distribution
+# --------------------------------------------------------------------------------------------
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+OCI_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
+_PATH_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+REPOSITORY_RE = re.compile(r"^(?P<host>[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?(?::[0-9]{1,5})?)/"
+                           r"(?P<name>%s(?:/%s)*)$" % (_PATH_COMPONENT, _PATH_COMPONENT))
+# Every file in a layer gets this time, so a distribution gives the same layer in every build.
+LAYER_MTIME = 1
+IMAGE_MARKER = PREFIX + " IMAGE "
+
+
+def load_image_target(obj) -> Config:
+    """``build.image``: where the build publishes its set as an OCI image."""
+    obj = _typed(obj, dict, "build.image")
+    repository = _require(obj, "repository", str, "build.image.repository")
+    if not REPOSITORY_RE.match(repository) or len(repository) > 255:
+        raise _fail_config("build.image.repository", "%s is not <registry host[:port]>/<path> in lowercase"
+                           % _show(repository))
+    secret = obj.get("dockerConfig")
+    if secret is not None and not os.path.isabs(_typed(secret, str, "build.image.dockerConfig")):
+        raise _fail_config("build.image.dockerConfig", "%s is not an absolute path" % _show(secret))
+    plain_http = _typed(obj.get("plainHttp", False), bool, "build.image.plainHttp")
+    return Config(repository=repository, docker_config=secret, plain_http=plain_http)
+
+
+def image_tag(set_id: str, tag: str) -> str:
+    """``<set id>-<python tag>``: a set is published once per Python ABI and platform."""
+    return ("%s-%s" % (set_id, tag))[:128]
+
+
+def image_platform() -> Tuple[str, str]:
+    machine = platform.machine().lower()
+    arch = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64",
+            "ppc64le": "ppc64le", "s390x": "s390x", "armv7l": "arm"}.get(machine, machine)
+    return "linux", arch
+
+
+def _read_record(root: str, dist_info: str) -> List[str]:
+    """Files of one distribution from its RECORD, relative to ``root`` and inside it."""
+    import csv
+    paths = []
+    try:
+        with open(os.path.join(root, dist_info, "RECORD"), encoding="utf-8", newline="") as handle:
+            rows = list(csv.reader(handle))
+    except OSError:
+        rows = []
+    for row in rows:
+        if not row or not row[0]:
+            continue
+        path = os.path.normpath(row[0])
+        if os.path.isabs(path) or path == ".." or path.startswith("../"):
+            continue
+        paths.append(path)
+    return paths
+
+
+def compile_deterministic(root: str, paths: List[str]) -> List[str]:
+    """Bytecode for the ``.py`` files of a layer, hash-based and unchecked, so it does not
+    depend on when the files were written (the image is read-only: nothing is compiled at
+    import time) and the same distribution gives the same bytes. Returns the ``.pyc`` paths."""
+    import importlib.util
+    import py_compile
+    made = []
+    for path in paths:
+        if not path.endswith(".py"):
+            continue
+        source = os.path.join(root, path)
+        if os.path.islink(source) or not os.path.isfile(source):
+            continue
+        cached = importlib.util.cache_from_source(source)
+        try:
+            # ``dfile``: the code objects name the file relative to the set, not this build's
+            # directory (the import system puts the real path in when it loads them).
+            py_compile.compile(source, cfile=cached, dfile=path, doraise=True,
+                               invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
+        except (py_compile.PyCompileError, SyntaxError, ValueError, OSError):
+            continue  # a file Python cannot compile is imported as source (or never)
+        made.append(os.path.relpath(cached, root))
+    return made
+
+
+def layer_groups(root: str) -> List[Tuple[str, List[str]]]:
+    """(title, files) per layer: one per distribution (its RECORD, with fresh deterministic
+    bytecode), then one for everything else the set holds (its marker, lock, ``REQUESTED``
+    files: what differs between sets that install the same distribution)."""
+    groups = []
+    claimed = set()
+    for entry in sorted(os.listdir(root)):
+        if not entry.endswith(".dist-info") or not os.path.isdir(os.path.join(root, entry)):
+            continue
+        listed = [p for p in _read_record(root, entry)
+                  if not p.endswith(".pyc") and os.path.basename(p) != "REQUESTED"]
+        listed += compile_deterministic(root, listed)
+        files = sorted({p for p in listed if os.path.lexists(os.path.join(root, p))
+                        and not os.path.isdir(os.path.join(root, p)) and p not in claimed})
+        claimed.update(files)
+        if files:
+            groups.append((entry[:-len(".dist-info")], files))
+    rest = []
+    for directory, dirs, files in os.walk(root):
+        dirs.sort()
+        for name in sorted(files) + [d for d in dirs if os.path.islink(os.path.join(directory, d))]:
+            rel = os.path.relpath(os.path.join(directory, name), root)
+            if rel not in claimed:
+                rest.append(rel)
+    groups.append(("set", sorted(rest)))
+    return groups
+
+
+class _HashingWriter:
+    """Counts and hashes what passes through on its way to ``sink``."""
+
+    def __init__(self, sink):
+        self.sink = sink
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data) -> int:
+        self.sha.update(data)
+        self.size += len(data)
+        self.sink.write(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self.size
+
+    def flush(self) -> None:
+        pass
+
+
+def _tar_info(root: str, rel: str, kind: str, content: Optional[bytes] = None) -> "tarfile.TarInfo":
+    info = tarfile.TarInfo(rel)
+    info.mtime = LAYER_MTIME
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    if kind == "dir":
+        info.type = tarfile.DIRTYPE
+        info.mode = 0o755
+        return info
+    if content is not None:
+        info.size = len(content)
+        info.mode = 0o644
+        return info
+    full = os.path.join(root, rel)
+    if os.path.islink(full):
+        info.type = tarfile.SYMTYPE
+        info.linkname = os.readlink(full)
+        info.mode = 0o777
+        return info
+    st = os.stat(full)
+    info.size = st.st_size
+    info.mode = 0o755 if st.st_mode & 0o111 else 0o644
+    return info
+
+
+def pack_layer(root: str, files: List[str], out_path: str, contents: Optional[Dict[str, bytes]] = None) -> dict:
+    """A reproducible gzip'd tar of ``files`` (with their parent directories): fixed times,
+    owners and modes, sorted. ``contents`` replaces the bytes of some files. Returns its
+    descriptor plus ``diffId`` (the uncompressed digest)."""
+    import gzip
+    contents = contents or {}
+    entries = []
+    seen_dirs = set()
+    for rel in sorted(files):
+        parts = rel.split(os.sep)[:-1]
+        for i in range(1, len(parts) + 1):
+            parent = "/".join(parts[:i])
+            if parent not in seen_dirs:
+                seen_dirs.add(parent)
+                entries.append((parent, "dir"))
+        entries.append((rel.replace(os.sep, "/"), "file"))
+    entries.sort(key=lambda e: e[0].split("/"))
+    with open(out_path, "wb") as raw:
+        compressed = _HashingWriter(raw)
+        with gzip.GzipFile(filename="", mode="wb", fileobj=compressed, compresslevel=6, mtime=0) as gz:
+            plain = _HashingWriter(gz)
+            with tarfile.open(fileobj=plain, mode="w", format=tarfile.PAX_FORMAT) as tar:
+                for rel, kind in entries:
+                    info = _tar_info(root, rel, kind, contents.get(rel) if kind == "file" else None)
+                    if rel in contents and kind == "file":
+                        tar.addfile(info, io.BytesIO(contents[rel]))
+                    elif info.isreg():
+                        with open(os.path.join(root, rel), "rb") as data:
+                            tar.addfile(info, data)
+                    else:
+                        tar.addfile(info)
+    return {"mediaType": OCI_LAYER, "digest": "sha256:" + compressed.sha.hexdigest(),
+            "size": compressed.size, "diffId": "sha256:" + plain.sha.hexdigest()}
+
+
+def canonical_json(value) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def image_documents(layers: List[dict], set_id: str, tag: str) -> Tuple[bytes, bytes]:
+    """The image config and manifest (both without times, so a rebuild has the same digest)."""
+    os_name, arch = image_platform()
+    config = canonical_json({
+        "architecture": arch, "os": os_name,
+        "config": {"Labels": {"io.kaspr.packages.set": set_id, "io.kaspr.packages.python-tag": tag}},
+        "rootfs": {"type": "layers", "diff_ids": [layer["diffId"] for layer in layers]},
+    })
+    manifest = canonical_json({
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": OCI_CONFIG, "digest": "sha256:" + hashlib.sha256(config).hexdigest(),
+                   "size": len(config)},
+        "layers": [{"mediaType": layer["mediaType"], "digest": layer["digest"], "size": layer["size"],
+                    "annotations": {"org.opencontainers.image.title": layer["title"]}} for layer in layers],
+        "annotations": {"io.kaspr.packages.set": set_id, "io.kaspr.packages.python-tag": tag},
+    })
+    return config, manifest
+
+
+def docker_config_credentials(path: Optional[str], host: str) -> Optional[Tuple[str, str]]:
+    """(user, password) for ``host`` from a mounted docker config Secret
+    (``.dockerconfigjson``; ``auths`` keys may carry a scheme and path)."""
+    if not path:
+        return None
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except OSError as exc:
+        raise InstallError("authentication", "cannot read the registry credentials %s: %s"
+                           % (path, exc.strerror or exc), retryable=False)
+    except ValueError:
+        raise InstallError("authentication", "the registry credentials %s are not a docker config JSON" % path,
+                           retryable=False)
+    auths = data.get("auths") if isinstance(data, dict) else None
+    for key, entry in (auths or {}).items():
+        bare = re.sub(r"^[a-z]+://", "", str(key)).split("/", 1)[0]
+        if bare != host or not isinstance(entry, dict):
+            continue
+        if entry.get("username") and entry.get("password"):
+            return str(entry["username"]), str(entry["password"])
+        try:
+            user, _, password = base64.b64decode(str(entry.get("auth", ""))).decode("utf-8").partition(":")
+        except (ValueError, UnicodeDecodeError):
+            user = password = ""
+        if user:
+            return user, password
+        raise InstallError("authentication", "the registry credentials %s have no usable entry for %s"
+                           % (path, host), retryable=False)
+    return None
+
+
+class RegistryError(Exception):
+    def __init__(self, category: str, message: str):
+        super().__init__(message)
+        self.category = category
+
+
+class Registry:
+    """The OCI distribution API for one repository: blob HEAD/upload, manifest PUT, basic and
+    bearer auth. Credentials are used in headers only, and redacted from every message."""
+
+    def __init__(self, target: Config, redactor: Redactor, timeout: float):
+        match = REPOSITORY_RE.match(target.repository)
+        self.host, self.name = match.group("host"), match.group("name")
+        self.base = "%s://%s" % ("http" if target.plain_http else "https", self.host)
+        self.credentials = docker_config_credentials(target.docker_config, self.host)
+        if self.credentials:
+            redactor.add(self.credentials[1])
+            redactor.add(base64.b64encode(("%s:%s" % self.credentials).encode()).decode())
+        self.redactor = redactor
+        self.timeout = timeout
+        self.authorization: Optional[str] = None
+        self.uploaded_bytes = 0
+
+    def _send(self, method: str, url: str, headers: Dict[str, str], body=None):
+        request = urllib.request.Request(url, data=body, method=method, headers=headers)
+        opener = urllib.request.build_opener(_NoRedirect())
+        try:
+            with opener.open(request, timeout=self.timeout) as response:
+                return response.status, response.headers, response.read(1 << 20)
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.headers, (exc.read(2000) if exc.fp else b"")
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            raise RegistryError("network", "%s %s: %s" % (method, self.redactor(url.split("?", 1)[0]),
+                                                           getattr(exc, "reason", exc) or type(exc).__name__))
+
+    def _login(self, challenge: str) -> None:
+        scheme, _, params = challenge.partition(" ")
+        fields = dict(re.findall(r'([A-Za-z_]+)="([^"]*)"', params))
+        basic = None
+        if self.credentials:
+            basic = "Basic " + base64.b64encode(("%s:%s" % self.credentials).encode()).decode()
+        if scheme.lower() == "basic":
+            if basic is None:
+                raise RegistryError("authentication", "registry %s asks for credentials and the push Secret has "
+                                    "none for it" % self.host)
+            self.authorization = basic
+            return
+        if scheme.lower() != "bearer" or "realm" not in fields:
+            raise RegistryError("authentication", "registry %s asks for unsupported authentication %r"
+                                % (self.host, scheme))
+        query = {"scope": fields.get("scope") or "repository:%s:pull,push" % self.name}
+        if fields.get("service"):
+            query["service"] = fields["service"]
+        url = fields["realm"] + ("&" if "?" in fields["realm"] else "?") + urllib.parse.urlencode(query)
+        status, _, body = self._send("GET", url, {"Authorization": basic} if basic else {})
+        if status != 200:
+            raise RegistryError("authentication", "the token service of registry %s answered HTTP %d: %s"
+                                % (self.host, status, one_line(self.redactor(body.decode("utf-8", "replace")), 200)))
+        try:
+            token = json.loads(body.decode("utf-8"))
+            token = token.get("token") or token.get("access_token")
+        except (ValueError, AttributeError):
+            token = None
+        if not token:
+            raise RegistryError("authentication", "the token service of registry %s returned no token" % self.host)
+        self.redactor.add(token)
+        self.authorization = "Bearer " + token
+
+    def call(self, method: str, path_or_url: str, headers: Optional[Dict[str, str]] = None, body=None,
+             reopen=None):
+        """One request, logging in once on a 401. ``reopen`` gives a fresh body for the retry."""
+        url = urllib.parse.urljoin(self.base + "/", path_or_url)
+        for attempt in (0, 1):
+            sent = dict(headers or {})
+            if self.authorization:
+                sent["Authorization"] = self.authorization
+            status, answer, data = self._send(method, url, sent, body)
+            if status != 401 or attempt == 1:
+                break
+            self._login(answer.get("WWW-Authenticate", "") if answer else "")
+            if reopen is not None:
+                body = reopen()
+        if status in (401, 403):
+            raise RegistryError("authentication", "registry %s refused %s on %s: HTTP %d %s"
+                                % (self.host, method, self.name, status, self._message(data)))
+        return status, answer, data
+
+    def _message(self, data: bytes) -> str:
+        return one_line(self.redactor(data.decode("utf-8", "replace")), 300)
+
+    def has_blob(self, digest: str) -> bool:
+        status, _, data = self.call("HEAD", "/v2/%s/blobs/%s" % (self.name, digest))
+        if status == 404:
+            return False
+        if 200 <= status < 400:
+            return True
+        raise RegistryError("cache_error", "HEAD blob %s on %s: HTTP %d %s" % (digest, self.name, status,
+                                                                             self._message(data)))
+
+    def upload_blob(self, digest: str, path: Optional[str] = None, data: Optional[bytes] = None) -> bool:
+        """Uploads a blob the repository lacks (monolithic: POST then PUT). Returns whether it
+        was uploaded."""
+        if self.has_blob(digest):
+            return False
+        status, answer, reply = self.call("POST", "/v2/%s/blobs/uploads/" % self.name, {"Content-Length": "0"}, b"")
+        location = answer.get("Location") if answer else None
+        if status != 202 or not location:
+            raise RegistryError("cache_error", "starting an upload to %s: HTTP %d %s"
+                                % (self.name, status, self._message(reply)))
+        url = urllib.parse.urljoin(self.base + "/", location)
+        url += ("&" if "?" in url else "?") + urllib.parse.urlencode({"digest": digest})
+        size = len(data) if data is not None else os.path.getsize(path)
+        handles = []
+
+        def body():
+            if data is not None:
+                return data
+            handles.append(open(path, "rb"))
+            return handles[-1]
+
+        try:
+            status, _, reply = self.call("PUT", url, {"Content-Type": "application/octet-stream",
+                                                      "Content-Length": str(size)}, body(), reopen=body)
+        finally:
+            for handle in handles:
+                handle.close()
+        if status != 201:
+            raise RegistryError("cache_error", "uploading blob %s to %s: HTTP %d %s"
+                                % (digest, self.name, status, self._message(reply)))
+        self.uploaded_bytes += size
+        return True
+
+    def put_manifest(self, reference: str, manifest: bytes) -> str:
+        digest = "sha256:" + hashlib.sha256(manifest).hexdigest()
+        status, answer, reply = self.call("PUT", "/v2/%s/manifests/%s" % (self.name, reference),
+                                          {"Content-Type": OCI_MANIFEST}, manifest)
+        if status != 201:
+            raise RegistryError("cache_error", "putting manifest %s:%s: HTTP %d %s"
+                                % (self.name, reference, status, self._message(reply)))
+        echoed = answer.get("Docker-Content-Digest") if answer else None
+        if echoed and echoed != digest:
+            raise RegistryError("integrity", "registry %s stored manifest %s as %s" % (self.host, digest, echoed))
+        return digest
+
+
+def image_marker(built: str) -> Dict[str, bytes]:
+    """The build marker as the image carries it: without its creation time, so the same set
+    built twice is the same image."""
+    marker = read_marker(built)
+    if marker is None:
+        return {}
+    marker.pop("created", None)
+    return {BUILD_MARKER: json.dumps(marker, indent=1, sort_keys=True).encode()}
+
+
+def publish_image(ctx: "Context", set_id: str, built: str) -> dict:
+    """Publishes the built set ``built`` as ``<repository>:<set id>-<python tag>`` and returns
+    what was published (printed as one ``IMAGE`` line for the controller)."""
+    target = ctx.cfg.build.image
+    tag = image_tag(set_id, ctx.tag)
+    layers_dir = os.path.join(ctx.work_dir, "layers")
+    reset_dir(layers_dir)
+    layers = []
+    for number, (title, files) in enumerate(layer_groups(built)):
+        path = os.path.join(layers_dir, "%04d.tar.gz" % number)
+        layer = pack_layer(built, files, path, image_marker(built))
+        layer["title"] = title
+        layer["path"] = path
+        layers.append(layer)
+    config, manifest = image_documents(layers, set_id, ctx.tag)
+    try:
+        registry = Registry(target, ctx.redactor, min(ctx.cfg.timeout, 300.0))
+        uploaded = 0
+        for layer in layers:
+            uploaded += registry.upload_blob(layer["digest"], path=layer["path"])
+        registry.upload_blob("sha256:" + hashlib.sha256(config).hexdigest(), data=config)
+        digest = registry.put_manifest(tag, manifest)
+    except RegistryError as exc:
+        raise InstallError(exc.category, "publishing the set's image to %s: %s"
+                           % (target.repository, ctx.redactor(str(exc))), retryable=False)
+    finally:
+        remove_tree(layers_dir)
+    total = sum(layer["size"] for layer in layers)
+    published = {
+        "repository": target.repository, "tag": tag, "digest": digest, "pythonTag": ctx.tag,
+        "layers": [[layer["title"], layer["digest"], layer["size"]] for layer in layers],
+        "uploadedLayers": uploaded, "uploadedBytes": registry.uploaded_bytes, "totalBytes": total,
+    }
+    log("published image %s@%s: %d layers, %d uploaded (%d of %d bytes)"
+        % (target.repository, digest, len(layers), uploaded, registry.uploaded_bytes, total))
+    print(IMAGE_MARKER + json.dumps(published, sort_keys=True), flush=True)
+    return published
+# kaspr-packages: build-only end
+
+
 def write_termination_log(environ: Dict[str, str], line: str) -> None:
     """Write the summary for `kubectl describe pod`; a missing or read-only path is ignored."""
     path = environ.get("KASPR_PACKAGES_TERMINATION_LOG") or DEFAULT_TERMINATION_LOG
@@ -2688,6 +3137,8 @@ def main(environ: Optional[Dict[str, str]] = None) -> int:
         PREFIX, len(cfg.packages), cfg.install_key, ctx.tag, time.monotonic() - started)
     if getattr(plan, "lock_sha256", None):
         line += ", set %s, lock sha256 %s" % (cfg.build.set, plan.lock_sha256)
+        if getattr(plan, "image", None):
+            line += ", image %s" % plan.image["digest"]
     elif cfg.restore is not None:
         line += ", set %s" % cfg.restore.set
     if plan.overrides:

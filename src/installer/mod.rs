@@ -15,18 +15,51 @@ pub const SOURCE: &str = include_str!("installer.py");
 /// Name the program runs under in tracebacks.
 const PROGRAM_NAME: &str = "kaspr-packages-installer";
 
-static BOOTSTRAP: LazyLock<String> = LazyLock::new(|| {
+/// Lines between these markers are only needed by build Jobs (publishing images): pods carry
+/// them blank, so every pod and ControllerRevision stays smaller.
+const BUILD_ONLY_BEGIN: &str = "# kaspr-packages: build-only begin";
+const BUILD_ONLY_END: &str = "# kaspr-packages: build-only end";
+
+static BOOTSTRAP: LazyLock<String> = LazyLock::new(|| loader(&shipped(&for_pods(SOURCE))));
+static BUILD_BOOTSTRAP: LazyLock<String> = LazyLock::new(|| loader(&shipped(SOURCE)));
+
+/// `python3 -c` argument that runs `program`, compressed.
+fn loader(program: &str) -> String {
     let mut encoder = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::best());
     // Writing to a Vec cannot fail.
     let compressed = encoder
-        .write_all(shipped(SOURCE).as_bytes())
+        .write_all(program.as_bytes())
         .and_then(|()| encoder.finish())
         .unwrap_or_default();
     let encoded = base64::engine::general_purpose::STANDARD.encode(compressed);
     format!(
         "import base64,zlib;exec(compile(zlib.decompress(base64.b64decode('{encoded}')),'{PROGRAM_NAME}','exec'))"
     )
-});
+}
+
+/// The program with its build-only lines blank (line numbers kept for tracebacks).
+fn for_pods(source: &str) -> String {
+    let mut inside = false;
+    source
+        .split('\n')
+        .map(|line| {
+            if line.starts_with(BUILD_ONLY_BEGIN) {
+                inside = true;
+            }
+            let kept = if inside { "" } else { line };
+            if line.starts_with(BUILD_ONLY_END) {
+                inside = false;
+            }
+            kept
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The whole program, for build Jobs that publish images.
+pub fn build_bootstrap() -> &'static str {
+    &BUILD_BOOTSTRAP
+}
 
 static DIGEST: LazyLock<String> =
     LazyLock::new(|| crate::spec::short_sha256(bootstrap().as_bytes()));
@@ -133,8 +166,36 @@ mod tests {
             &mut out,
         )
         .expect("zlib");
-        assert_eq!(out, shipped(SOURCE));
+        assert_eq!(out, shipped(&for_pods(SOURCE)));
         assert!(bootstrap().len() < SOURCE.len());
+    }
+
+    #[test]
+    fn pods_carry_the_program_without_its_build_only_lines() {
+        let pods = for_pods(SOURCE);
+        assert_eq!(pods.split('\n').count(), SOURCE.split('\n').count());
+        assert!(SOURCE.contains("def publish_image(") && !pods.contains("def publish_image("));
+        assert!(SOURCE.contains(BUILD_ONLY_END) && !pods.contains(BUILD_ONLY_END));
+        assert!(pods.contains("def run_build("), "the rest is kept");
+        assert!(bootstrap().len() + 4000 < build_bootstrap().len());
+        // Both programs are valid Python for the Python that runs them.
+        for program in [shipped(&pods), shipped(SOURCE)] {
+            let mut child = std::process::Command::new("python3")
+                .args([
+                    "-c",
+                    "import sys; compile(sys.stdin.read(), 'installer', 'exec')",
+                ])
+                .stdin(std::process::Stdio::piped())
+                .spawn()
+                .expect("python3 runs");
+            child
+                .stdin
+                .take()
+                .expect("stdin")
+                .write_all(program.as_bytes())
+                .expect("written");
+            assert!(child.wait().expect("exits").success());
+        }
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //! path composes validate → [`apply`] → diff (see `admission::mutate`).
 
 pub mod cache_access;
+pub mod image;
 pub mod record;
 pub mod render;
 pub mod takeover;
@@ -177,6 +178,32 @@ pub fn apply_set(
             "{field_prefix}.containers[{main_index}].image: the main container has no image to run the installer with"
         )));
     }
+    let main_image = main
+        .get("image")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    match image::decide(
+        set,
+        main_image,
+        &config.image_mode,
+        disguise.is_some(),
+        field_prefix,
+    ) {
+        image::Decision::Mount(published) => {
+            let main = image::MainContainer {
+                index: main_index,
+                name: main_name,
+                security_context_set: main_context_set,
+                path: format!("{field_prefix}.containers[{main_index}]"),
+            };
+            warnings.extend(image::apply_mount(
+                template, &published, spec, set, config, main,
+            ));
+            return Ok(warnings);
+        }
+        image::Decision::Fallback(warning) => warnings.push(warning),
+        image::Decision::NotAsked => {}
+    }
     let injection = render::render(spec, app, &main, pod_spec, config, disguise.as_ref(), set);
     warnings.extend(cache_access::warnings(
         spec,
@@ -212,6 +239,7 @@ pub fn apply_set(
         volume_mounts: mount_names,
         env: vec![names::PYTHONPATH.to_owned()],
         security_context: main_context_set,
+        image_pull_secrets: Vec::new(),
     };
     write_annotations(template, &injection, &record);
     Ok(warnings)

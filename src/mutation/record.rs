@@ -34,6 +34,9 @@ pub struct Record {
     /// before this field existed read and serialize the same.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub security_context: bool,
+    /// Image mode: the pull secret we added to `imagePullSecrets` (left out when none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub image_pull_secrets: Vec<String>,
 }
 
 impl Record {
@@ -68,6 +71,7 @@ impl Record {
             volume_mounts: keep("volume mount", self.volume_mounts, names::VOLUMES),
             env: keep("env var", self.env, &[names::PYTHONPATH]),
             security_context: self.security_context,
+            image_pull_secrets: self.image_pull_secrets,
         };
         (record, foreign)
     }
@@ -130,6 +134,12 @@ pub fn strip(spec: &mut Map<String, Value>, record: &Record) {
         volumes.retain(|v| !(record.volumes.iter().any(|n| name_is(v, n)) && is_our_volume(v)));
         if volumes.is_empty() {
             spec.remove("volumes");
+        }
+    }
+    if let Some(Value::Array(secrets)) = spec.get_mut("imagePullSecrets") {
+        secrets.retain(|s| !record.image_pull_secrets.iter().any(|n| name_is(s, n)));
+        if secrets.is_empty() {
+            spec.remove("imagePullSecrets");
         }
     }
     let Some(Value::Array(containers)) = spec.get_mut("containers") else {
@@ -219,6 +229,8 @@ fn is_our_volume(volume: &Value) -> bool {
             .is_some_and(|claim| claim.ends_with(crate::spec::PVC_SUFFIX))
     } else if name_is(volume, names::GCS_KEY_VOLUME) {
         source("secret")
+    } else if name_is(volume, names::IMAGE_VOLUME) {
+        source("image")
     } else if name_is(volume, names::LOCK_VOLUME) {
         volume
             .pointer("/configMap/name")
@@ -237,6 +249,7 @@ fn is_our_mount(mount: &Value) -> bool {
         (names::CACHE_VOLUME, names::CACHE_PATH),
         (names::GCS_KEY_VOLUME, names::GCS_KEY_DIR),
         (names::LOCK_VOLUME, names::LOCK_DIR),
+        (names::IMAGE_VOLUME, names::SITE_PATH),
     ]
     .iter()
     .any(|(name, ours)| name_is(mount, name) && path == Some(ours))

@@ -145,7 +145,7 @@ pub fn run(options: ServeOptions) -> anyhow::Result<()> {
 /// Assembles the services from the options and runs the server until `shutdown`.
 pub async fn serve(options: ServeOptions, shutdown: Shutdown) -> anyhow::Result<()> {
     let ServeOptions {
-        settings,
+        mut settings,
         certs,
         apps,
         reload_interval,
@@ -174,6 +174,9 @@ pub async fn serve(options: ServeOptions, shutdown: Shutdown) -> anyhow::Result<
             "self-managed-certificates",
             crate::certs::run(client, config, policy, Arc::clone(&certs)),
         ));
+    }
+    if let Some(client) = &source.client {
+        image_volumes_check(client, &mut settings.render.image_mode).await;
     }
     if let Some(client) = source.client {
         tokio::spawn(warn_if_untested_release(client.clone()));
@@ -290,6 +293,33 @@ async fn app_source(
                 namespaces,
             })
         }
+    }
+}
+
+/// Image mode: asks the API server's release once (discovery) when a repository is configured;
+/// before 1.36, or when the release cannot be read in time, apps keep their cache mode.
+async fn image_volumes_check(
+    client: &kube::Client,
+    image_mode: &mut crate::config::ImageModeConfig,
+) {
+    if image_mode.repository.is_none() || image_mode.unsupported.is_some() {
+        return;
+    }
+    let asked = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        client.apiserver_version(),
+    )
+    .await;
+    image_mode.unsupported = match asked {
+        Ok(Ok(info)) => crate::config::image_volumes_unsupported_by(&info.major, &info.minor),
+        Ok(Err(error)) => Some(format!(
+            "the API server's release could not be read ({error})"
+        )),
+        Err(_) => Some("the API server's release could not be read within 10s".to_owned()),
+    };
+    match &image_mode.unsupported {
+        None => tracing::info!("image mode: the API server serves image volumes"),
+        Some(reason) => tracing::warn!(%reason, "image mode: apps keep their cache mode"),
     }
 }
 

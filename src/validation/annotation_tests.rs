@@ -57,6 +57,10 @@ fn the_operator_packages_annotation_selects_the_mode(
     "packages.kaspr.io/gcs-auth", json!("wi"),
     "metadata.annotations.packages.kaspr.io/gcs-auth: \"wi\" is not one of \"secret\", \"workload-identity\""
 )]
+#[case::mode_word(
+    "packages.kaspr.io/mode", json!("oci"),
+    "metadata.annotations.packages.kaspr.io/mode: \"oci\" is not one of \"image\", \"cache\""
+)]
 fn a_bad_annotation_is_an_error_naming_it_and_its_value(
     #[case] key: &str,
     #[case] value: Value,

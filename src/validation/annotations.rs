@@ -49,6 +49,14 @@ pub(super) fn app_settings(c: &mut Checker, app: &Value) -> AppSettings {
     };
     let operator_packages = text(OPERATOR_PACKAGES_ANNOTATION);
     let gcs_auth = text(GCS_AUTH_ANNOTATION);
+    if let Some(value) = text(crate::names::MODE_ANNOTATION)
+        && !matches!(value.as_str(), "image" | "cache")
+    {
+        c.error(
+            annotation_path(crate::names::MODE_ANNOTATION),
+            format!("{value:?} is not one of \"image\", \"cache\""),
+        );
+    }
     let operator_packages = operator_packages.and_then(|value| {
         let parsed = OperatorPackages::parse(&value);
         if parsed.is_none() {

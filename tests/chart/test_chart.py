@@ -181,6 +181,25 @@ def test_the_operator_packages_default_reaches_the_webhook(value):
 
 
 @needs_helm
+def test_image_mode_values_reach_the_webhook_only_with_a_repository():
+    def args(*values: str) -> list[str]:
+        return one(objects(*values), "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
+
+    assert not [a for a in args() if a.startswith("--image-")]
+    assert not [a for a in args("--set", "imageMode.pushSecret=push") if a.startswith("--image-")]
+    rendered = args("--set", "imageMode.repository=registry.example:5000/kaspr/packages",
+                    "--set", "imageMode.pushSecret=registry-push", "--set", "imageMode.pullSecret=registry-pull",
+                    "--set", "imageMode.nodesSupportImageVolumes=false", "--set", "imageMode.plainHttp=true")
+    assert [a for a in rendered if a.startswith("--image-")] == [
+        "--image-repository=registry.example:5000/kaspr/packages", "--image-push-secret=registry-push",
+        "--image-pull-secret=registry-pull", "--image-volumes-on-nodes=false", "--image-registry-plain-http=true"]
+    # The push credentials stay with the build Jobs: the webhook's own pod mounts no Secret of them.
+    deployment = one(objects("--set", "imageMode.repository=r.example/p", "--set", "imageMode.pushSecret=registry-push"),
+                     "Deployment")
+    assert "registry-push" not in json.dumps(deployment["spec"]["template"]["spec"].get("volumes", []))
+
+
+@needs_helm
 def test_every_new_value_is_rendered():
     objs = objects("-f", str(EVERYTHING))
     spec = one(objs, "Deployment")["spec"]["template"]["spec"]
@@ -207,6 +226,8 @@ def test_every_new_value_is_rendered():
     (["--set", "metrics.prometheusRule.latencyTimeoutRatio=2"], "latencyTimeoutRatio"),
     (["--set", "metrics.serviceMonitor.enabled=true", "--set", "metrics.service=false"], "metrics.service"),
     (["--set", "operatorPackages=replace"], "operatorPackages"),
+    (["--set", "imageMode.repository=https://registry.example/p"], "imageMode"),
+    (["--set", "imageMode.pullSecret=Pull_Secret"], "imageMode"),
 ])
 def test_unusable_values_are_refused_by_name(args, message):
     proc = render(*args, check=False)

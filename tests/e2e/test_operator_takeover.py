@@ -73,6 +73,7 @@ def test_every_setting_of_ours_survives_the_operators_crd(cluster: ControlPlane,
     ours = {
         "packages.kaspr.io/operator-packages": "takeover",
         "packages.kaspr.io/gcs-auth": "workload-identity",
+        "packages.kaspr.io/mode": "cache",
     }
     packages = {
         "packages": ["requests==2.31.0"],
