@@ -91,6 +91,13 @@ pub struct RenderArgs {
         default_value = "respect"
     )]
     pub operator_packages: OperatorPackagesArg,
+
+    /// The name of this rendering revision, recorded in every injected template
+    /// (packages.kaspr.io/revision). Default: this release's version and a hash of the
+    /// settings above and the installer program. While an app's own configuration is
+    /// unchanged, its StatefulSet keeps the revision it was rendered with.
+    #[arg(long, env = "KASPR_WEBHOOK_REVISION", value_name = "NAME", value_parser = crate::config::parse_revision)]
+    pub revision: Option<String>,
 }
 
 impl RenderArgs {
@@ -99,6 +106,7 @@ impl RenderArgs {
             default_resources: self.init_container_resources,
             packages_volume_size_limit: self.packages_volume_size_limit,
             operator_packages: self.operator_packages.into(),
+            revision: self.revision,
         }
     }
 }

@@ -64,9 +64,17 @@ pub fn sync_state_set(
     set: Option<&crate::builds::render::PackageSet>,
 ) -> SyncState {
     let mut rendered = template.clone();
-    if let Err(denial) =
-        mutation::apply_set(&mut rendered, spec, app, "spec.template.spec", config, set)
-    {
+    // The stored injection of another revision, for the same app configuration, is kept: it is
+    // what any webhook would render for this template's next UPDATE.
+    if let Err(denial) = mutation::apply_keeping(
+        &mut rendered,
+        Some(template),
+        spec,
+        app,
+        "spec.template.spec",
+        config,
+        set,
+    ) {
         return SyncState::Blocked(denial.message);
     }
     fn ours(template: &Value) -> Vec<Option<&str>> {

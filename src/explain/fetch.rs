@@ -431,6 +431,10 @@ pub fn server_settings(deployment: &Value) -> Result<Server, String> {
             .ok_or_else(|| format!("--operator-packages {text:?}: not respect or takeover"))?,
         None => crate::spec::OperatorPackages::default(),
     };
+    let revision = match flag("revision") {
+        Some(name) => Some(crate::config::parse_revision(&name).map_err(|e| format!("--revision: {e}"))?),
+        None => None,
+    };
     let watch_namespaces = flag("namespaces")
         .map(|list| {
             list.split(',')
@@ -445,6 +449,7 @@ pub fn server_settings(deployment: &Value) -> Result<Server, String> {
             default_resources,
             packages_volume_size_limit,
             operator_packages,
+            revision,
         },
         watch_namespaces,
         source: String::new(),

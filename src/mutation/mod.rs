@@ -11,6 +11,7 @@
 pub mod cache_access;
 pub mod record;
 pub mod render;
+pub mod revision;
 pub mod takeover;
 
 use serde_json::{Map, Value, json};
@@ -84,6 +85,37 @@ pub fn apply(
 
 /// [`apply`], with the pods restoring package `set` (builds on, see docs/builds.md).
 pub fn apply_set(
+    template: &mut Value,
+    spec: Option<&PythonPackages>,
+    app: &AppRef,
+    field_prefix: &str,
+    config: &RenderConfig,
+    set: Option<&crate::builds::render::PackageSet>,
+) -> Result<Vec<String>, Denial> {
+    apply_keeping(template, None, spec, app, field_prefix, config, set)
+}
+
+/// [`apply_set`] for an object that replaces `previous` (the pod template before an UPDATE, or
+/// the one stored): when `previous` carries an injection of the same app configuration (same
+/// config hash) rendered by another revision, that injection is kept byte for byte instead of
+/// this revision's (see [`revision::keep`] and docs/revisions.md).
+pub fn apply_keeping(
+    template: &mut Value,
+    previous: Option<&Value>,
+    spec: Option<&PythonPackages>,
+    app: &AppRef,
+    field_prefix: &str,
+    config: &RenderConfig,
+    set: Option<&crate::builds::render::PackageSet>,
+) -> Result<Vec<String>, Denial> {
+    let warnings = render_into(template, spec, app, field_prefix, config, set)?;
+    if let (Some(previous), Some(template)) = (previous, template.as_object_mut()) {
+        revision::keep(template, previous);
+    }
+    Ok(warnings)
+}
+
+fn render_into(
     template: &mut Value,
     spec: Option<&PythonPackages>,
     app: &AppRef,
@@ -267,6 +299,14 @@ fn write_annotations(template: &mut Map<String, Value>, injection: &Injection, r
             Some(set) => annotations.insert(names::SET_ANNOTATION.into(), json!(set)),
             None => annotations.remove(names::SET_ANNOTATION),
         };
+        annotations.insert(
+            names::REVISION_ANNOTATION.into(),
+            json!(injection.revision),
+        );
+        annotations.insert(
+            names::CONFIG_HASH_ANNOTATION.into(),
+            json!(injection.config_hash),
+        );
     }
 }
 
