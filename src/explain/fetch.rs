@@ -432,7 +432,9 @@ pub fn server_settings(deployment: &Value) -> Result<Server, String> {
         None => crate::spec::OperatorPackages::default(),
     };
     let revision = match flag("revision") {
-        Some(name) => Some(crate::config::parse_revision(&name).map_err(|e| format!("--revision: {e}"))?),
+        Some(name) => {
+            Some(crate::config::parse_revision(&name).map_err(|e| format!("--revision: {e}"))?)
+        }
         None => None,
     };
     let watch_namespaces = flag("namespaces")

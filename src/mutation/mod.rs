@@ -299,10 +299,7 @@ fn write_annotations(template: &mut Map<String, Value>, injection: &Injection, r
             Some(set) => annotations.insert(names::SET_ANNOTATION.into(), json!(set)),
             None => annotations.remove(names::SET_ANNOTATION),
         };
-        annotations.insert(
-            names::REVISION_ANNOTATION.into(),
-            json!(injection.revision),
-        );
+        annotations.insert(names::REVISION_ANNOTATION.into(), json!(injection.revision));
         annotations.insert(
             names::CONFIG_HASH_ANNOTATION.into(),
             json!(injection.config_hash),

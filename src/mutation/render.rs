@@ -274,7 +274,16 @@ pub fn render(
     set: Option<&PackageSet>,
 ) -> Injection {
     let install_key = spec.install_key();
-    let parts = render_parts(spec, app, main, pod_spec, config, disguise, set, &install_key);
+    let parts = render_parts(
+        spec,
+        app,
+        main,
+        pod_spec,
+        config,
+        disguise,
+        set,
+        &install_key,
+    );
     let template_hash = {
         let rendered = json!([
             parts.init_container,

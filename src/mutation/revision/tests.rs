@@ -45,9 +45,9 @@ fn revision_a() -> RenderConfig {
 fn revision_b() -> RenderConfig {
     RenderConfig {
         default_resources: Some(resources("1Gi")),
-        packages_volume_size_limit: Some(
-            k8s_openapi::apimachinery::pkg::api::resource::Quantity("2Gi".into()),
-        ),
+        packages_volume_size_limit: Some(k8s_openapi::apimachinery::pkg::api::resource::Quantity(
+            "2Gi".into(),
+        )),
         revision: Some("b".into()),
         ..RenderConfig::default()
     }
@@ -93,8 +93,14 @@ fn revisions_share_the_config_hash_and_differ_in_everything_they_own() {
         hash(&by_a, names::TEMPLATE_HASH_ANNOTATION),
         hash(&by_b, names::TEMPLATE_HASH_ANNOTATION)
     );
-    assert_eq!(hash(&by_a, names::REVISION_ANNOTATION).as_deref(), Some("a"));
-    assert_eq!(hash(&by_b, names::REVISION_ANNOTATION).as_deref(), Some("b"));
+    assert_eq!(
+        hash(&by_a, names::REVISION_ANNOTATION).as_deref(),
+        Some("a")
+    );
+    assert_eq!(
+        hash(&by_b, names::REVISION_ANNOTATION).as_deref(),
+        Some("b")
+    );
     // The default rendering (no settings) has the same config hash too.
     let by_default = created(&statefulset("kaspr:1", 1), &app, &RenderConfig::default());
     assert_eq!(
@@ -102,7 +108,11 @@ fn revisions_share_the_config_hash_and_differ_in_everything_they_own() {
         hash(&by_a, names::CONFIG_HASH_ANNOTATION)
     );
     // The app's own configuration changes it.
-    let other = created(&statefulset("kaspr:1", 1), &kasprapp(&["a==2"]), &revision_a());
+    let other = created(
+        &statefulset("kaspr:1", 1),
+        &kasprapp(&["a==2"]),
+        &revision_a(),
+    );
     assert_ne!(
         hash(&other, names::CONFIG_HASH_ANNOTATION),
         hash(&by_a, names::CONFIG_HASH_ANNOTATION)
@@ -173,7 +183,11 @@ fn a_change_of_the_apps_own_configuration_moves_it_to_the_answering_revision(
     #[case] app_now: Value,
     #[case] image_now: &str,
 ) {
-    let stored = created(&statefulset("kaspr:1", 1), &kasprapp(&["a==1"]), &revision_a());
+    let stored = created(
+        &statefulset("kaspr:1", 1),
+        &kasprapp(&["a==1"]),
+        &revision_a(),
+    );
     let rewritten = updated(&stored, &statefulset(image_now, 1), &app_now, &revision_b());
     assert_eq!(
         rewritten,
@@ -219,7 +233,11 @@ fn the_same_revision_renders_as_it_always_did() {
 
 #[test]
 fn removing_the_packages_removes_the_kept_injection_too() {
-    let stored = created(&statefulset("kaspr:1", 1), &kasprapp(&["a==1"]), &revision_a());
+    let stored = created(
+        &statefulset("kaspr:1", 1),
+        &kasprapp(&["a==1"]),
+        &revision_a(),
+    );
     let mut without = kasprapp(&[]);
     without["spec"]
         .as_object_mut()
@@ -241,7 +259,8 @@ fn pods_of_a_kept_template_are_left_as_created() {
     pod["kind"] = json!("Pod");
     pod["metadata"]["name"] = json!("demo-app-0");
     pod["metadata"]["namespace"] = json!("apps");
-    pod["metadata"]["ownerReferences"] = json!([{"apiVersion": "apps/v1", "kind": "StatefulSet", "name": "demo-app", "uid": "s"}]);
+    pod["metadata"]["ownerReferences"] =
+        json!([{"apiVersion": "apps/v1", "kind": "StatefulSet", "name": "demo-app", "uid": "s"}]);
     let outcome = mutate_object(ObjectKind::Pod, &pod, &app, &revision_b()).expect("allowed");
     assert!(outcome.patch.0.is_empty(), "{:?}", outcome.patch);
 }
