@@ -181,6 +181,15 @@ def test_the_operator_packages_default_reaches_the_webhook(value):
 
 
 @needs_helm
+def test_the_revision_is_passed_only_when_named():
+    def args(*values):
+        return one(objects(*values), "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
+
+    assert not [a for a in args() if a.startswith("--revision")], args()
+    assert "--revision=canary-2" in args("--set", "revision=canary-2")
+
+
+@needs_helm
 def test_every_new_value_is_rendered():
     objs = objects("-f", str(EVERYTHING))
     spec = one(objs, "Deployment")["spec"]["template"]["spec"]
@@ -207,6 +216,7 @@ def test_every_new_value_is_rendered():
     (["--set", "metrics.prometheusRule.latencyTimeoutRatio=2"], "latencyTimeoutRatio"),
     (["--set", "metrics.serviceMonitor.enabled=true", "--set", "metrics.service=false"], "metrics.service"),
     (["--set", "operatorPackages=replace"], "operatorPackages"),
+    (["--set", "revision=Canary/2"], "revision"),
 ])
 def test_unusable_values_are_refused_by_name(args, message):
     proc = render(*args, check=False)
