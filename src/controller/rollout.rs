@@ -368,7 +368,7 @@ mod tests {
             }
         );
         // A revision's injection that lost a part is not kept, whoever looks.
-        let mut damaged = stored.clone();
+        let mut damaged = stored;
         damaged["spec"]
             .as_object_mut()
             .expect("spec")
