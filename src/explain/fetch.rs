@@ -469,7 +469,8 @@ mod tests {
             "name": "webhook",
             "args": ["serve", "--listen=0.0.0.0:10250", "--namespaces=apps,team-b",
                      "--init-container-resources={\"requests\":{\"cpu\":\"100m\"}}",
-                     "--packages-volume-size-limit", "4Gi", "--operator-packages=takeover"],
+                     "--packages-volume-size-limit", "4Gi", "--operator-packages=takeover",
+                     "--revision=canary"],
         }]}}}});
         let server = server_settings(&deployment).expect("settings");
         assert_eq!(server.watch_namespaces, ["apps", "team-b"]);
@@ -491,6 +492,7 @@ mod tests {
             server.render.operator_packages,
             crate::spec::OperatorPackages::Takeover
         );
+        assert_eq!(server.render.revision.as_deref(), Some("canary"));
     }
 
     #[test]
@@ -511,6 +513,13 @@ mod tests {
             server_settings(&bad)
                 .expect_err("bad JSON")
                 .starts_with("--init-container-resources \"nope\"")
+        );
+        let bad = json!({"spec": {"template": {"spec": {"containers": [{
+            "name": "webhook", "args": ["--revision=Not/Valid"]}]}}}});
+        let error = server_settings(&bad).expect_err("bad revision");
+        assert!(
+            error.starts_with("--revision: revision \"Not/Valid\""),
+            "{error}"
         );
     }
 
