@@ -4,6 +4,8 @@
 //! mutation first strips what an earlier injection added (listed in the
 //! `packages.kaspr.io/injected` annotation) and then injects again, so mutating an
 //! already-mutated object, or the operator's rewrite of it, gives the same template byte for byte.
+//! An UPDATE whose previous template holds the same app configuration rendered by another
+//! rendering revision keeps that injection ([`revision`]).
 //!
 //! The spec handed in is already validated, and the caller diffs the result: the admission
 //! path composes validate → [`apply`] → diff (see `admission::mutate`).
