@@ -338,7 +338,12 @@ pub fn decide(
                 ),
                 Some(AppLookup::Found(kasprapp)) => {
                     let is_pod = target(endpoint, request) == Target::Pod;
-                    mutate(uid, object, kasprapp, is_pod, config)
+                    // An UPDATE keeps the revision the StatefulSet was rendered with.
+                    let previous = match (is_pod, request.operation.as_str()) {
+                        (false, "UPDATE") => request.old_object.as_ref(),
+                        _ => None,
+                    };
+                    mutate(uid, object, previous, kasprapp, is_pod, config)
                 }
             }
         }
@@ -348,6 +353,7 @@ pub fn decide(
 fn mutate(
     uid: &str,
     object: &Value,
+    previous: Option<&Value>,
     kasprapp: &Value,
     is_pod: bool,
     config: &RenderConfig,
@@ -357,7 +363,7 @@ fn mutate(
     } else {
         ObjectKind::StatefulSet
     };
-    let outcome = mutate_object(kind, object, kasprapp, config).and_then(|outcome| {
+    let outcome = mutate_update(kind, object, previous, kasprapp, config).and_then(|outcome| {
         let patch = if outcome.patch.0.is_empty() {
             None
         } else {
@@ -397,6 +403,18 @@ pub fn mutate_object(
     kasprapp: &Value,
     config: &RenderConfig,
 ) -> Result<MutationOutcome, Denial> {
+    mutate_update(kind, object, None, kasprapp, config)
+}
+
+/// [`mutate_object`] for an UPDATE of `previous` (the oldObject): an injection of the same app
+/// configuration by another rendering revision is kept (see docs/revisions.md).
+pub fn mutate_update(
+    kind: ObjectKind,
+    object: &Value,
+    previous: Option<&Value>,
+    kasprapp: &Value,
+    config: &RenderConfig,
+) -> Result<MutationOutcome, Denial> {
     if kind == ObjectKind::Pod && mutation::pod_already_injected(object) {
         return Ok(MutationOutcome {
             patch: json_patch::Patch(Vec::new()),
@@ -420,7 +438,9 @@ pub fn mutate_object(
         }
         _ => None,
     };
-    let outcome = mutate_validated_set(kind, object, &report, &app, config, set.as_ref());
+    let previous = previous.and_then(|p| p.pointer(kind.template_pointer()));
+    let outcome =
+        mutate_validated_keeping(kind, object, previous, &report, &app, config, set.as_ref());
     match crate::builds::image::without_builds_warning(
         kasprapp,
         set.as_ref(),
@@ -460,6 +480,20 @@ pub fn mutate_validated_set(
     config: &RenderConfig,
     set: Option<&crate::builds::render::PackageSet>,
 ) -> Result<MutationOutcome, Denial> {
+    mutate_validated_keeping(kind, object, None, report, app, config, set)
+}
+
+/// [`mutate_validated_set`], keeping the injection of `previous_template` when it is of the
+/// same app configuration (see [`mutation::apply_keeping`]).
+fn mutate_validated_keeping(
+    kind: ObjectKind,
+    object: &Value,
+    previous_template: Option<&Value>,
+    report: &Report,
+    app: &AppRef,
+    config: &RenderConfig,
+    set: Option<&crate::builds::render::PackageSet>,
+) -> Result<MutationOutcome, Denial> {
     let pointer = kind.template_pointer();
     let injected_pod = kind == ObjectKind::Pod && mutation::pod_already_injected(object);
     let (Some(original), false) = (object.pointer(pointer), injected_pod) else {
@@ -470,8 +504,9 @@ pub fn mutate_validated_set(
     };
     let mut template = original.clone();
     let mut warnings = report.warning_lines();
-    match mutation::apply_set(
+    match mutation::apply_keeping(
         &mut template,
+        previous_template,
         report.spec.as_ref(),
         app,
         kind.field_prefix(),

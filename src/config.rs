@@ -17,6 +17,61 @@ pub struct RenderConfig {
     pub operator_packages: OperatorPackages,
     /// Image mode (docs/image-mode.md): where sets are published and whether pods can mount them.
     pub image_mode: ImageModeConfig,
+    /// The rendering revision's name (`--revision`); derived from this release and the
+    /// settings above when unset (see [`RenderConfig::revision`]).
+    pub revision: Option<String>,
+}
+
+impl RenderConfig {
+    /// The name of the rendering revision: everything in an injection that does not come from
+    /// the app's own configuration. Given (`--revision`), or `<version>-<hash>` over this
+    /// release, its installer program and the chart-level settings that reach the injection.
+    pub fn revision(&self) -> std::borrow::Cow<'_, str> {
+        if let Some(name) = &self.revision {
+            return std::borrow::Cow::Borrowed(name);
+        }
+        let settings = serde_json::json!({
+            "initContainerResources": self.default_resources,
+            "installer": crate::installer::digest(),
+            "packagesVolumeSizeLimit": self.packages_volume_size_limit,
+        });
+        let hash = crate::spec::short_sha256(settings.to_string().as_bytes());
+        std::borrow::Cow::Owned(format!(
+            "{}-{}",
+            env!("CARGO_PKG_VERSION"),
+            &hash[..hash.len().min(8)]
+        ))
+    }
+
+    /// The settings with every revision-owned one left out: what an injection rendered from
+    /// the app's own configuration alone uses.
+    pub fn without_revision(&self) -> RenderConfig {
+        RenderConfig {
+            default_resources: None,
+            packages_volume_size_limit: None,
+            operator_packages: self.operator_packages,
+            image_mode: self.image_mode.clone(),
+            revision: None,
+        }
+    }
+}
+
+/// Checks a `--revision` name: it is written into annotations and object names, so it is
+/// 1 to 63 characters of lowercase letters, digits, `-` and `.`, starting and ending with a
+/// letter or digit.
+pub fn parse_revision(name: &str) -> Result<String, String> {
+    let valid_chars = name
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.');
+    let ends_ok = name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name.ends_with(|c: char| c.is_ascii_alphanumeric());
+    if !name.is_empty() && name.len() <= 63 && valid_chars && ends_ok {
+        Ok(name.to_owned())
+    } else {
+        Err(format!(
+            "revision {name:?} must be 1-63 lowercase letters, digits, '-' or '.', starting and ending with a letter or digit"
+        ))
+    }
 }
 
 /// The deployment's image-mode settings.
@@ -54,7 +109,50 @@ pub fn image_volumes_unsupported_by(major: &str, minor: &str) -> Option<String> 
 
 #[cfg(test)]
 mod tests {
+    use super::*;
     use rstest::rstest;
+
+    #[test]
+    fn the_derived_revision_follows_the_revision_owned_settings_only() {
+        let base = RenderConfig::default();
+        let name = base.revision().into_owned();
+        assert!(
+            name.starts_with(concat!(env!("CARGO_PKG_VERSION"), "-")),
+            "{name}"
+        );
+        assert_eq!(parse_revision(&name), Ok(name.clone()));
+        let resources: k8s_openapi::api::core::v1::ResourceRequirements =
+            serde_json::from_value(serde_json::json!({"limits": {"memory": "1Gi"}}))
+                .expect("resources");
+        let other = RenderConfig {
+            default_resources: Some(resources),
+            ..RenderConfig::default()
+        };
+        assert_ne!(other.revision(), name);
+        let takeover = RenderConfig {
+            operator_packages: OperatorPackages::Takeover,
+            ..RenderConfig::default()
+        };
+        assert_eq!(takeover.revision(), name);
+        let named = RenderConfig {
+            revision: Some("canary".into()),
+            ..other
+        };
+        assert_eq!(named.revision(), "canary");
+        assert_eq!(named.without_revision(), RenderConfig::default());
+    }
+
+    #[rstest]
+    #[case::empty("")]
+    #[case::uppercase("Canary")]
+    #[case::slash("a/b")]
+    #[case::leading_dash("-a")]
+    #[case::trailing_dot("a.")]
+    #[case::too_long(&"a".repeat(64))]
+    fn bad_revision_names_are_refused_with_the_value(#[case] name: &str) {
+        let error = parse_revision(name).expect_err("refused");
+        assert!(error.contains(&format!("{name:?}")), "{error}");
+    }
 
     #[rstest]
     #[case::ga("1", "36", true)]

@@ -49,11 +49,18 @@ pub const INSTALL_KEY_ANNOTATION: &str = "packages.kaspr.io/install-key";
 pub const INJECTED_ANNOTATION: &str = "packages.kaspr.io/injected";
 /// The package set a template's pods restore (builds on).
 pub const SET_ANNOTATION: &str = "packages.kaspr.io/set";
+/// The rendering revision the injection was rendered with (see docs/revisions.md).
+pub const REVISION_ANNOTATION: &str = "packages.kaspr.io/revision";
+/// A hash of the injection rendered from the app's own configuration only, with every
+/// revision-owned setting left out (see docs/revisions.md).
+pub const CONFIG_HASH_ANNOTATION: &str = "packages.kaspr.io/config-hash";
 pub const ANNOTATIONS: &[&str] = &[
     TEMPLATE_HASH_ANNOTATION,
     INSTALL_KEY_ANNOTATION,
     INJECTED_ANNOTATION,
     SET_ANNOTATION,
+    REVISION_ANNOTATION,
+    CONFIG_HASH_ANNOTATION,
 ];
 
 /// KasprApp annotations: settings of ours that the operator's CRD has no field for (its typed

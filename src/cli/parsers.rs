@@ -116,6 +116,13 @@ pub struct RenderArgs {
     /// the cluster's network); build Jobs push over HTTP.
     #[arg(long, env = "KASPR_WEBHOOK_IMAGE_REGISTRY_PLAIN_HTTP", value_name = "BOOL", default_value = "false", action = clap::ArgAction::Set)]
     pub image_registry_plain_http: bool,
+
+    /// The name of this rendering revision, recorded in every injected template
+    /// (packages.kaspr.io/revision). Default: this release's version and a hash of the
+    /// settings above and the installer program. While an app's own configuration is
+    /// unchanged, its StatefulSet keeps the revision it was rendered with.
+    #[arg(long, env = "KASPR_WEBHOOK_REVISION", value_name = "NAME", value_parser = crate::config::parse_revision)]
+    pub revision: Option<String>,
 }
 
 impl RenderArgs {
@@ -129,6 +136,7 @@ impl RenderArgs {
             image_pull_secret,
             image_volumes_on_nodes,
             image_registry_plain_http,
+            revision,
         } = self;
         crate::config::RenderConfig {
             default_resources: init_container_resources,
@@ -145,6 +153,7 @@ impl RenderArgs {
                 }),
                 plain_http: image_registry_plain_http,
             },
+            revision,
         }
     }
 }

@@ -7,6 +7,11 @@
 //! re-injects, a template that already carries the current injection comes out with the same
 //! annotations; anything else (a changed spec, removed `pythonPackages`, a template admitted
 //! while the webhook was bypassed) does not.
+//!
+//! The stored template is also handed in as the previous one, exactly as the API server hands
+//! the webhook an UPDATE's oldObject: an injection of another rendering revision with the same
+//! config hash is what every webhook keeps, so it is in sync (docs/revisions.md). Two
+//! controllers of different revisions therefore never rewrite each other's annotations.
 
 use serde_json::{Value, json};
 
@@ -64,9 +69,17 @@ pub fn sync_state_set(
     set: Option<&crate::builds::render::PackageSet>,
 ) -> SyncState {
     let mut rendered = template.clone();
-    if let Err(denial) =
-        mutation::apply_set(&mut rendered, spec, app, "spec.template.spec", config, set)
-    {
+    // The stored injection of another revision, for the same app configuration, is kept: it is
+    // what any webhook would render for this template's next UPDATE.
+    if let Err(denial) = mutation::apply_keeping(
+        &mut rendered,
+        Some(template),
+        spec,
+        app,
+        "spec.template.spec",
+        config,
+        set,
+    ) {
         return SyncState::Blocked(denial.message);
     }
     fn ours(template: &Value) -> Vec<Option<&str>> {
@@ -302,6 +315,84 @@ mod tests {
         )
         .expect("inject");
         assert_eq!(again, injected(&one));
+    }
+
+    fn revision(name: &str, memory: &str) -> RenderConfig {
+        RenderConfig {
+            default_resources: Some(
+                serde_json::from_value(json!({"limits": {"memory": memory}})).expect("resources"),
+            ),
+            revision: Some(name.into()),
+            ..RenderConfig::default()
+        }
+    }
+
+    fn injected_by(spec: &PythonPackages, config: &RenderConfig) -> Value {
+        let mut template = operator_template();
+        mutation::apply(
+            &mut template,
+            Some(spec),
+            &app(),
+            "spec.template.spec",
+            config,
+        )
+        .expect("inject");
+        template
+    }
+
+    #[test]
+    fn another_revision_of_the_same_configuration_is_in_sync_both_ways() {
+        let one = spec(&["a==1"]);
+        let (a, b) = (revision("a", "512Mi"), revision("b", "1Gi"));
+        let by_a = injected_by(&one, &a);
+        let by_b = injected_by(&one, &b);
+        assert_ne!(by_a, by_b);
+        for (stored, controller) in [(&by_a, &b), (&by_b, &a), (&by_a, &a), (&by_b, &b)] {
+            assert_eq!(
+                sync_state(stored, Some(&one), &app(), controller),
+                SyncState::InSync
+            );
+        }
+    }
+
+    #[test]
+    fn a_configuration_change_moves_the_app_to_the_controllers_revision() {
+        let (one, two) = (spec(&["a==1"]), spec(&["a==2"]));
+        let b = revision("b", "1Gi");
+        let stored = injected_by(&one, &revision("a", "512Mi"));
+        assert_eq!(
+            sync_state(&stored, Some(&two), &app(), &b),
+            SyncState::OutOfSync {
+                current: hash(&stored),
+                desired: hash(&injected_by(&two, &b)),
+            }
+        );
+        // A revision's injection that lost a part is not kept, whoever looks.
+        let mut damaged = stored;
+        damaged["spec"]
+            .as_object_mut()
+            .expect("spec")
+            .remove("initContainers");
+        assert!(!sync_state(&damaged, Some(&one), &app(), &b).in_sync());
+    }
+
+    /// A template from before revisions existed records none: it moves once, to the
+    /// controller's revision, and is then in sync.
+    #[test]
+    fn a_template_without_a_revision_moves_once() {
+        let one = spec(&["a==1"]);
+        let b = revision("b", "1Gi");
+        let mut legacy = injected_by(&one, &revision("a", "512Mi"));
+        let annotations = legacy["metadata"]["annotations"]
+            .as_object_mut()
+            .expect("annotations");
+        annotations.remove(crate::names::REVISION_ANNOTATION);
+        annotations.remove(crate::names::CONFIG_HASH_ANNOTATION);
+        assert!(!sync_state(&legacy, Some(&one), &app(), &b).in_sync());
+        assert_eq!(
+            sync_state(&injected_by(&one, &b), Some(&one), &app(), &b),
+            SyncState::InSync
+        );
     }
 
     fn operator_install(hash: &str) -> Value {

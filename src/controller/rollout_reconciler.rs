@@ -357,6 +357,47 @@ mod tests {
         assert!(context.state().out_of_sync.is_empty());
     }
 
+    fn rendering(revision: &str, memory: &str) -> crate::config::RenderConfig {
+        crate::config::RenderConfig {
+            default_resources: Some(
+                serde_json::from_value(json!({"limits": {"memory": memory}})).expect("resources"),
+            ),
+            revision: Some(revision.into()),
+            ..crate::config::RenderConfig::default()
+        }
+    }
+
+    /// Two controllers of different rendering revisions over one StatefulSet: neither writes.
+    #[tokio::test]
+    async fn a_statefulset_of_another_revision_is_left_alone() {
+        let (_, _, report) = app();
+        let mut stored = statefulset(1);
+        crate::mutation::apply(
+            &mut stored["spec"]["template"],
+            report.spec.as_ref(),
+            &AppRef::new("apps", "demo"),
+            "spec.template.spec",
+            &rendering("a", "512Mi"),
+        )
+        .expect("inject");
+        for (revision, memory) in [("a", "512Mi"), ("b", "1Gi")] {
+            let answer = stored.clone();
+            let (client, sent) = fake_api(move |method, path, _| match (method, path) {
+                ("GET", STS_PATH) => (200, answer.clone()),
+                _ => (404, status(404, "NotFound")),
+            });
+            let (object, owner, report) = app();
+            let mut context = context(client);
+            context.render = rendering(revision, memory);
+            let next = reconcile_rollout(&object, &owner, &report, object.value(), &context)
+                .await
+                .expect("ok");
+            assert_eq!(next, RESYNC);
+            assert!(writes(&sent).is_empty(), "{revision}: {:?}", writes(&sent));
+            assert!(context.state().out_of_sync.is_empty());
+        }
+    }
+
     #[tokio::test]
     async fn a_bypassed_webhook_is_retried_with_backoff_and_reported() {
         // The API server stored the UPDATE without the injection (failurePolicy Ignore).

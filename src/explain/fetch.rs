@@ -448,6 +448,12 @@ pub fn server_settings(deployment: &Value) -> Result<Server, String> {
             .ok_or_else(|| format!("--operator-packages {text:?}: not respect or takeover"))?,
         None => crate::spec::OperatorPackages::default(),
     };
+    let revision = match flag("revision") {
+        Some(name) => {
+            Some(crate::config::parse_revision(&name).map_err(|e| format!("--revision: {e}"))?)
+        }
+        None => None,
+    };
     let watch_namespaces = flag("namespaces")
         .map(|list| {
             list.split(',')
@@ -474,6 +480,7 @@ pub fn server_settings(deployment: &Value) -> Result<Server, String> {
                 ),
                 plain_http: flag("image-registry-plain-http").as_deref() == Some("true"),
             },
+            revision,
         },
         watch_namespaces,
         source: String::new(),
@@ -491,7 +498,8 @@ mod tests {
             "name": "webhook",
             "args": ["serve", "--listen=0.0.0.0:10250", "--namespaces=apps,team-b",
                      "--init-container-resources={\"requests\":{\"cpu\":\"100m\"}}",
-                     "--packages-volume-size-limit", "4Gi", "--operator-packages=takeover"],
+                     "--packages-volume-size-limit", "4Gi", "--operator-packages=takeover",
+                     "--revision=canary"],
         }]}}}});
         let server = server_settings(&deployment).expect("settings");
         assert_eq!(server.watch_namespaces, ["apps", "team-b"]);
@@ -513,6 +521,7 @@ mod tests {
             server.render.operator_packages,
             crate::spec::OperatorPackages::Takeover
         );
+        assert_eq!(server.render.revision.as_deref(), Some("canary"));
     }
 
     #[test]
@@ -533,6 +542,13 @@ mod tests {
             server_settings(&bad)
                 .expect_err("bad JSON")
                 .starts_with("--init-container-resources \"nope\"")
+        );
+        let bad = json!({"spec": {"template": {"spec": {"containers": [{
+            "name": "webhook", "args": ["--revision=Not/Valid"]}]}}}});
+        let error = server_settings(&bad).expect_err("bad revision");
+        assert!(
+            error.starts_with("--revision: revision \"Not/Valid\""),
+            "{error}"
         );
     }
 

@@ -181,9 +181,20 @@ pub(super) fn render(
     snapshot: &Snapshot,
 ) -> Result<Value, String> {
     let mut rendered = template.clone();
-    mutation::apply(&mut rendered, spec, app, prefix, &snapshot.server.render)
-        .map(|_| rendered)
-        .map_err(|denial| denial.message)
+    // A StatefulSet's next UPDATE keeps the injection of another rendering revision with the
+    // same config hash (docs/revisions.md); a Pod is only ever created.
+    let previous = (prefix == "spec.template.spec").then_some(template);
+    mutation::apply_keeping(
+        &mut rendered,
+        previous,
+        spec,
+        app,
+        prefix,
+        &snapshot.server.render,
+        None,
+    )
+    .map(|_| rendered)
+    .map_err(|denial| denial.message)
 }
 
 pub(super) fn has_operator_installer(template: &Value) -> bool {
@@ -260,7 +271,12 @@ pub(super) fn statefulset_sync(
     state.desired = annotation(&rendered, names::TEMPLATE_HASH_ANNOTATION);
     match rollout::sync_state(template, spec, app, &snapshot.server.render) {
         SyncState::InSync => match &current {
-            Some(hash) => lines.ok(format!("{label}injected and current: template hash {hash}")),
+            Some(hash) => lines.ok(match mutation::revision::revision_of(template) {
+                Some(revision) => format!(
+                    "{label}injected and current: template hash {hash}, rendering revision {revision}"
+                ),
+                None => format!("{label}injected and current: template hash {hash}"),
+            }),
             None if spec.is_some() && has_operator_installer(template) => {
                 lines.not_injected(format!(
                     "{label}its template has the Kaspr operator's own {:?} init container: \

@@ -428,3 +428,37 @@ fn the_json_form_carries_the_verdict_and_the_lines() {
             .is_some_and(|l| l.iter().any(|l| l["severity"] == "problem"))
     );
 }
+
+#[test]
+fn a_statefulset_of_another_rendering_revision_is_current_and_named() {
+    let sts = injected_statefulset(packages(&["a==1"]));
+    let stored_hash =
+        sts["spec"]["template"]["metadata"]["annotations"]["packages.kaspr.io/template-hash"]
+            .clone();
+    let stored_revision = RenderConfig::default().revision().into_owned();
+    let mut snapshot = snapshot(
+        Kind::StatefulSet,
+        sts.clone(),
+        Some(kasprapp(packages(&["a==1"]))),
+    );
+    snapshot.pods = Known::Found(vec![pod_of(&sts, NS)]);
+    // The deployed webhook renders another revision: other default resources, another name.
+    snapshot.server.render = RenderConfig {
+        default_resources: Some(
+            serde_json::from_value(json!({"limits": {"memory": "1Gi"}})).expect("resources"),
+        ),
+        revision: Some("canary".into()),
+        ..RenderConfig::default()
+    };
+    let report = explain(&snapshot);
+    assert_eq!(report.exit_code, 0, "{}", report.to_text());
+    assert_eq!(
+        report.desired_template_hash.as_deref(),
+        stored_hash.as_str()
+    );
+    assert_line(
+        &report,
+        Severity::Ok,
+        &format!("rendering revision {stored_revision}"),
+    );
+}

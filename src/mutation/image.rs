@@ -140,6 +140,9 @@ pub fn apply_mount(
         install_key: spec.install_key(),
         template_hash: template_hash(image, pull_secret),
         set: set.map(|s| s.id.clone()),
+        // Nothing of a revision's own reaches an image-mode pod: the image is the set.
+        config_hash: template_hash(image, pull_secret),
+        revision: config.revision().into_owned(),
     };
     for volume in &injection.volumes {
         super::push(pod_spec, "volumes", volume.clone());

@@ -4,6 +4,8 @@
 //! mutation first strips what an earlier injection added (listed in the
 //! `packages.kaspr.io/injected` annotation) and then injects again, so mutating an
 //! already-mutated object, or the operator's rewrite of it, gives the same template byte for byte.
+//! An UPDATE whose previous template holds the same app configuration rendered by another
+//! rendering revision keeps that injection ([`revision`]).
 //!
 //! The spec handed in is already validated, and the caller diffs the result: the admission
 //! path composes validate → [`apply`] → diff (see `admission::mutate`).
@@ -12,6 +14,7 @@ pub mod cache_access;
 pub mod image;
 pub mod record;
 pub mod render;
+pub mod revision;
 pub mod takeover;
 
 use serde_json::{Map, Value, json};
@@ -85,6 +88,37 @@ pub fn apply(
 
 /// [`apply`], with the pods restoring package `set` (builds on, see docs/builds.md).
 pub fn apply_set(
+    template: &mut Value,
+    spec: Option<&PythonPackages>,
+    app: &AppRef,
+    field_prefix: &str,
+    config: &RenderConfig,
+    set: Option<&crate::builds::render::PackageSet>,
+) -> Result<Vec<String>, Denial> {
+    apply_keeping(template, None, spec, app, field_prefix, config, set)
+}
+
+/// [`apply_set`] for an object that replaces `previous` (the pod template before an UPDATE, or
+/// the one stored): when `previous` carries an injection of the same app configuration (same
+/// config hash) rendered by another revision, that injection is kept byte for byte instead of
+/// this revision's (see [`revision::keep`] and docs/revisions.md).
+pub fn apply_keeping(
+    template: &mut Value,
+    previous: Option<&Value>,
+    spec: Option<&PythonPackages>,
+    app: &AppRef,
+    field_prefix: &str,
+    config: &RenderConfig,
+    set: Option<&crate::builds::render::PackageSet>,
+) -> Result<Vec<String>, Denial> {
+    let warnings = render_into(template, spec, app, field_prefix, config, set)?;
+    if let (Some(previous), Some(template)) = (previous, template.as_object_mut()) {
+        revision::keep(template, previous);
+    }
+    Ok(warnings)
+}
+
+fn render_into(
     template: &mut Value,
     spec: Option<&PythonPackages>,
     app: &AppRef,
@@ -295,6 +329,11 @@ fn write_annotations(template: &mut Map<String, Value>, injection: &Injection, r
             Some(set) => annotations.insert(names::SET_ANNOTATION.into(), json!(set)),
             None => annotations.remove(names::SET_ANNOTATION),
         };
+        annotations.insert(names::REVISION_ANNOTATION.into(), json!(injection.revision));
+        annotations.insert(
+            names::CONFIG_HASH_ANNOTATION.into(),
+            json!(injection.config_hash),
+        );
     }
 }
 

@@ -218,7 +218,7 @@ pub fn is_our_init_container(container: &Value) -> bool {
 }
 
 /// One of our volumes with the source we give it.
-fn is_our_volume(volume: &Value) -> bool {
+pub(crate) fn is_our_volume(volume: &Value) -> bool {
     let source = |key: &str| volume.get(key).is_some_and(Value::is_object);
     if name_is(volume, names::PACKAGES_VOLUME) {
         source("emptyDir")
@@ -242,7 +242,7 @@ fn is_our_volume(volume: &Value) -> bool {
 }
 
 /// A mount of one of our volumes at the path we mount it.
-fn is_our_mount(mount: &Value) -> bool {
+pub(crate) fn is_our_mount(mount: &Value) -> bool {
     let path = mount.get("mountPath").and_then(Value::as_str);
     [
         (names::PACKAGES_VOLUME, names::PACKAGES_PATH),

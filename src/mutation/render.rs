@@ -23,6 +23,11 @@ pub struct Injection {
     pub main_mounts: Vec<Value>,
     pub install_key: String,
     pub template_hash: String,
+    /// The hash of the injection rendered from the app's own configuration alone (see
+    /// [`RenderConfig::without_revision`]).
+    pub config_hash: String,
+    /// The rendering revision it was rendered with.
+    pub revision: String,
     /// The package set the pods restore (builds on).
     pub set: Option<String>,
 }
@@ -269,13 +274,101 @@ pub fn render(
     set: Option<&PackageSet>,
 ) -> Injection {
     let install_key = spec.install_key();
+    let parts = render_parts(
+        spec,
+        app,
+        main,
+        pod_spec,
+        config,
+        disguise,
+        set,
+        &install_key,
+    );
+    let template_hash = {
+        let rendered = json!([
+            parts.init_container,
+            parts.volumes,
+            parts.main_mounts,
+            names::SITE_PATH
+        ]);
+        short_sha256(rendered.to_string().as_bytes())
+    };
+    let neutral_config = config.without_revision();
+    let config_hash = if neutral_config == *config {
+        config_hash(&parts)
+    } else {
+        config_hash(&render_parts(
+            spec,
+            app,
+            main,
+            pod_spec,
+            &neutral_config,
+            disguise,
+            set,
+            &install_key,
+        ))
+    };
+    let Parts {
+        mut init_container,
+        volumes,
+        main_mounts,
+    } = parts;
+    if let Some(program) = init_container.pointer_mut("/command/2") {
+        *program = Value::String(crate::installer::bootstrap().to_owned());
+    }
+    Injection {
+        init_container,
+        volumes,
+        main_mounts,
+        install_key,
+        template_hash,
+        config_hash,
+        revision: config.revision().into_owned(),
+        set: set.map(|s| s.id.clone()),
+    }
+}
 
+/// The rendered pieces, the installer program still standing in as its digest.
+struct Parts {
+    init_container: Value,
+    volumes: Vec<Value>,
+    main_mounts: Vec<Value>,
+}
+
+/// The hash of an injection rendered without revision-owned settings: the installer program
+/// (any release's) stands in as a fixed word, so only the app's own configuration, the pod it is
+/// rendered for and the layout of the injection reach it.
+fn config_hash(neutral: &Parts) -> String {
+    let mut init_container = neutral.init_container.clone();
+    if let Some(program) = init_container.pointer_mut("/command/2") {
+        *program = json!("installer");
+    }
+    let rendered = json!([
+        init_container,
+        neutral.volumes,
+        neutral.main_mounts,
+        names::SITE_PATH
+    ]);
+    short_sha256(rendered.to_string().as_bytes())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn render_parts(
+    spec: &PythonPackages,
+    app: &AppRef,
+    main: &Map<String, Value>,
+    pod_spec: &Map<String, Value>,
+    config: &RenderConfig,
+    disguise: Option<&Disguise>,
+    set: Option<&PackageSet>,
+    install_key: &str,
+) -> Parts {
     let Mounts {
         mut volumes,
         mut init_mounts,
         main_mounts,
     } = volumes_and_mounts(spec, app, config);
-    let mut env = init_env(spec, app, &install_key);
+    let mut env = init_env(spec, app, install_key);
     if let Some(set) = set {
         add_restore(&mut env, &mut volumes, &mut init_mounts, app, set);
     }
@@ -324,23 +417,10 @@ pub fn render(
             env.insert(0, hash.clone());
         }
     }
-
-    let volumes: Vec<Value> = volumes.iter().map(to_json).collect();
-    let main_mounts: Vec<Value> = main_mounts.iter().map(to_json).collect();
-    let template_hash = {
-        let rendered = json!([init_container, volumes, main_mounts, names::SITE_PATH]);
-        short_sha256(rendered.to_string().as_bytes())
-    };
-    if let Some(program) = init_container.pointer_mut("/command/2") {
-        *program = Value::String(crate::installer::bootstrap().to_owned());
-    }
-    Injection {
+    Parts {
         init_container,
-        volumes,
-        main_mounts,
-        install_key,
-        template_hash,
-        set: set.map(|s| s.id.clone()),
+        volumes: volumes.iter().map(to_json).collect(),
+        main_mounts: main_mounts.iter().map(to_json).collect(),
     }
 }
 

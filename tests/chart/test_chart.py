@@ -200,6 +200,15 @@ def test_image_mode_values_reach_the_webhook_only_with_a_repository():
 
 
 @needs_helm
+def test_the_revision_is_passed_only_when_named():
+    def args(*values):
+        return one(objects(*values), "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
+
+    assert not [a for a in args() if a.startswith("--revision")], args()
+    assert "--revision=canary-2" in args("--set", "revision=canary-2")
+
+
+@needs_helm
 def test_every_new_value_is_rendered():
     objs = objects("-f", str(EVERYTHING))
     spec = one(objs, "Deployment")["spec"]["template"]["spec"]
@@ -228,6 +237,7 @@ def test_every_new_value_is_rendered():
     (["--set", "operatorPackages=replace"], "operatorPackages"),
     (["--set", "imageMode.repository=https://registry.example/p"], "imageMode"),
     (["--set", "imageMode.pullSecret=Pull_Secret"], "imageMode"),
+    (["--set", "revision=Canary/2"], "revision"),
 ])
 def test_unusable_values_are_refused_by_name(args, message):
     proc = render(*args, check=False)

@@ -16,6 +16,8 @@ SITE_DIR = "/opt/kaspr/packages/site"
 TEMPLATE_HASH_ANNOTATION = "packages.kaspr.io/template-hash"
 INSTALL_KEY_ANNOTATION = "packages.kaspr.io/install-key"
 INJECTED_ANNOTATION = "packages.kaspr.io/injected"
+REVISION_ANNOTATION = "packages.kaspr.io/revision"
+CONFIG_HASH_ANNOTATION = "packages.kaspr.io/config-hash"
 
 RESTRICTED_CONTAINER_SECURITY = {
     "allowPrivilegeEscalation": False,

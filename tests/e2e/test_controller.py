@@ -15,7 +15,9 @@ import pytest
 
 from e2e_cluster import ControlPlane, wait_for
 from e2e_objects import (
+    CONFIG_HASH_ANNOTATION,
     INSTALL_KEY_ANNOTATION,
+    REVISION_ANNOTATION,
     TEMPLATE_HASH_ANNOTATION,
     assert_injected,
     assert_not_injected,
@@ -169,6 +171,79 @@ def test_kasprapp_edit_alone_rolls_and_strips_the_statefulset(cluster: ControlPl
              lambda: init_container(_template(_sts(cluster, namespace, "edited-app"))[0]) is None,
              timeout=CONTROLLER_TIMEOUT)
     assert_not_injected(*_template(_sts(cluster, namespace, "edited-app")))
+
+
+def _answering_revision(cluster: ControlPlane) -> str | None:
+    """The rendering revision of the webhook the API server calls now: a server-side dry run of a
+    StatefulSet in the probe namespace that `Webhook.wait_effective` prepared."""
+    app = cluster.get_json("kasprapp", "probe", namespace="e2e-probe")
+    sts = json.dumps(operator_statefulset("probe", app["metadata"]["uid"], replicas=1))
+    proc = cluster.kubectl(["create", "--dry-run=server", "-o", "json", "-n", "e2e-probe", "-f", "-"],
+                           input=sts, check=False)
+    if proc.returncode != 0:
+        return None
+    return _template(json.loads(proc.stdout))[1].get(REVISION_ANNOTATION)
+
+
+def test_two_rendering_revisions_side_by_side_never_fight(cluster: ControlPlane, webhook: Webhook,
+                                                          second_replica: Webhook, namespace: str):
+    """Two `serve` processes of different renderings (another --revision and other init-container
+    resources) with their controllers running, as old and new replicas during a rolling upgrade:
+    the app keeps its revision through a rewrite answered by the other one, and a configuration
+    change gives exactly one new ControllerRevision, which neither controller rewrites."""
+    app = cluster.create(kasprapp("twice", {"packages": ["kasprdemo==1.0"]}), namespace=namespace)
+    operator_sts = operator_statefulset("twice", app["metadata"]["uid"], replicas=1)
+    cluster.create(operator_sts, namespace=namespace)
+    wait_for("the first ControllerRevision", lambda: len(_revisions(cluster, namespace, "twice-app")) == 1,
+             timeout=CONTROLLER_TIMEOUT)
+    first = _sts(cluster, namespace, "twice-app")
+    first_annotations = _template(first)[1]
+    assert first_annotations[REVISION_ANNOTATION] != "canary", first_annotations
+    assert first_annotations[CONFIG_HASH_ANNOTATION], first_annotations
+
+    # The other rendering's controller finds the app in sync and writes nothing.
+    second_replica.extra_args = [
+        "--namespaces", f"{namespace},e2e-probe", "--revision", "canary",
+        "--init-container-resources", '{"requests":{"cpu":"10m","memory":"64Mi"}}',
+    ]
+    second_replica.start()
+    wait_for("the second controller to reconcile the app",
+             lambda: second_replica.metric(RECONCILES, part="rollout", outcome="in_sync") >= 1,
+             timeout=CONTROLLER_TIMEOUT)
+    assert second_replica.metric(RECONCILES, part="rollout", outcome="changed") == 0
+
+    try:
+        # Now the other rendering answers admissions: the operator's rewrite keeps the revision.
+        second_replica.register()
+        wait_for("the API server to call the second rendering",
+                 lambda: _answering_revision(cluster) == "canary", timeout=60, interval=0.5)
+        current = _sts(cluster, namespace, "twice-app")
+        current["spec"]["template"] = operator_sts["spec"]["template"]
+        rewritten = json.loads(cluster.kubectl(["replace", "-n", namespace, "-o", "json", "-f", "-"],
+                                               input=json.dumps(current)).stdout)
+        assert rewritten["spec"]["template"] == first["spec"]["template"]
+        assert rewritten["metadata"]["generation"] == first["metadata"]["generation"]
+
+        # A change of the app's own configuration: one rollout, to the answering revision.
+        _packages(cluster, namespace, "twice", ["kasprdemo==2.0"])
+        wait_for("a second ControllerRevision", lambda: len(_revisions(cluster, namespace, "twice-app")) == 2,
+                 timeout=CONTROLLER_TIMEOUT)
+        moved = _sts(cluster, namespace, "twice-app")
+        spec, annotations = _template(moved)
+        assert_injected(spec, annotations)
+        assert annotations[REVISION_ANNOTATION] == "canary", annotations
+        assert init_container(spec)["resources"] == {"requests": {"cpu": "10m", "memory": "64Mi"}}
+
+        # Both controllers keep running: neither flips it back.
+        time.sleep(6)
+        settled = _sts(cluster, namespace, "twice-app")
+        assert settled["metadata"]["generation"] == moved["metadata"]["generation"]
+        assert len(_revisions(cluster, namespace, "twice-app")) == 2
+        assert _template(settled)[1][REVISION_ANNOTATION] == "canary"
+    finally:
+        webhook.register()
+        wait_for("the API server to call the first rendering again",
+                 lambda: _answering_revision(cluster) not in (None, "canary"), timeout=60, interval=0.5)
 
 
 def test_statefulset_admitted_without_the_webhook_is_reported_and_brought_in_sync(
