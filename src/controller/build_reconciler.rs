@@ -297,16 +297,17 @@ pub(super) async fn reconcile_build(
 
     match builds::state::next_step(&lock_state, &wanted.id, &status) {
         Step::StartBuild => {
-            let body = job::build_job(&template, spec, owner, &wanted.id, &context.render)
+            let building = lock_state.with_building(entry);
+            let keep = building.kept_sets();
+            let body = job::build_job(&template, spec, owner, &wanted.id, &keep, &context.render)
                 .map_err(|e| {
-                    ControllerError::invalid(
-                        "build",
-                        format!("Job {namespace}/{job_name}"),
-                        e.to_string(),
-                    )
-                })?;
-            io.apply_state(&lock_state.with_building(entry), &locks)
-                .await?;
+                ControllerError::invalid(
+                    "build",
+                    format!("Job {namespace}/{job_name}"),
+                    e.to_string(),
+                )
+            })?;
+            io.apply_state(&building, &locks).await?;
             let job: Job = serde_json::from_value(body).map_err(|e| {
                 ControllerError::invalid(
                     "build",

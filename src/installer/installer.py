@@ -1368,8 +1368,9 @@ def write_lease(ctx: Context, build_rel: str) -> None:
     # still read as the newer one, or the replaced pod's build would never expire.
     write_shared_file(path, json.dumps({"build": build_rel, "time": round(time.time(), 3), "pod": pod_name(ctx.environ),
                                         "uid": ctx.environ.get("KASPR_PACKAGES_POD_UID") or ""}), ctx.cache_group)
-    # Last-use time of the build, for the pruning grace period (its mtime).
-    used = os.path.join(ctx.cfg.cache_dir, ctx.cfg.install_key, "%s.used" % ctx.tag)
+    # Last-use time of the build, for the pruning grace period (its mtime), beside the build:
+    # ``<key>/<tag>.used`` or, for a package set, ``sets/<set>/<tag>.used``.
+    used = os.path.join(ctx.cfg.cache_dir, os.path.dirname(build_rel), "%s.used" % ctx.tag)
     write_shared_file(used, "", ctx.cache_group)
 
 
@@ -2020,7 +2021,15 @@ def load_set_mode(data: dict) -> Tuple[Optional[Config], Optional[Config]]:
         lock_out = obj.get("lockFile")
         if lock_out is not None and not os.path.isabs(_typed(lock_out, str, "build.lockFile")):
             raise _fail_config("build.lockFile", "%s is not an absolute path" % _show(lock_out))
-        build = Config(set=set_id, lock_file=lock_out)
+        keep = obj.get("keep")
+        if keep is not None:
+            keep = _typed(keep, list, "build.keep")
+            if len(keep) > 100:
+                raise _fail_config("build.keep", "lists %d sets, more than 100" % len(keep))
+            for i, kept in enumerate(keep):
+                if not isinstance(kept, str) or not SET_ID_RE.match(kept):
+                    raise _fail_config("build.keep[%d]" % i, "%s is not 16 lowercase hex characters" % _show(kept))
+        build = Config(set=set_id, lock_file=lock_out, keep=keep)
     if "restore" in data:
         if build is not None:
             raise _fail_config("restore", "cannot be combined with build")
@@ -2473,6 +2482,8 @@ def run_build(ctx: "Context") -> Plan:
     tmp = final
     if ctx.cfg.mode == "pvc":
         publish_pvc_set(ctx, set_id, tmp)
+        if ctx.cfg.build.keep is not None:
+            prune_sets(ctx, set([set_id] + ctx.cfg.build.keep))
     elif ctx.cfg.mode == "gcs":
         gcs = Gcs(ctx)
         gcs.object = gcs_set_object(ctx, set_id)
@@ -2522,6 +2533,54 @@ def publish_pvc_set(ctx: "Context", set_id: str, built: str) -> None:
         lock.release()
 
 
+def prune_sets(ctx: "Context", keep: set) -> None:
+    """Remove the sets published on the PVC that the app's lock ConfigMap no longer lists
+    (``keep``: the controller's list when it created this Job, plus this build's set). A set
+    stays while a live lease names one of its builds (a running pod uses it), or while anything
+    in it changed within the prune grace period: a set published after the list was made (a
+    newer build that finished first), one being published, or one a pod restored recently.
+    Failures only log: pruning never fails a build."""
+    grace = env_seconds(ctx.environ, "KASPR_PACKAGES_PRUNE_GRACE_SECONDS", 24 * 3600.0)
+    cache = ctx.cfg.cache_dir
+    sets_dir = os.path.join(cache, "sets")
+    lock = FileLock(os.path.join(cache, ".prune.lock"), group=ctx.cache_group)
+    doomed = []
+    try:
+        # Pods hold this lock shared for milliseconds while they check and lease a build.
+        if not lock.acquire(60.0):
+            log("warning: pruning old sets skipped: the cache's prune lock stayed busy for 60s")
+            return
+    except OSError as exc:
+        log("warning: pruning old sets skipped: %s" % exc)
+        return
+    try:
+        referenced = live_lease_builds(os.path.join(cache, "leases"), grace)
+        in_use = set(rel.split("/")[1] for rel in referenced
+                     if isinstance(rel, str) and rel.startswith("sets/") and rel.count("/") >= 2)
+        now = time.time()
+        for set_id in sorted(os.listdir(sets_dir)) if os.path.isdir(sets_dir) else []:
+            path = os.path.join(sets_dir, set_id)
+            if not SET_ID_RE.match(set_id) or set_id in keep or not os.path.isdir(path):
+                continue
+            if set_id in in_use:
+                log("keeping set %s: a pod's lease still uses it" % set_id)
+                continue
+            newest = max([os.lstat(path).st_mtime]
+                         + [os.lstat(os.path.join(path, entry)).st_mtime for entry in os.listdir(path)])
+            if now - newest <= grace:
+                continue
+            trash = os.path.join(cache, ".trash-set-%s-%d" % (set_id, os.getpid()))
+            os.rename(path, trash)  # under the lock: no pod can lease it any more
+            doomed.append(set_id)
+    except OSError as exc:
+        log("warning: pruning old sets failed: %s" % exc)
+    finally:
+        lock.release()
+    for set_id in doomed:
+        remove_tree(os.path.join(cache, ".trash-set-%s-%d" % (set_id, os.getpid())))
+        log("pruned set %s: no longer kept by the app and used by no pod" % set_id)
+
+
 def restored(ctx: "Context", build: str) -> Plan:
     return Plan([], (read_marker(build) or {}).get("distributions", []), [])
 
@@ -2549,8 +2608,6 @@ def run_restore(ctx: "Context") -> Plan:
     while True:
         if ctx.cfg.mode == "pvc":
             build = pvc_set_dir(ctx, set_id)
-            # The lease's last-use file lives in the install key's directory.
-            os.makedirs(os.path.join(ctx.cfg.cache_dir, ctx.cfg.install_key), exist_ok=True)
             if set_is_complete(build, ctx, set_id) and use_build(ctx, build):
                 log("set %s/%s restored from the cache" % (set_id, ctx.tag))
                 return restored(ctx, build)
