@@ -57,8 +57,14 @@ pub const OPERATOR_PACKAGES_ANNOTATION: &str = "packages.kaspr.io/operator-packa
 /// requires `cache.gcs.secretRef.name`; `workload-identity` ignores it and uses the pod's
 /// service account.
 pub const GCS_AUTH_ANNOTATION: &str = "packages.kaspr.io/gcs-auth";
+/// `auto`, `pip` or `uv`: the tool the installer installs with.
+pub const INSTALL_TOOL_ANNOTATION: &str = "packages.kaspr.io/install-tool";
 /// Every KasprApp annotation this product reads.
-pub const KASPRAPP_ANNOTATIONS: &[&str] = &[OPERATOR_PACKAGES_ANNOTATION, GCS_AUTH_ANNOTATION];
+pub const KASPRAPP_ANNOTATIONS: &[&str] = &[
+    OPERATOR_PACKAGES_ANNOTATION,
+    GCS_AUTH_ANNOTATION,
+    INSTALL_TOOL_ANNOTATION,
+];
 
 /// What the Kaspr operator (v0.14+) renders for its own package injection, for an app `N`:
 /// volume `N-app-packages` (see [`operator_packages_volume`]), its Secret volume for the GCS

@@ -67,6 +67,27 @@ impl From<OperatorPackagesArg> for crate::spec::OperatorPackages {
     }
 }
 
+/// `--install-tool`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum InstallToolArg {
+    /// uv when the image has it or the configured index serves a uv wheel, else pip.
+    Auto,
+    /// pip, as the image has it.
+    Pip,
+    /// uv; a pod or build fails with the reason when it cannot be had.
+    Uv,
+}
+
+impl From<InstallToolArg> for crate::spec::InstallTool {
+    fn from(arg: InstallToolArg) -> Self {
+        match arg {
+            InstallToolArg::Auto => crate::spec::InstallTool::Auto,
+            InstallToolArg::Pip => crate::spec::InstallTool::Pip,
+            InstallToolArg::Uv => crate::spec::InstallTool::Uv,
+        }
+    }
+}
+
 /// The rendering settings `serve` and `preview` share, so both render the same way.
 #[derive(Debug, clap::Args)]
 pub struct RenderArgs {
@@ -91,6 +112,17 @@ pub struct RenderArgs {
         default_value = "respect"
     )]
     pub operator_packages: OperatorPackagesArg,
+
+    /// The tool the installer installs with when a KasprApp's annotation
+    /// packages.kaspr.io/install-tool does not say: pip, uv, or auto (uv when the image has it
+    /// or the index serves a uv wheel, else pip). See docs/installer.md.
+    #[arg(
+        long,
+        env = "KASPR_WEBHOOK_INSTALL_TOOL",
+        value_enum,
+        default_value = "pip"
+    )]
+    pub install_tool: InstallToolArg,
 }
 
 impl RenderArgs {
@@ -99,6 +131,7 @@ impl RenderArgs {
             default_resources: self.init_container_resources,
             packages_volume_size_limit: self.packages_volume_size_limit,
             operator_packages: self.operator_packages.into(),
+            install_tool: self.install_tool.into(),
         }
     }
 }

@@ -431,6 +431,11 @@ pub fn server_settings(deployment: &Value) -> Result<Server, String> {
             .ok_or_else(|| format!("--operator-packages {text:?}: not respect or takeover"))?,
         None => crate::spec::OperatorPackages::default(),
     };
+    let install_tool = match flag("install-tool") {
+        Some(text) => crate::spec::InstallTool::parse(&text)
+            .ok_or_else(|| format!("--install-tool {text:?}: not auto, pip or uv"))?,
+        None => crate::spec::InstallTool::default(),
+    };
     let watch_namespaces = flag("namespaces")
         .map(|list| {
             list.split(',')
@@ -445,6 +450,7 @@ pub fn server_settings(deployment: &Value) -> Result<Server, String> {
             default_resources,
             packages_volume_size_limit,
             operator_packages,
+            install_tool,
         },
         watch_namespaces,
         source: String::new(),
@@ -462,7 +468,8 @@ mod tests {
             "name": "webhook",
             "args": ["serve", "--listen=0.0.0.0:10250", "--namespaces=apps,team-b",
                      "--init-container-resources={\"requests\":{\"cpu\":\"100m\"}}",
-                     "--packages-volume-size-limit", "4Gi", "--operator-packages=takeover"],
+                     "--packages-volume-size-limit", "4Gi", "--operator-packages=takeover",
+                     "--install-tool=uv"],
         }]}}}});
         let server = server_settings(&deployment).expect("settings");
         assert_eq!(server.watch_namespaces, ["apps", "team-b"]);
@@ -484,6 +491,7 @@ mod tests {
             server.render.operator_packages,
             crate::spec::OperatorPackages::Takeover
         );
+        assert_eq!(server.render.install_tool, crate::spec::InstallTool::Uv);
     }
 
     #[test]

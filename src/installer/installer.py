@@ -51,6 +51,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import zipfile
 import zlib
 from typing import Dict, List, Optional, Tuple
 
@@ -265,8 +266,12 @@ def load_config(environ: Dict[str, str]) -> Config:
     if mode == "gcs":
         gcs = _load_gcs(_require(data, "gcs", dict))
 
+    install_tool = _typed(data.get("installTool", "pip"), str, "installTool")
+    if install_tool not in ("auto", "pip", "uv"):
+        raise _fail_config("installTool", "%s is not one of auto, pip, uv" % _show(install_tool))
+
     build, restore = load_set_mode(data)
-    return Config(
+    return Config(install_tool=install_tool,
         build=build, restore=restore,
         mode=mode, app=app, namespace=namespace, install_key=install_key, packages=packages,
         index_url=index_url, extra_index_urls=extra, trusted_hosts=trusted,
@@ -545,7 +550,7 @@ class PipResult:
 
 def run_pip(
     args: List[str], stdin_text: str, env: Dict[str, str], deadline: float,
-    redactor: Redactor, want_report: bool = False,
+    redactor: Redactor, want_report: bool = False, program: Optional[List[str]] = None,
 ) -> PipResult:
     """Run ``python -m pip <args>`` in its own session, relaying redacted output.
 
@@ -558,11 +563,12 @@ def run_pip(
     if want_report:
         report_r, report_w = os.pipe()
         args = [a.replace("{report}", "/dev/fd/%d" % report_w) for a in args]
-    argv = [sys.executable, "-m", "pip"] + args
+    argv = (program or [sys.executable, "-m", "pip"]) + args
+    label = "uv" if program else "pip"
     started = time.monotonic()
     remaining = deadline - started
     if remaining <= 0:
-        raise InstallError("timeout", "attempt exceeded its time limit before pip started")
+        raise InstallError("timeout", "attempt exceeded its time limit before %s started" % label)
     try:
         proc = subprocess.Popen(
             argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -571,7 +577,7 @@ def run_pip(
     except OSError as exc:
         if report_r is not None:
             os.close(report_r)  # report_w is closed below
-        raise classify_os_error(exc, "could not start pip")
+        raise classify_os_error(exc, "could not start %s" % label)
     finally:
         if report_w is not None:
             os.close(report_w)
@@ -580,7 +586,7 @@ def run_pip(
     report_chunks: List[bytes] = []
     threads = [
         threading.Thread(target=_feed, args=(proc.stdin, stdin_text), daemon=True),
-        threading.Thread(target=_relay, args=(proc.stdout, lines, redactor), daemon=True),
+        threading.Thread(target=_relay, args=(proc.stdout, lines, redactor, label), daemon=True),
     ]
     if report_r is not None:
         threads.append(threading.Thread(target=_collect, args=(report_r, report_chunks), daemon=True))
@@ -599,7 +605,7 @@ def run_pip(
         # A grandchild that left the process group could hold the pipes open; never wait on it.
         thread.join(timeout=5)
     if timed_out:
-        raise InstallError("timeout", "pip did not finish within the attempt's time limit; its process group was killed")
+        raise InstallError("timeout", "%s did not finish within the attempt's time limit; its process group was killed" % label)
     return PipResult(proc.returncode, lines, b"".join(report_chunks).decode("utf-8", "replace"),
                      time.monotonic() - started)
 
@@ -628,12 +634,12 @@ def _feed(pipe, text: str) -> None:
             pass
 
 
-def _relay(pipe, lines: List[str], redactor: Redactor) -> None:
+def _relay(pipe, lines: List[str], redactor: Redactor, label: str = "pip") -> None:
     for raw in iter(pipe.readline, b""):
         line = redactor(raw.decode("utf-8", "replace").rstrip())
         lines.append(line)
         if line.strip():
-            print("  pip: " + line, flush=True)
+            print("  %s: %s" % (label, line), flush=True)
     pipe.close()
 
 
@@ -648,7 +654,7 @@ def _collect(fd: int, chunks: List[bytes]) -> None:
 CATEGORY_PATTERNS = [
     ("integrity", re.compile(
         r"THESE PACKAGES DO NOT MATCH THE HASHES|Hashes are required in --require-hashes mode"
-        r"|HashMismatch|Can't verify hashes for these")),
+        r"|HashMismatch|Can't verify hashes for these|Hash mismatch for|hashes are required")),
     ("disk_full", re.compile(r"No space left on device|\[Errno 28\]|Disk quota exceeded|\[Errno 122\]")),
     ("authentication", re.compile(
         r"\b401 Client Error|\b403 Client Error|HTTP error 40[13]\b|401 Error, Credentials not correct"
@@ -663,7 +669,8 @@ CATEGORY_PATTERNS = [
     ("package_not_found", re.compile(
         r"No matching distribution found for|Could not find a version that satisfies the requirement"
         r"|\b404 Client Error|HTTP error 404\b|ResolutionImpossible|Cannot install .* because these package versions have conflicting dependencies"
-        r"|did not match any file\(s\) known to git|Repository not found")),
+        r"|did not match any file\(s\) known to git|Repository not found"
+        r"|No solution found when resolving|was not found in the package registry|there is no version of")),
 ]
 
 
@@ -681,6 +688,9 @@ def failure_summary(lines: List[str]) -> str:
     for line in lines:
         if line.startswith("ERROR:"):
             return one_line(line[len("ERROR:"):], 300)
+    for number, line in enumerate(lines):
+        if line.startswith("error:") or line.lstrip().startswith("\u00d7"):  # uv
+            return one_line(" ".join(l.strip() for l in lines[number:number + 4]), 300)
     for line in reversed(lines):
         if line.strip():
             return one_line(line, 300)
@@ -751,9 +761,9 @@ def classify_os_error(exc: OSError, what: str) -> InstallError:
     return InstallError("unknown", "%s: %s" % (what, exc))
 
 
-def pip_failure(result: PipResult, step: str) -> InstallError:
+def pip_failure(result: PipResult, step: str, tool: str = "pip") -> InstallError:
     category = classify(result.lines)
-    return InstallError(category, "pip %s exited with %d: %s" % (step, result.returncode, failure_summary(result.lines)))
+    return InstallError(category, "%s %s exited with %d: %s" % (tool, step, result.returncode, failure_summary(result.lines)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -1096,6 +1106,9 @@ class Context:
         self.cache_group: Optional[int] = None
         # Why the cache was not used this time, when it was not: (cause, detail).
         self.degraded: Optional[Tuple[str, str]] = None
+        # The uv program the installs from a lock use (None: pip), once decided.
+        self.uv: Optional[str] = None
+        self.uv_decided = False
 
 
 def degrade(ctx: Context, cause: str, detail: str) -> None:
@@ -2319,6 +2332,137 @@ def set_pip_args(command: str, ctx: "Context") -> List[str]:
             "--cache-dir", os.path.join(ctx.work_dir, "pip-cache")]
 
 
+# uv, for the installs from a lock (``installTool``: pip, uv or auto). Resolution stays with
+# pip: its report, resolved against the image's own distributions, is what keeps the image's
+# distributions out of a set and logs each override; uv has no such report.
+
+UV_REQUIREMENT = "uv>=0.5"
+UV_MIN_VERSION = (0, 5)
+# The image's UV_* variables are dropped (they could move or reshape the install) except these.
+UV_ENV_KEPT = ("UV_NATIVE_TLS", "UV_HTTP_TIMEOUT", "UV_HTTP_RETRIES", "UV_CONCURRENT_DOWNLOADS",
+               "UV_CONCURRENT_INSTALLS")
+UV_PROGRAM_RE = re.compile(r"^uv-[^/]+\.data/scripts/uv$")
+
+
+def uv_version(path: str) -> Optional[Tuple[int, ...]]:
+    try:
+        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30,
+                             env={"PATH": os.environ.get("PATH", ""), "UV_NO_CONFIG": "1"})
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.match(r"^uv (\d+)\.(\d+)(?:\.(\d+))?", out.stdout.strip())
+    if out.returncode != 0 or not match:
+        return None
+    return tuple(int(part or 0) for part in match.groups())
+
+
+def image_uv() -> Optional[Tuple[str, Tuple[int, ...]]]:
+    """uv as the image has it: beside its python (a venv's or the image's scripts directory),
+    else on PATH."""
+    candidates = [os.path.join(sysconfig.get_path("scripts") or "", "uv"), shutil.which("uv") or ""]
+    for path in candidates:
+        if path and os.path.isfile(path) and os.access(path, os.X_OK):
+            version = uv_version(path)
+            if version is not None and version >= UV_MIN_VERSION:
+                return path, version
+    return None
+
+
+def uv_from_index(ctx: "Context", deadline: float) -> Tuple[str, Tuple[int, ...]]:
+    """The uv program out of the newest uv wheel the configured indexes serve for this image
+    (fetched by the image's pip with the run's credentials, like any package)."""
+    dest = os.path.join(ctx.work_dir, "uv")
+    reset_dir(dest)
+    result = run_pip(set_pip_args("download", ctx) + [
+        "--no-deps", "--only-binary", ":all:", "--dest", dest, "-r", "/dev/stdin"],
+        UV_REQUIREMENT + "\n", set_pip_env(ctx), deadline, ctx.redactor)
+    if result.returncode != 0:
+        raise pip_failure(result, "download of %s" % UV_REQUIREMENT)
+    wheels = sorted(e for e in os.listdir(dest) if e.endswith(".whl"))
+    if not wheels:
+        raise InstallError("package_not_found", "the index served no wheel for %s" % UV_REQUIREMENT)
+    program = os.path.join(dest, "bin", "uv")
+    os.makedirs(os.path.dirname(program))
+    try:
+        with zipfile.ZipFile(os.path.join(dest, wheels[0])) as wheel:
+            member = next((n for n in wheel.namelist() if UV_PROGRAM_RE.match(n)), None)
+            if member is None:
+                raise InstallError("package_not_found", "%s holds no uv program" % wheels[0])
+            with wheel.open(member) as source, open(program, "wb") as out:
+                shutil.copyfileobj(source, out)
+    except zipfile.BadZipFile as exc:
+        raise InstallError("integrity", "%s is not a readable wheel: %s" % (wheels[0], exc))
+    os.chmod(program, 0o700)
+    version = uv_version(program)
+    if version is None:
+        raise InstallError("unknown", "the uv program of %s does not run on this image" % wheels[0],
+                           retryable=False)
+    return program, version
+
+
+def lock_installer(ctx: "Context", deadline: float) -> Optional[str]:
+    """The uv program the installs from a lock use, or None for pip; decided once per run.
+    ``auto`` falls back to pip when uv cannot be had; ``uv`` fails, saying why."""
+    if ctx.uv_decided:
+        return ctx.uv
+    wanted = ctx.cfg.install_tool
+    if wanted != "pip":
+        found, source = image_uv(), "the image"
+        if found is None:
+            try:
+                found, source = uv_from_index(ctx, deadline), "the index"
+            except InstallError as exc:
+                if wanted == "uv":
+                    raise InstallError(exc.category, "installTool is uv, but the image has no uv >= %s and "
+                                       "the index serves none: %s" % (".".join(map(str, UV_MIN_VERSION)), exc.message),
+                                       retryable=exc.retryable)
+                log("uv is not in the image and could not be had from the index (%s: %s); installing with pip"
+                    % (exc.category, one_line(ctx.redactor(exc.message), 200)))
+        if found is not None:
+            ctx.uv = found[0]
+            log("installing with uv %s from %s" % (".".join(map(str, found[1])), source))
+    ctx.uv_decided = True
+    return ctx.uv
+
+
+def uv_env(ctx: "Context") -> Dict[str, str]:
+    """pip's environment (netrc for the credentials, TMPDIR, the image's PIP_* settings)
+    carried over to uv's names, with uv's own configuration files and downloads off."""
+    env = {k: v for k, v in set_pip_env(ctx).items() if not k.startswith("UV_") or k in UV_ENV_KEPT}
+    for pip_name, uv_name in (("PIP_INDEX_URL", "UV_DEFAULT_INDEX"), ("PIP_EXTRA_INDEX_URL", "UV_INDEX"),
+                              ("PIP_TRUSTED_HOST", "UV_INSECURE_HOST"), ("PIP_CERT", "SSL_CERT_FILE")):
+        if env.get(pip_name) and uv_name not in env:
+            env[uv_name] = env[pip_name]
+    env.update({
+        "UV_NO_CONFIG": "1", "UV_PYTHON_DOWNLOADS": "never", "UV_NO_PROGRESS": "1", "NO_COLOR": "1",
+        # pip looks for the best match across all indexes; uv would stop at the first index
+        # that knows the project. The hashes decide either way.
+        "UV_INDEX_STRATEGY": "unsafe-best-match",
+        "UV_LINK_MODE": "copy", "UV_CACHE_DIR": os.path.join(ctx.work_dir, "uv-cache"),
+    })
+    return env
+
+
+def install_locked(ctx: "Context", dest: str, pinned: str, deadline: float, wheels: Optional[str] = None) -> None:
+    """Install exactly the pinned, hashed lines into ``dest`` without resolving: with uv when
+    the configuration asks for it and uv can be had, else with pip. ``wheels``: a local
+    directory that holds every file (no index)."""
+    local = ["--no-index", "--find-links", wheels] if wheels else []
+    uv = lock_installer(ctx, deadline)
+    if uv is not None:
+        result = run_pip(["pip", "install", "--python", sys.executable, "--target", dest, "--no-deps",
+                          "--require-hashes"] + local + ["-r", "/dev/stdin"],
+                         pinned, uv_env(ctx), deadline, ctx.redactor, program=[uv])
+    else:
+        result = run_pip(set_pip_args("install", ctx) + local + [
+            "--require-hashes", "--no-deps", "--no-warn-script-location", "--target", dest,
+            "-r", "/dev/stdin"], pinned, set_pip_env(ctx), deadline, ctx.redactor)
+    tool = "pip" if uv is None else "uv"
+    if result.returncode != 0:
+        raise pip_failure(result, "install from the lock", tool)
+    log("%s install from the lock took %.2fs" % (tool, result.seconds))
+
+
 def build_attempt(ctx: "Context", dest: str, deadline: float) -> Plan:
     """Resolve, lock and install one set: every distribution is downloaded once into a wheel
     directory, resolved against the image from there, locked, and installed from the lock
@@ -2377,13 +2521,7 @@ def build_attempt(ctx: "Context", dest: str, deadline: float) -> Plan:
     log("locked %d distributions: %s" % (len(dists), ", ".join("%s %s" % (d.name, d.version) for d in dists)))
     if dists:
         pinned = "".join("%s==%s --hash=sha256:%s\n" % (d.name, d.version, d.sha256) for d in dists)
-        result = run_pip(set_pip_args("install", ctx) + [
-            "--no-index", "--find-links", wheels, "--require-hashes", "--no-deps",
-            "--no-warn-script-location", "--target", dest, "-r", "/dev/stdin"],
-            pinned, env, deadline, ctx.redactor)
-        if result.returncode != 0:
-            raise pip_failure(result, "install from the lock")
-        log("pip install from the lock took %.2fs" % result.seconds)
+        install_locked(ctx, dest, pinned, deadline, wheels)
     plan.lock = lock
     return plan
 
@@ -2409,12 +2547,7 @@ def restore_attempt(ctx: "Context", dest: str, deadline: float, lock: str) -> Pl
     if lines:
         log("installing the locked set (%d distributions, hash-checked, no resolution): %s"
             % (len(lines), ", ".join(names)))
-        result = run_pip(set_pip_args("install", ctx) + [
-            "--require-hashes", "--no-deps", "--no-warn-script-location", "--target", dest,
-            "-r", "/dev/stdin"], "".join(l + "\n" for l in lines), set_pip_env(ctx), deadline, ctx.redactor)
-        if result.returncode != 0:
-            raise pip_failure(result, "install from the lock")
-        log("pip install from the lock took %.2fs" % result.seconds)
+        install_locked(ctx, dest, "".join(l + "\n" for l in lines), deadline)
     return Plan(lines, names, [])
 
 

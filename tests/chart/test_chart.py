@@ -181,6 +181,14 @@ def test_the_operator_packages_default_reaches_the_webhook(value):
 
 
 @needs_helm
+@pytest.mark.parametrize("value", ["auto", "pip", "uv"])
+def test_the_install_tool_default_reaches_the_webhook(value):
+    args = one(objects("--set", f"installTool={value}"), "Deployment")["spec"]["template"]["spec"][
+        "containers"][0]["args"]
+    assert f"--install-tool={value}" in args, args
+
+
+@needs_helm
 def test_every_new_value_is_rendered():
     objs = objects("-f", str(EVERYTHING))
     spec = one(objs, "Deployment")["spec"]["template"]["spec"]
@@ -207,6 +215,7 @@ def test_every_new_value_is_rendered():
     (["--set", "metrics.prometheusRule.latencyTimeoutRatio=2"], "latencyTimeoutRatio"),
     (["--set", "metrics.serviceMonitor.enabled=true", "--set", "metrics.service=false"], "metrics.service"),
     (["--set", "operatorPackages=replace"], "operatorPackages"),
+    (["--set", "installTool=poetry"], "installTool"),
 ])
 def test_unusable_values_are_refused_by_name(args, message):
     proc = render(*args, check=False)
