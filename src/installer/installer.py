@@ -2390,8 +2390,20 @@ def uv_from_index(ctx: "Context", deadline: float) -> Tuple[str, Tuple[int, ...]
                 raise InstallError("package_not_found", "%s holds no uv program" % wheels[0])
             with wheel.open(member) as source, open(program, "wb") as out:
                 shutil.copyfileobj(source, out)
+            record = next((n for n in wheel.namelist() if n.endswith(".dist-info/RECORD")), None)
+            recorded = [line.split(",") for line in
+                        (wheel.read(record).decode("utf-8", "replace").splitlines() if record else [])]
     except zipfile.BadZipFile as exc:
         raise InstallError("integrity", "%s is not a readable wheel: %s" % (wheels[0], exc))
+    # The wheel's RECORD names the program's sha256: check what was extracted against it.
+    wanted = next((fields[1] for fields in recorded if len(fields) >= 2 and fields[0] == member), "")
+    hasher = hashlib.sha256()
+    with open(program, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            hasher.update(chunk)
+    digest = base64.urlsafe_b64encode(hasher.digest()).rstrip(b"=").decode()
+    if wanted != "sha256=" + digest:
+        raise InstallError("integrity", "the uv program of %s does not match the wheel's RECORD" % wheels[0])
     os.chmod(program, 0o700)
     version = uv_version(program)
     if version is None:

@@ -4,6 +4,7 @@ configured index), pip as the fallback of `auto`, and a clear failure for `uv` w
 The uv wheel is the pinned one scripts/uv-wheel keeps in the cache outside the repository; the
 tests serve it from their loopback indexes like every other wheel."""
 
+import base64
 import hashlib
 import os
 import shutil
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -177,3 +179,31 @@ def test_bad_install_tool_names_field_and_value(image_python, env, tmp_path, val
                         tmp_path / "t.log")
     assert run.returncode == EXIT["invalid_config"], run
     assert "installTool: " in run.termination
+
+
+def test_a_uv_program_that_does_not_match_its_wheels_record_is_refused(image_python, index, env, tmp_path):
+    def record_hash(data):
+        return "sha256=" + base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+
+    packages = ["kasprdemo==1.0"]
+    assert run_installer(image_python, build_cfg(tmp_path, index.url, packages, "pip"), env,
+                         tmp_path / "b.log").returncode == 0
+    info = "uv-0.99.0.dist-info"
+    files = {
+        "uv-0.99.0.data/scripts/uv": b"#!/bin/sh\necho uv 0.99.0\n",
+        info + "/METADATA": b"Metadata-Version: 2.1\nName: uv\nVersion: 0.99.0\n",
+        info + "/WHEEL": b"Wheel-Version: 1.0\nGenerator: kaspr-tests\nRoot-Is-Purelib: false\nTag: py3-none-any\n",
+    }
+    # The RECORD names the hash of another program than the one the wheel holds.
+    record = "".join("%s,%s,%d\n" % (name, record_hash(b"the real uv" if name.endswith("/uv") else data), len(data))
+                     for name, data in files.items())
+    files[info + "/RECORD"] = (record + info + "/RECORD,,\n").encode()
+    wheel = tmp_path / "uv-0.99.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        for name, data in files.items():
+            archive.writestr(name, data)
+    index.wheels["uv"] = [wheel]
+    run = run_installer(image_python, restore_cfg(tmp_path, "pod", index.url, packages, "uv"), env, tmp_path / "r.log")
+    assert run.returncode == EXIT["integrity"], run
+    assert "does not match the wheel's RECORD" in run.termination, run
+    assert not (tmp_path / "pod" / "site").exists()
