@@ -19,7 +19,7 @@ import pytest
 
 from conftest import PASSWORD, USER, with_creds
 from helpers import (
-    EXIT, REPO, StaticIndex, all_files_text, base_env, config, import_from_site, make_wheel,
+    EXIT, REPO, StaticIndex, all_files_text, base_env, closed_port_url, config, import_from_site, make_wheel,
     process_cmdlines, run_installer, start_installer,
 )
 from test_emptydir import secret_forms
@@ -207,3 +207,19 @@ def test_a_uv_program_that_does_not_match_its_wheels_record_is_refused(image_pyt
     assert run.returncode == EXIT["integrity"], run
     assert "does not match the wheel's RECORD" in run.termination, run
     assert not (tmp_path / "pod" / "site").exists()
+
+
+def test_uv_failures_get_pips_categories(uv_image_python, index, env, tmp_path):
+    packages = ["kasprdemo==1.0"]
+    assert run_installer(uv_image_python, build_cfg(tmp_path, index.url, packages, "pip"), env,
+                         tmp_path / "b.log").returncode == 0
+    down = run_installer(uv_image_python, restore_cfg(tmp_path, "down", closed_port_url(), packages, "uv"), env,
+                         tmp_path / "d.log")
+    assert down.returncode == EXIT["network"], down
+    assert down.termination.startswith("kaspr-packages: FAILED network: uv install from the lock exited"), down
+    # The locked release was withdrawn from the index.
+    index.wheels["kasprdemo"] = [w for w in index.wheels["kasprdemo"] if "1.0" not in w.name]
+    gone = run_installer(uv_image_python, restore_cfg(tmp_path, "gone", index.url, packages, "uv"), env,
+                         tmp_path / "g.log")
+    assert gone.returncode == EXIT["package_not_found"], gone
+    assert gone.lines("uv: ") and "kasprdemo" in gone.termination, gone
