@@ -3,7 +3,7 @@
 use k8s_openapi::api::core::v1::ResourceRequirements;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 
-use crate::spec::OperatorPackages;
+use crate::spec::{InstallTool, OperatorPackages};
 
 /// Settings the mutation needs beyond the KasprApp itself. Tests build it directly.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -15,6 +15,9 @@ pub struct RenderConfig {
     /// What to do with the Kaspr operator's own package injection when the KasprApp does not
     /// say (its `packages.kaspr.io/operator-packages` annotation).
     pub operator_packages: OperatorPackages,
+    /// The installer's tool when the KasprApp does not say (its
+    /// `packages.kaspr.io/install-tool` annotation).
+    pub install_tool: InstallTool,
     /// Image mode (docs/image-mode.md): where sets are published and whether pods can mount them.
     pub image_mode: ImageModeConfig,
     /// The rendering revision's name (`--revision`); derived from this release and the
@@ -50,6 +53,7 @@ impl RenderConfig {
             default_resources: None,
             packages_volume_size_limit: None,
             operator_packages: self.operator_packages,
+            install_tool: self.install_tool,
             image_mode: self.image_mode.clone(),
             revision: None,
         }

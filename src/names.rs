@@ -74,11 +74,14 @@ pub const OPERATOR_PACKAGES_ANNOTATION: &str = "packages.kaspr.io/operator-packa
 pub const GCS_AUTH_ANNOTATION: &str = "packages.kaspr.io/gcs-auth";
 /// `image` or `cache`: image mode (docs/image-mode.md) or the configured cache mode.
 pub const MODE_ANNOTATION: &str = crate::builds::image::MODE_ANNOTATION;
+/// `auto`, `pip` or `uv`: the tool the installer installs with.
+pub const INSTALL_TOOL_ANNOTATION: &str = "packages.kaspr.io/install-tool";
 /// Every KasprApp annotation this product reads.
 pub const KASPRAPP_ANNOTATIONS: &[&str] = &[
     OPERATOR_PACKAGES_ANNOTATION,
     GCS_AUTH_ANNOTATION,
     MODE_ANNOTATION,
+    INSTALL_TOOL_ANNOTATION,
 ];
 
 /// What the Kaspr operator (v0.14+) renders for its own package injection, for an app `N`:

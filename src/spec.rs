@@ -40,6 +40,9 @@ pub struct PythonPackages {
     /// The KasprApp's choice, by annotation, of what to do with the Kaspr operator's own
     /// package injection; `None` follows the chart's default.
     pub operator_packages: Option<OperatorPackages>,
+    /// The KasprApp's choice, by annotation, of the installer's tool; `None` follows the
+    /// chart's default.
+    pub install_tool: Option<InstallTool>,
     /// `spec.template.kasprContainer.securityContext`, applied to the main container under
     /// takeover (the operator drops it when it renders).
     pub main_security_context: Option<Map<String, Value>>,
@@ -55,6 +58,39 @@ pub enum OperatorPackages {
     Respect,
     /// Replace the operator's injection with ours, in a shape its rewrite loops accept.
     Takeover,
+}
+
+/// Which tool the installer installs with (`pip` is the installer's own default).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum InstallTool {
+    /// uv when the image has it or the configured index serves a uv wheel, else pip.
+    Auto,
+    /// pip, as the image has it.
+    #[default]
+    Pip,
+    /// uv, or a failure saying why it could not be had.
+    Uv,
+}
+
+impl InstallTool {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InstallTool::Auto => "auto",
+            InstallTool::Pip => "pip",
+            InstallTool::Uv => "uv",
+        }
+    }
+
+    /// Parses `auto`, `pip` or `uv` (exact, as in annotations and flags).
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "auto" => Some(InstallTool::Auto),
+            "pip" => Some(InstallTool::Pip),
+            "uv" => Some(InstallTool::Uv),
+            _ => None,
+        }
+    }
 }
 
 impl OperatorPackages {
@@ -220,6 +256,7 @@ impl PythonPackages {
             resources: None,
             init_container: InitContainerExtras::default(),
             operator_packages: None,
+            install_tool: None,
             main_security_context: None,
         }
     }

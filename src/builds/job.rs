@@ -58,11 +58,14 @@ pub fn deadline_seconds(spec: &PythonPackages) -> u64 {
 }
 
 /// The Job that builds `set` for `spec`, from the app's stored pod template (`{metadata, spec}`).
+/// `keep` lists the sets the lock ConfigMap keeps: in PVC mode the build removes the other
+/// sets published on the volume that no pod uses (see docs/builds.md).
 pub fn build_job(
     template: &Value,
     spec: &PythonPackages,
     owner: &AppOwner,
     set: &str,
+    keep: &[String],
     render: &RenderConfig,
 ) -> Result<Value, JobError> {
     let mut rendered = template.clone();
@@ -87,7 +90,7 @@ pub fn build_job(
         })
         .cloned()
         .ok_or(JobError::NoInitContainer(names::INIT_CONTAINER))?;
-    let container = build_container(init, set);
+    let container = build_container(init, set, keep);
     let pod_spec = build_pod_spec(&pod, container);
 
     // Not `kaspr.io/app`: the build pod is not one of the app's pods (selectors, the
@@ -168,7 +171,7 @@ fn build_pod_spec(pod: &Map<String, Value>, container: Value) -> Map<String, Val
 }
 
 /// The injected init container, renamed, its installer configuration switched to build mode.
-fn build_container(mut init: Value, set: &str) -> Value {
+fn build_container(mut init: Value, set: &str, keep: &[String]) -> Value {
     if let Some(obj) = init.as_object_mut() {
         obj.insert("name".into(), json!(BUILD_CONTAINER));
         obj.insert(
@@ -187,7 +190,7 @@ fn build_container(mut init: Value, set: &str) -> Value {
             if let Ok(mut config) = serde_json::from_str::<Value>(text) {
                 if let Some(obj) = config.as_object_mut() {
                     obj.remove("restore");
-                    obj.insert("build".into(), json!({"set": set}));
+                    obj.insert("build".into(), json!({"set": set, "keep": keep}));
                     // A build never lets the app start without packages: it must fail visibly.
                     obj.insert("onFailure".into(), json!("block"));
                 }
@@ -272,6 +275,7 @@ mod tests {
             &spec,
             &owner(),
             "0123456789abcdef",
+            &["77aa000000000001".to_owned()],
             &RenderConfig::default(),
         )
         .expect("job");
@@ -314,7 +318,10 @@ mod tests {
             .expect("password");
         assert_eq!(password["valueFrom"]["secretKeyRef"]["name"], "pypi");
         let config = config_of(&job);
-        assert_eq!(config["build"], json!({"set": "0123456789abcdef"}));
+        assert_eq!(
+            config["build"],
+            json!({"set": "0123456789abcdef", "keep": ["77aa000000000001"]})
+        );
         assert_eq!(config["onFailure"], "block");
         assert_eq!(config["mode"], "pvc");
         // Exactly the volumes the build mounts: the cache claim and the packages volume, not
@@ -344,6 +351,7 @@ mod tests {
             &spec,
             &owner(),
             "0123456789abcdef",
+            &[],
             &RenderConfig::default(),
         );
         let b = build_job(
@@ -351,6 +359,7 @@ mod tests {
             &spec,
             &owner(),
             "0123456789abcdef",
+            &[],
             &RenderConfig::default(),
         );
         assert_eq!(a, b);
@@ -364,6 +373,7 @@ mod tests {
             &spec,
             &owner(),
             "0123456789abcdef",
+            &[],
             &RenderConfig::default(),
         )
         .expect_err("no containers");

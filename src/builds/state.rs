@@ -204,6 +204,16 @@ impl LockState {
         self
     }
 
+    /// The sets this state keeps (built or being built): what a build may not prune from the
+    /// cache.
+    pub fn kept_sets(&self) -> Vec<String> {
+        self.sets
+            .iter()
+            .filter(|s| s.state != SetPhase::Failed)
+            .map(|s| s.id.clone())
+            .collect()
+    }
+
     /// The ConfigMap's data: the state plus the lock of every kept built set (`locks` maps set
     /// ids to lock text; locks of dropped sets are left out, so applying the data drops them).
     pub fn to_data(&self, locks: &BTreeMap<String, String>) -> BTreeMap<String, String> {
@@ -331,6 +341,15 @@ mod tests {
             fixed.entry("b").is_none(),
             "failures older than the current set are dropped"
         );
+    }
+
+    #[test]
+    fn a_build_keeps_the_listed_sets_and_itself_but_not_failures() {
+        let state = built(&["s1", "s2", "s3", "s4", "s5"])
+            .with_building(entry("f"))
+            .with_failed("f", "network", "down")
+            .with_building(entry("s6"));
+        assert_eq!(state.kept_sets(), ["s2", "s3", "s4", "s5", "s6"]);
     }
 
     #[test]

@@ -67,6 +67,27 @@ impl From<OperatorPackagesArg> for crate::spec::OperatorPackages {
     }
 }
 
+/// `--install-tool`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum InstallToolArg {
+    /// uv when the image has it or the configured index serves a uv wheel, else pip.
+    Auto,
+    /// pip, as the image has it.
+    Pip,
+    /// uv; a pod or build fails with the reason when it cannot be had.
+    Uv,
+}
+
+impl From<InstallToolArg> for crate::spec::InstallTool {
+    fn from(arg: InstallToolArg) -> Self {
+        match arg {
+            InstallToolArg::Auto => crate::spec::InstallTool::Auto,
+            InstallToolArg::Pip => crate::spec::InstallTool::Pip,
+            InstallToolArg::Uv => crate::spec::InstallTool::Uv,
+        }
+    }
+}
+
 /// The rendering settings `serve` and `preview` share, so both render the same way.
 #[derive(Debug, clap::Args)]
 pub struct RenderArgs {
@@ -123,6 +144,17 @@ pub struct RenderArgs {
     /// unchanged, its StatefulSet keeps the revision it was rendered with.
     #[arg(long, env = "KASPR_WEBHOOK_REVISION", value_name = "NAME", value_parser = crate::config::parse_revision)]
     pub revision: Option<String>,
+
+    /// The tool the installer installs with when a KasprApp's annotation
+    /// packages.kaspr.io/install-tool does not say: pip, uv, or auto (uv when the image has it
+    /// or the index serves a uv wheel, else pip). See docs/installer.md.
+    #[arg(
+        long,
+        env = "KASPR_WEBHOOK_INSTALL_TOOL",
+        value_enum,
+        default_value = "pip"
+    )]
+    pub install_tool: InstallToolArg,
 }
 
 impl RenderArgs {
@@ -137,6 +169,7 @@ impl RenderArgs {
             image_volumes_on_nodes,
             image_registry_plain_http,
             revision,
+            install_tool,
         } = self;
         crate::config::RenderConfig {
             default_resources: init_container_resources,
@@ -154,6 +187,7 @@ impl RenderArgs {
                 plain_http: image_registry_plain_http,
             },
             revision,
+            install_tool: install_tool.into(),
         }
     }
 }

@@ -119,6 +119,20 @@ fn flags_turn_into_options() {
         "respect unless told"
     );
     assert_eq!(
+        options.settings.render.install_tool,
+        crate::spec::InstallTool::Pip,
+        "pip unless told"
+    );
+    assert_eq!(
+        serve_args(&["--install-tool", "auto"])
+            .expect("parse")
+            .into_options()
+            .settings
+            .render
+            .install_tool,
+        crate::spec::InstallTool::Auto
+    );
+    assert_eq!(
         serve_args(&["--operator-packages", "takeover"])
             .expect("parse")
             .into_options()
@@ -223,6 +237,7 @@ fn inconsistent_flags_are_refused() {
     assert!(serve_args(&["--init-container-resources", "{\"request\":{}}"]).is_err());
     assert!(serve_args(&["--packages-volume-size-limit", "lots"]).is_err());
     assert!(serve_args(&["--operator-packages", "replace"]).is_err());
+    assert!(serve_args(&["--install-tool", "poetry"]).is_err());
     assert!(serve_args(&["--packages-volume-size-limit", "0"]).is_err());
     assert!(serve_args(&["--init-container-resources", "cpu=1"]).is_err());
     assert!(serve_args(&["--request-timeout", "soon"]).is_err());

@@ -331,9 +331,19 @@ pub(super) async fn reconcile_build(
     };
     match step {
         Step::StartBuild => {
-            let mut body =
-                job::build_job(&template, spec, owner, &build.wanted.id, &context.render)
-                    .map_err(|e| build.invalid("build", &e))?;
+            let keep = build
+                .lock_state
+                .with_building(build.entry.clone())
+                .kept_sets();
+            let mut body = job::build_job(
+                &template,
+                spec,
+                owner,
+                &build.wanted.id,
+                &keep,
+                &context.render,
+            )
+            .map_err(|e| build.invalid("build", &e))?;
             if builds::image::publishes(app.value(), &context.render.image_mode) {
                 builds::image::add_publish(&mut body, &context.render.image_mode);
             }

@@ -454,6 +454,11 @@ pub fn server_settings(deployment: &Value) -> Result<Server, String> {
         }
         None => None,
     };
+    let install_tool = match flag("install-tool") {
+        Some(text) => crate::spec::InstallTool::parse(&text)
+            .ok_or_else(|| format!("--install-tool {text:?}: not auto, pip or uv"))?,
+        None => crate::spec::InstallTool::default(),
+    };
     let watch_namespaces = flag("namespaces")
         .map(|list| {
             list.split(',')
@@ -481,6 +486,7 @@ pub fn server_settings(deployment: &Value) -> Result<Server, String> {
                 plain_http: flag("image-registry-plain-http").as_deref() == Some("true"),
             },
             revision,
+            install_tool,
         },
         watch_namespaces,
         source: String::new(),
@@ -499,7 +505,7 @@ mod tests {
             "args": ["serve", "--listen=0.0.0.0:10250", "--namespaces=apps,team-b",
                      "--init-container-resources={\"requests\":{\"cpu\":\"100m\"}}",
                      "--packages-volume-size-limit", "4Gi", "--operator-packages=takeover",
-                     "--revision=canary"],
+                     "--revision=canary", "--install-tool=uv"],
         }]}}}});
         let server = server_settings(&deployment).expect("settings");
         assert_eq!(server.watch_namespaces, ["apps", "team-b"]);
@@ -522,6 +528,7 @@ mod tests {
             crate::spec::OperatorPackages::Takeover
         );
         assert_eq!(server.render.revision.as_deref(), Some("canary"));
+        assert_eq!(server.render.install_tool, crate::spec::InstallTool::Uv);
     }
 
     #[test]

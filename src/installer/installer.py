@@ -52,6 +52,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import zipfile
 import zlib
 from typing import Dict, List, Optional, Tuple
 
@@ -266,8 +267,12 @@ def load_config(environ: Dict[str, str]) -> Config:
     if mode == "gcs":
         gcs = _load_gcs(_require(data, "gcs", dict))
 
+    install_tool = _typed(data.get("installTool", "pip"), str, "installTool")
+    if install_tool not in ("auto", "pip", "uv"):
+        raise _fail_config("installTool", "%s is not one of auto, pip, uv" % _show(install_tool))
+
     build, restore = load_set_mode(data)
-    return Config(
+    return Config(install_tool=install_tool,
         build=build, restore=restore,
         mode=mode, app=app, namespace=namespace, install_key=install_key, packages=packages,
         index_url=index_url, extra_index_urls=extra, trusted_hosts=trusted,
@@ -546,7 +551,7 @@ class PipResult:
 
 def run_pip(
     args: List[str], stdin_text: str, env: Dict[str, str], deadline: float,
-    redactor: Redactor, want_report: bool = False,
+    redactor: Redactor, want_report: bool = False, program: Optional[List[str]] = None,
 ) -> PipResult:
     """Run ``python -m pip <args>`` in its own session, relaying redacted output.
 
@@ -559,11 +564,12 @@ def run_pip(
     if want_report:
         report_r, report_w = os.pipe()
         args = [a.replace("{report}", "/dev/fd/%d" % report_w) for a in args]
-    argv = [sys.executable, "-m", "pip"] + args
+    argv = (program or [sys.executable, "-m", "pip"]) + args
+    label = "uv" if program else "pip"
     started = time.monotonic()
     remaining = deadline - started
     if remaining <= 0:
-        raise InstallError("timeout", "attempt exceeded its time limit before pip started")
+        raise InstallError("timeout", "attempt exceeded its time limit before %s started" % label)
     try:
         proc = subprocess.Popen(
             argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -572,7 +578,7 @@ def run_pip(
     except OSError as exc:
         if report_r is not None:
             os.close(report_r)  # report_w is closed below
-        raise classify_os_error(exc, "could not start pip")
+        raise classify_os_error(exc, "could not start %s" % label)
     finally:
         if report_w is not None:
             os.close(report_w)
@@ -581,7 +587,7 @@ def run_pip(
     report_chunks: List[bytes] = []
     threads = [
         threading.Thread(target=_feed, args=(proc.stdin, stdin_text), daemon=True),
-        threading.Thread(target=_relay, args=(proc.stdout, lines, redactor), daemon=True),
+        threading.Thread(target=_relay, args=(proc.stdout, lines, redactor, label), daemon=True),
     ]
     if report_r is not None:
         threads.append(threading.Thread(target=_collect, args=(report_r, report_chunks), daemon=True))
@@ -600,7 +606,7 @@ def run_pip(
         # A grandchild that left the process group could hold the pipes open; never wait on it.
         thread.join(timeout=5)
     if timed_out:
-        raise InstallError("timeout", "pip did not finish within the attempt's time limit; its process group was killed")
+        raise InstallError("timeout", "%s did not finish within the attempt's time limit; its process group was killed" % label)
     return PipResult(proc.returncode, lines, b"".join(report_chunks).decode("utf-8", "replace"),
                      time.monotonic() - started)
 
@@ -629,12 +635,12 @@ def _feed(pipe, text: str) -> None:
             pass
 
 
-def _relay(pipe, lines: List[str], redactor: Redactor) -> None:
+def _relay(pipe, lines: List[str], redactor: Redactor, label: str = "pip") -> None:
     for raw in iter(pipe.readline, b""):
         line = redactor(raw.decode("utf-8", "replace").rstrip())
         lines.append(line)
         if line.strip():
-            print("  pip: " + line, flush=True)
+            print("  %s: %s" % (label, line), flush=True)
     pipe.close()
 
 
@@ -649,7 +655,7 @@ def _collect(fd: int, chunks: List[bytes]) -> None:
 CATEGORY_PATTERNS = [
     ("integrity", re.compile(
         r"THESE PACKAGES DO NOT MATCH THE HASHES|Hashes are required in --require-hashes mode"
-        r"|HashMismatch|Can't verify hashes for these")),
+        r"|HashMismatch|Can't verify hashes for these|Hash mismatch for|hashes are required")),
     ("disk_full", re.compile(r"No space left on device|\[Errno 28\]|Disk quota exceeded|\[Errno 122\]")),
     ("authentication", re.compile(
         r"\b401 Client Error|\b403 Client Error|HTTP error 40[13]\b|401 Error, Credentials not correct"
@@ -664,7 +670,8 @@ CATEGORY_PATTERNS = [
     ("package_not_found", re.compile(
         r"No matching distribution found for|Could not find a version that satisfies the requirement"
         r"|\b404 Client Error|HTTP error 404\b|ResolutionImpossible|Cannot install .* because these package versions have conflicting dependencies"
-        r"|did not match any file\(s\) known to git|Repository not found")),
+        r"|did not match any file\(s\) known to git|Repository not found"
+        r"|No solution found when resolving|was not found in the package registry|there is no version of")),
 ]
 
 
@@ -682,6 +689,9 @@ def failure_summary(lines: List[str]) -> str:
     for line in lines:
         if line.startswith("ERROR:"):
             return one_line(line[len("ERROR:"):], 300)
+    for number, line in enumerate(lines):
+        if line.startswith("error:") or line.lstrip().startswith("\u00d7"):  # uv
+            return one_line(" ".join(l.strip() for l in lines[number:number + 4]), 300)
     for line in reversed(lines):
         if line.strip():
             return one_line(line, 300)
@@ -752,9 +762,9 @@ def classify_os_error(exc: OSError, what: str) -> InstallError:
     return InstallError("unknown", "%s: %s" % (what, exc))
 
 
-def pip_failure(result: PipResult, step: str) -> InstallError:
+def pip_failure(result: PipResult, step: str, tool: str = "pip") -> InstallError:
     category = classify(result.lines)
-    return InstallError(category, "pip %s exited with %d: %s" % (step, result.returncode, failure_summary(result.lines)))
+    return InstallError(category, "%s %s exited with %d: %s" % (tool, step, result.returncode, failure_summary(result.lines)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -1097,6 +1107,9 @@ class Context:
         self.cache_group: Optional[int] = None
         # Why the cache was not used this time, when it was not: (cause, detail).
         self.degraded: Optional[Tuple[str, str]] = None
+        # The uv program the installs from a lock use (None: pip), once decided.
+        self.uv: Optional[str] = None
+        self.uv_decided = False
 
 
 def degrade(ctx: Context, cause: str, detail: str) -> None:
@@ -1369,8 +1382,9 @@ def write_lease(ctx: Context, build_rel: str) -> None:
     # still read as the newer one, or the replaced pod's build would never expire.
     write_shared_file(path, json.dumps({"build": build_rel, "time": round(time.time(), 3), "pod": pod_name(ctx.environ),
                                         "uid": ctx.environ.get("KASPR_PACKAGES_POD_UID") or ""}), ctx.cache_group)
-    # Last-use time of the build, for the pruning grace period (its mtime).
-    used = os.path.join(ctx.cfg.cache_dir, ctx.cfg.install_key, "%s.used" % ctx.tag)
+    # Last-use time of the build, for the pruning grace period (its mtime), beside the build:
+    # ``<key>/<tag>.used`` or, for a package set, ``sets/<set>/<tag>.used``.
+    used = os.path.join(ctx.cfg.cache_dir, os.path.dirname(build_rel), "%s.used" % ctx.tag)
     write_shared_file(used, "", ctx.cache_group)
 
 
@@ -2021,8 +2035,16 @@ def load_set_mode(data: dict) -> Tuple[Optional[Config], Optional[Config]]:
         lock_out = obj.get("lockFile")
         if lock_out is not None and not os.path.isabs(_typed(lock_out, str, "build.lockFile")):
             raise _fail_config("build.lockFile", "%s is not an absolute path" % _show(lock_out))
+        keep = obj.get("keep")
+        if keep is not None:
+            keep = _typed(keep, list, "build.keep")
+            if len(keep) > 100:
+                raise _fail_config("build.keep", "lists %d sets, more than 100" % len(keep))
+            for i, kept in enumerate(keep):
+                if not isinstance(kept, str) or not SET_ID_RE.match(kept):
+                    raise _fail_config("build.keep[%d]" % i, "%s is not 16 lowercase hex characters" % _show(kept))
         image = load_image_target(obj["image"]) if obj.get("image") is not None else None
-        build = Config(set=set_id, lock_file=lock_out, image=image)
+        build = Config(set=set_id, lock_file=lock_out, image=image, keep=keep)
     if "restore" in data:
         if build is not None:
             raise _fail_config("restore", "cannot be combined with build")
@@ -2312,6 +2334,149 @@ def set_pip_args(command: str, ctx: "Context") -> List[str]:
             "--cache-dir", os.path.join(ctx.work_dir, "pip-cache")]
 
 
+# uv, for the installs from a lock (``installTool``: pip, uv or auto). Resolution stays with
+# pip: its report, resolved against the image's own distributions, is what keeps the image's
+# distributions out of a set and logs each override; uv has no such report.
+
+UV_REQUIREMENT = "uv>=0.5"
+UV_MIN_VERSION = (0, 5)
+# The image's UV_* variables are dropped (they could move or reshape the install) except these.
+UV_ENV_KEPT = ("UV_NATIVE_TLS", "UV_HTTP_TIMEOUT", "UV_HTTP_RETRIES", "UV_CONCURRENT_DOWNLOADS",
+               "UV_CONCURRENT_INSTALLS")
+UV_PROGRAM_RE = re.compile(r"^uv-[^/]+\.data/scripts/uv$")
+
+
+def uv_version(path: str) -> Optional[Tuple[int, ...]]:
+    try:
+        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30,
+                             env={"PATH": os.environ.get("PATH", ""), "UV_NO_CONFIG": "1"})
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.match(r"^uv (\d+)\.(\d+)(?:\.(\d+))?", out.stdout.strip())
+    if out.returncode != 0 or not match:
+        return None
+    return tuple(int(part or 0) for part in match.groups())
+
+
+def image_uv() -> Optional[Tuple[str, Tuple[int, ...]]]:
+    """uv as the image has it: beside its python (a venv's or the image's scripts directory),
+    else on PATH."""
+    candidates = [os.path.join(sysconfig.get_path("scripts") or "", "uv"), shutil.which("uv") or ""]
+    for path in candidates:
+        if path and os.path.isfile(path) and os.access(path, os.X_OK):
+            version = uv_version(path)
+            if version is not None and version >= UV_MIN_VERSION:
+                return path, version
+    return None
+
+
+def uv_from_index(ctx: "Context", deadline: float) -> Tuple[str, Tuple[int, ...]]:
+    """The uv program out of the newest uv wheel the configured indexes serve for this image
+    (fetched by the image's pip with the run's credentials, like any package)."""
+    dest = os.path.join(ctx.work_dir, "uv")
+    reset_dir(dest)
+    result = run_pip(set_pip_args("download", ctx) + [
+        "--no-deps", "--only-binary", ":all:", "--dest", dest, "-r", "/dev/stdin"],
+        UV_REQUIREMENT + "\n", set_pip_env(ctx), deadline, ctx.redactor)
+    if result.returncode != 0:
+        raise pip_failure(result, "download of %s" % UV_REQUIREMENT)
+    wheels = sorted(e for e in os.listdir(dest) if e.endswith(".whl"))
+    if not wheels:
+        raise InstallError("package_not_found", "the index served no wheel for %s" % UV_REQUIREMENT)
+    program = os.path.join(dest, "bin", "uv")
+    os.makedirs(os.path.dirname(program))
+    try:
+        with zipfile.ZipFile(os.path.join(dest, wheels[0])) as wheel:
+            member = next((n for n in wheel.namelist() if UV_PROGRAM_RE.match(n)), None)
+            if member is None:
+                raise InstallError("package_not_found", "%s holds no uv program" % wheels[0])
+            with wheel.open(member) as source, open(program, "wb") as out:
+                shutil.copyfileobj(source, out)
+            record = next((n for n in wheel.namelist() if n.endswith(".dist-info/RECORD")), None)
+            recorded = [line.split(",") for line in
+                        (wheel.read(record).decode("utf-8", "replace").splitlines() if record else [])]
+    except zipfile.BadZipFile as exc:
+        raise InstallError("integrity", "%s is not a readable wheel: %s" % (wheels[0], exc))
+    # The wheel's RECORD names the program's sha256: check what was extracted against it.
+    wanted = next((fields[1] for fields in recorded if len(fields) >= 2 and fields[0] == member), "")
+    hasher = hashlib.sha256()
+    with open(program, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            hasher.update(chunk)
+    digest = base64.urlsafe_b64encode(hasher.digest()).rstrip(b"=").decode()
+    if wanted != "sha256=" + digest:
+        raise InstallError("integrity", "the uv program of %s does not match the wheel's RECORD" % wheels[0])
+    os.chmod(program, 0o700)
+    version = uv_version(program)
+    if version is None:
+        raise InstallError("unknown", "the uv program of %s does not run on this image" % wheels[0],
+                           retryable=False)
+    return program, version
+
+
+def lock_installer(ctx: "Context", deadline: float) -> Optional[str]:
+    """The uv program the installs from a lock use, or None for pip; decided once per run.
+    ``auto`` falls back to pip when uv cannot be had; ``uv`` fails, saying why."""
+    if ctx.uv_decided:
+        return ctx.uv
+    wanted = ctx.cfg.install_tool
+    if wanted != "pip":
+        found, source = image_uv(), "the image"
+        if found is None:
+            try:
+                found, source = uv_from_index(ctx, deadline), "the index"
+            except InstallError as exc:
+                if wanted == "uv":
+                    raise InstallError(exc.category, "installTool is uv, but the image has no uv >= %s and "
+                                       "the index serves none: %s" % (".".join(map(str, UV_MIN_VERSION)), exc.message),
+                                       retryable=exc.retryable)
+                log("uv is not in the image and could not be had from the index (%s: %s); installing with pip"
+                    % (exc.category, one_line(ctx.redactor(exc.message), 200)))
+        if found is not None:
+            ctx.uv = found[0]
+            log("installing with uv %s from %s" % (".".join(map(str, found[1])), source))
+    ctx.uv_decided = True
+    return ctx.uv
+
+
+def uv_env(ctx: "Context") -> Dict[str, str]:
+    """pip's environment (netrc for the credentials, TMPDIR, the image's PIP_* settings)
+    carried over to uv's names, with uv's own configuration files and downloads off."""
+    env = {k: v for k, v in set_pip_env(ctx).items() if not k.startswith("UV_") or k in UV_ENV_KEPT}
+    for pip_name, uv_name in (("PIP_INDEX_URL", "UV_DEFAULT_INDEX"), ("PIP_EXTRA_INDEX_URL", "UV_INDEX"),
+                              ("PIP_TRUSTED_HOST", "UV_INSECURE_HOST"), ("PIP_CERT", "SSL_CERT_FILE")):
+        if env.get(pip_name) and uv_name not in env:
+            env[uv_name] = env[pip_name]
+    env.update({
+        "UV_NO_CONFIG": "1", "UV_PYTHON_DOWNLOADS": "never", "UV_NO_PROGRESS": "1", "NO_COLOR": "1",
+        # pip looks for the best match across all indexes; uv would stop at the first index
+        # that knows the project. The hashes decide either way.
+        "UV_INDEX_STRATEGY": "unsafe-best-match",
+        "UV_LINK_MODE": "copy", "UV_CACHE_DIR": os.path.join(ctx.work_dir, "uv-cache"),
+    })
+    return env
+
+
+def install_locked(ctx: "Context", dest: str, pinned: str, deadline: float, wheels: Optional[str] = None) -> None:
+    """Install exactly the pinned, hashed lines into ``dest`` without resolving: with uv when
+    the configuration asks for it and uv can be had, else with pip. ``wheels``: a local
+    directory that holds every file (no index)."""
+    local = ["--no-index", "--find-links", wheels] if wheels else []
+    uv = lock_installer(ctx, deadline)
+    if uv is not None:
+        result = run_pip(["pip", "install", "--python", sys.executable, "--target", dest, "--no-deps",
+                          "--require-hashes"] + local + ["-r", "/dev/stdin"],
+                         pinned, uv_env(ctx), deadline, ctx.redactor, program=[uv])
+    else:
+        result = run_pip(set_pip_args("install", ctx) + local + [
+            "--require-hashes", "--no-deps", "--no-warn-script-location", "--target", dest,
+            "-r", "/dev/stdin"], pinned, set_pip_env(ctx), deadline, ctx.redactor)
+    tool = "pip" if uv is None else "uv"
+    if result.returncode != 0:
+        raise pip_failure(result, "install from the lock", tool)
+    log("%s install from the lock took %.2fs" % (tool, result.seconds))
+
+
 def build_attempt(ctx: "Context", dest: str, deadline: float) -> Plan:
     """Resolve, lock and install one set: every distribution is downloaded once into a wheel
     directory, resolved against the image from there, locked, and installed from the lock
@@ -2370,13 +2535,7 @@ def build_attempt(ctx: "Context", dest: str, deadline: float) -> Plan:
     log("locked %d distributions: %s" % (len(dists), ", ".join("%s %s" % (d.name, d.version) for d in dists)))
     if dists:
         pinned = "".join("%s==%s --hash=sha256:%s\n" % (d.name, d.version, d.sha256) for d in dists)
-        result = run_pip(set_pip_args("install", ctx) + [
-            "--no-index", "--find-links", wheels, "--require-hashes", "--no-deps",
-            "--no-warn-script-location", "--target", dest, "-r", "/dev/stdin"],
-            pinned, env, deadline, ctx.redactor)
-        if result.returncode != 0:
-            raise pip_failure(result, "install from the lock")
-        log("pip install from the lock took %.2fs" % result.seconds)
+        install_locked(ctx, dest, pinned, deadline, wheels)
     plan.lock = lock
     return plan
 
@@ -2402,12 +2561,7 @@ def restore_attempt(ctx: "Context", dest: str, deadline: float, lock: str) -> Pl
     if lines:
         log("installing the locked set (%d distributions, hash-checked, no resolution): %s"
             % (len(lines), ", ".join(names)))
-        result = run_pip(set_pip_args("install", ctx) + [
-            "--require-hashes", "--no-deps", "--no-warn-script-location", "--target", dest,
-            "-r", "/dev/stdin"], "".join(l + "\n" for l in lines), set_pip_env(ctx), deadline, ctx.redactor)
-        if result.returncode != 0:
-            raise pip_failure(result, "install from the lock")
-        log("pip install from the lock took %.2fs" % result.seconds)
+        install_locked(ctx, dest, "".join(l + "\n" for l in lines), deadline)
     return Plan(lines, names, [])
 
 
@@ -2475,6 +2629,8 @@ def run_build(ctx: "Context") -> Plan:
     tmp = final
     if ctx.cfg.mode == "pvc":
         publish_pvc_set(ctx, set_id, tmp)
+        if ctx.cfg.build.keep is not None:
+            prune_sets(ctx, set([set_id] + ctx.cfg.build.keep))
     elif ctx.cfg.mode == "gcs":
         gcs = Gcs(ctx)
         gcs.object = gcs_set_object(ctx, set_id)
@@ -2526,6 +2682,54 @@ def publish_pvc_set(ctx: "Context", set_id: str, built: str) -> None:
         lock.release()
 
 
+def prune_sets(ctx: "Context", keep: set) -> None:
+    """Remove the sets published on the PVC that the app's lock ConfigMap no longer lists
+    (``keep``: the controller's list when it created this Job, plus this build's set). A set
+    stays while a live lease names one of its builds (a running pod uses it), or while anything
+    in it changed within the prune grace period: a set published after the list was made (a
+    newer build that finished first), one being published, or one a pod restored recently.
+    Failures only log: pruning never fails a build."""
+    grace = env_seconds(ctx.environ, "KASPR_PACKAGES_PRUNE_GRACE_SECONDS", 24 * 3600.0)
+    cache = ctx.cfg.cache_dir
+    sets_dir = os.path.join(cache, "sets")
+    lock = FileLock(os.path.join(cache, ".prune.lock"), group=ctx.cache_group)
+    doomed = []
+    try:
+        # Pods hold this lock shared for milliseconds while they check and lease a build.
+        if not lock.acquire(60.0):
+            log("warning: pruning old sets skipped: the cache's prune lock stayed busy for 60s")
+            return
+    except OSError as exc:
+        log("warning: pruning old sets skipped: %s" % exc)
+        return
+    try:
+        referenced = live_lease_builds(os.path.join(cache, "leases"), grace)
+        in_use = set(rel.split("/")[1] for rel in referenced
+                     if isinstance(rel, str) and rel.startswith("sets/") and rel.count("/") >= 2)
+        now = time.time()
+        for set_id in sorted(os.listdir(sets_dir)) if os.path.isdir(sets_dir) else []:
+            path = os.path.join(sets_dir, set_id)
+            if not SET_ID_RE.match(set_id) or set_id in keep or not os.path.isdir(path):
+                continue
+            if set_id in in_use:
+                log("keeping set %s: a pod's lease still uses it" % set_id)
+                continue
+            newest = max([os.lstat(path).st_mtime]
+                         + [os.lstat(os.path.join(path, entry)).st_mtime for entry in os.listdir(path)])
+            if now - newest <= grace:
+                continue
+            trash = os.path.join(cache, ".trash-set-%s-%d" % (set_id, os.getpid()))
+            os.rename(path, trash)  # under the lock: no pod can lease it any more
+            doomed.append(set_id)
+    except OSError as exc:
+        log("warning: pruning old sets failed: %s" % exc)
+    finally:
+        lock.release()
+    for set_id in doomed:
+        remove_tree(os.path.join(cache, ".trash-set-%s-%d" % (set_id, os.getpid())))
+        log("pruned set %s: no longer kept by the app and used by no pod" % set_id)
+
+
 def restored(ctx: "Context", build: str) -> Plan:
     return Plan([], (read_marker(build) or {}).get("distributions", []), [])
 
@@ -2553,8 +2757,6 @@ def run_restore(ctx: "Context") -> Plan:
     while True:
         if ctx.cfg.mode == "pvc":
             build = pvc_set_dir(ctx, set_id)
-            # The lease's last-use file lives in the install key's directory.
-            os.makedirs(os.path.join(ctx.cfg.cache_dir, ctx.cfg.install_key), exist_ok=True)
             if set_is_complete(build, ctx, set_id) and use_build(ctx, build):
                 log("set %s/%s restored from the cache" % (set_id, ctx.tag))
                 return restored(ctx, build)

@@ -12,7 +12,7 @@ use crate::app::AppRef;
 use crate::builds::render::PackageSet;
 use crate::config::RenderConfig;
 use crate::names;
-use crate::spec::{Cache, OnFailure, PythonPackages, pvc_name, short_sha256};
+use crate::spec::{Cache, InstallTool, OnFailure, PythonPackages, pvc_name, short_sha256};
 
 /// Everything one injection adds, rendered to JSON in a fixed order.
 #[derive(Debug, Clone, PartialEq)]
@@ -34,7 +34,14 @@ pub struct Injection {
 
 /// The installer's configuration (`KASPR_PACKAGES_CONFIG`): everything it needs that is not a
 /// secret.
-pub fn installer_config(spec: &PythonPackages, app: &AppRef, install_key: &str) -> Value {
+/// `tool` is written only when it is not pip, the installer's default, so templates rendered
+/// before the setting existed stay as they were.
+pub fn installer_config(
+    spec: &PythonPackages,
+    app: &AppRef,
+    install_key: &str,
+    tool: InstallTool,
+) -> Value {
     let mut config = json!({
         "version": 1,
         "mode": spec.cache.mode(),
@@ -72,6 +79,9 @@ pub fn installer_config(spec: &PythonPackages, app: &AppRef, install_key: &str) 
         OnFailure::Block => "block",
         OnFailure::Allow => "allow",
     });
+    if tool != InstallTool::Pip {
+        config["installTool"] = json!(tool.as_str());
+    }
     config["target"] = json!(names::PACKAGES_PATH);
     match &spec.cache {
         Cache::EmptyDir => {}
@@ -220,10 +230,16 @@ fn volumes_and_mounts(spec: &PythonPackages, app: &AppRef, config: &RenderConfig
 
 /// The init container's env: its configuration, the pod uid for PVC leases, the credentials'
 /// Secret references, then the app's own extra env.
-fn init_env(spec: &PythonPackages, app: &AppRef, install_key: &str) -> Vec<EnvVar> {
+fn init_env(
+    spec: &PythonPackages,
+    app: &AppRef,
+    install_key: &str,
+    config: &RenderConfig,
+) -> Vec<EnvVar> {
+    let tool = spec.install_tool.unwrap_or(config.install_tool);
     let mut env = vec![EnvVar {
         name: names::CONFIG_ENV.to_owned(),
-        value: Some(installer_config(spec, app, install_key).to_string()),
+        value: Some(installer_config(spec, app, install_key, tool).to_string()),
         ..Default::default()
     }];
     if matches!(spec.cache, Cache::Pvc(_)) {
@@ -368,7 +384,7 @@ fn render_parts(
         mut init_mounts,
         main_mounts,
     } = volumes_and_mounts(spec, app, config);
-    let mut env = init_env(spec, app, install_key);
+    let mut env = init_env(spec, app, install_key, config);
     if let Some(set) = set {
         add_restore(&mut env, &mut volumes, &mut init_mounts, app, set);
     }

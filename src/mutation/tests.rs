@@ -459,5 +459,29 @@ fn seccomp_of_the_main_container_or_pod_is_respected() {
     );
 }
 
+#[test]
+fn the_install_tool_follows_the_annotation_then_the_chart_default() {
+    let with = |annotation: Option<&str>, default: crate::spec::InstallTool| {
+        let mut app = basic_app();
+        if let Some(tool) = annotation {
+            app["metadata"]["annotations"] = json!({"packages.kaspr.io/install-tool": tool});
+        }
+        let config = RenderConfig {
+            install_tool: default,
+            ..RenderConfig::default()
+        };
+        let outcome = mutate_statefulset(&statefulset(), &app, &config).expect("ok");
+        config_of(&apply_patch(&statefulset(), &outcome.patch))
+            .get("installTool")
+            .cloned()
+    };
+    use crate::spec::InstallTool::{Auto, Pip};
+    // pip, the installer's default, is not written: templates stay as they were.
+    assert_eq!(with(None, Pip), None);
+    assert_eq!(with(None, Auto), Some(json!("auto")));
+    assert_eq!(with(Some("uv"), Auto), Some(json!("uv")));
+    assert_eq!(with(Some("pip"), Auto), None);
+}
+
 mod modes;
 mod pods;

@@ -5,7 +5,7 @@ use rstest::rstest;
 use serde_json::{Value, json};
 
 use super::*;
-use crate::spec::{Cache, GcsKeySecret, OperatorPackages};
+use crate::spec::{Cache, GcsKeySecret, InstallTool, OperatorPackages};
 
 fn app(annotations: Value, python_packages: Value) -> Value {
     let mut app = json!({
@@ -45,6 +45,24 @@ fn the_operator_packages_annotation_selects_the_mode(
 }
 
 #[rstest]
+#[case::absent(json!({}), None)]
+#[case::auto(json!({"packages.kaspr.io/install-tool": "auto"}), Some(InstallTool::Auto))]
+#[case::uv(json!({"packages.kaspr.io/install-tool": "uv"}), Some(InstallTool::Uv))]
+#[case::pip(json!({"packages.kaspr.io/install-tool": "pip"}), Some(InstallTool::Pip))]
+fn the_install_tool_annotation_selects_the_tool(
+    #[case] annotations: Value,
+    #[case] expected: Option<InstallTool>,
+) {
+    let report = validate_kasprapp(&app(annotations, json!({"packages": ["a==1"]})));
+    assert_eq!(errors(&report), Vec::<String>::new());
+    assert_eq!(report.spec.expect("spec").install_tool, expected);
+}
+
+#[rstest]
+#[case::install_tool_word(
+    "packages.kaspr.io/install-tool", json!("poetry"),
+    "metadata.annotations.packages.kaspr.io/install-tool: \"poetry\" is not one of \"auto\", \"pip\", \"uv\""
+)]
 #[case::operator_packages_word(
     "packages.kaspr.io/operator-packages", json!("Takeover"),
     "metadata.annotations.packages.kaspr.io/operator-packages: \"Takeover\" is not one of \"respect\", \"takeover\""

@@ -5,8 +5,8 @@
 use serde_json::Value;
 
 use super::{Checker, show};
-use crate::names::{GCS_AUTH_ANNOTATION, OPERATOR_PACKAGES_ANNOTATION};
-use crate::spec::OperatorPackages;
+use crate::names::{GCS_AUTH_ANNOTATION, INSTALL_TOOL_ANNOTATION, OPERATOR_PACKAGES_ANNOTATION};
+use crate::spec::{InstallTool, OperatorPackages};
 
 /// How the installer authenticates to GCS.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,6 +22,7 @@ pub(super) enum GcsAuth {
 pub(super) struct AppSettings {
     pub operator_packages: Option<OperatorPackages>,
     pub gcs_auth: Option<GcsAuth>,
+    pub install_tool: Option<InstallTool>,
 }
 
 /// The field path of annotation `key`, as the validator writes paths (the ratchet reads keys
@@ -49,7 +50,9 @@ pub(super) fn app_settings(c: &mut Checker, app: &Value) -> AppSettings {
     };
     let operator_packages = text(OPERATOR_PACKAGES_ANNOTATION);
     let gcs_auth = text(GCS_AUTH_ANNOTATION);
-    if let Some(value) = text(crate::names::MODE_ANNOTATION)
+    let mode = text(crate::names::MODE_ANNOTATION);
+    let install_tool = text(INSTALL_TOOL_ANNOTATION);
+    if let Some(value) = mode
         && !matches!(value.as_str(), "image" | "cache")
     {
         c.error(
@@ -78,8 +81,19 @@ pub(super) fn app_settings(c: &mut Checker, app: &Value) -> AppSettings {
             None
         }
     });
+    let install_tool = install_tool.and_then(|value| {
+        let parsed = InstallTool::parse(&value);
+        if parsed.is_none() {
+            c.error(
+                annotation_path(INSTALL_TOOL_ANNOTATION),
+                format!("{value:?} is not one of \"auto\", \"pip\", \"uv\""),
+            );
+        }
+        parsed
+    });
     AppSettings {
         operator_packages,
         gcs_auth,
+        install_tool,
     }
 }

@@ -347,6 +347,7 @@ fn python_packages(
         init_container,
         main_security_context: None,
         operator_packages: settings.operator_packages,
+        install_tool: settings.install_tool,
     }
 }
 /// A Kubernetes object name (DNS-1123 subdomain).

@@ -209,6 +209,14 @@ def test_the_revision_is_passed_only_when_named():
 
 
 @needs_helm
+@pytest.mark.parametrize("value", ["auto", "pip", "uv"])
+def test_the_install_tool_default_reaches_the_webhook(value):
+    args = one(objects("--set", f"installTool={value}"), "Deployment")["spec"]["template"]["spec"][
+        "containers"][0]["args"]
+    assert f"--install-tool={value}" in args, args
+
+
+@needs_helm
 def test_every_new_value_is_rendered():
     objs = objects("-f", str(EVERYTHING))
     spec = one(objs, "Deployment")["spec"]["template"]["spec"]
@@ -238,6 +246,7 @@ def test_every_new_value_is_rendered():
     (["--set", "imageMode.repository=https://registry.example/p"], "imageMode"),
     (["--set", "imageMode.pullSecret=Pull_Secret"], "imageMode"),
     (["--set", "revision=Canary/2"], "revision"),
+    (["--set", "installTool=poetry"], "installTool"),
 ])
 def test_unusable_values_are_refused_by_name(args, message):
     proc = render(*args, check=False)

@@ -6,6 +6,7 @@ new set is built, and a set that cannot be built replaces no pod.
 from __future__ import annotations
 
 import json
+import secrets
 import time
 from pathlib import Path
 
@@ -133,3 +134,49 @@ def test_one_locked_set_builds_before_rollout(
     # Each set was built by one Job, and finished Jobs are gone.
     wait_for("the build Jobs to be removed",
              lambda: not cluster.get_json("jobs", namespace=namespace)["items"], timeout=60, interval=2)
+
+
+@pytest.fixture
+def second_replica(cluster: ControlPlane, builds_webhook: Webhook, webhook_binary: Path, e2e_workdir: Path,
+                   namespace: str):
+    """Another webhook replica with builds on (its controller only: it is not registered), watching
+    the test's namespace."""
+    replica = Webhook(cluster, webhook_binary, e2e_workdir / f"webhook-builds-b-{secrets.token_hex(3)}",
+                      least_privilege=builds_webhook.least_privilege, name="webhook-builds-b",
+                      listen="127.0.0.1:8446", probe_listen="127.0.0.1:8085")
+    replica.start(extra_args=["--namespaces", namespace, "--builds=true"])
+    yield replica
+    replica.stop()
+
+
+def test_emptydir_two_webhook_replicas_build_one_set_that_both_pods_restore(
+    cluster: ControlPlane, builds_webhook: Webhook, second_replica: Webhook, namespace: str,
+    package_index: PackageIndex, app_image: str, e2e_workdir: Path,
+):
+    package = "kasprpair"
+    build_wheel(e2e_workdir / "index" / "packages", package, "1.0")
+    app = "pairapp"
+    credentials_secret(cluster, namespace, package_index)
+    kapp = cluster.create(kasprapp(app, python_packages(package_index, [package])), namespace=namespace)
+    cluster.create(app_statefulset(app, kapp["metadata"]["uid"], app_image, replicas=2, imports=False),
+                   namespace=namespace)
+
+    # Both replicas see the app at once; the Job's name is the set's, so one build starts.
+    running = cluster.wait_pods_ready(namespace, f"kaspr.io/app={app}", 2, timeout=420)
+    wait_for("the set recorded as current", lambda: lock_state(cluster, namespace, app)[0].get("current"),
+             timeout=60, interval=1)
+    state, data = lock_state(cluster, namespace, app)
+    current = state["current"]
+    assert [s["state"] for s in state["sets"]] == ["Built"], state
+    assert f'name = "{package}"' in data[f"{current}.pylock.toml"]
+    events = cluster.get_json("events.events.k8s.io", namespace=namespace)["items"]
+    started = [e for e in events if e.get("reason") == "PackageBuildStarted"]
+    assert len(started) == 1, [e.get("note") for e in started]
+    assert current in started[0].get("note", "")
+    for pod in running:
+        name = pod["metadata"]["name"]
+        assert pod["metadata"]["annotations"]["packages.kaspr.io/set"] == current
+        # emptyDir: each pod installs exactly the locked set, hash-checked, without resolving.
+        assert "hash-checked, no resolution" in logs(cluster, namespace, name, INIT_CONTAINER)
+        assert cluster.kubectl(["exec", "-n", namespace, name, "-c", "kaspr", "--", "python3", "-c",
+                                f"import {package}; print({package}.__version__)"]).stdout.strip() == "1.0"

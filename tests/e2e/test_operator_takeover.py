@@ -74,6 +74,7 @@ def test_every_setting_of_ours_survives_the_operators_crd(cluster: ControlPlane,
         "packages.kaspr.io/operator-packages": "takeover",
         "packages.kaspr.io/gcs-auth": "workload-identity",
         "packages.kaspr.io/mode": "cache",
+        "packages.kaspr.io/install-tool": "uv",
     }
     packages = {
         "packages": ["requests==2.31.0"],
@@ -120,6 +121,7 @@ def test_every_setting_of_ours_survives_the_operators_crd(cluster: ControlPlane,
     assert init["name"] == OPERATOR_INIT and init["command"][0] == "python3", init
     config = json.loads(next(e["value"] for e in init["env"] if e["name"] == "KASPR_PACKAGES_CONFIG"))
     assert config["gcs"]["bucket"] == "kaspr-cache" and "keyFile" not in config["gcs"], config
+    assert config["installTool"] == "uv", config
     assert {v["name"] for v in pod["volumes"]}.isdisjoint({"gcs-sa-key", "kaspr-packages-gcs-key"}), pod["volumes"]
     assert pod["containers"][0]["securityContext"] == RESTRICTED_CONTAINER_SECURITY
     assert init["securityContext"]["readOnlyRootFilesystem"] is True

@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional
 
@@ -258,12 +259,19 @@ class User:
         return "User(uid=%d, gid=%d, groups=%s)" % (self.uid, self.gid, self.groups)
 
 
+def dash_c_program() -> str:
+    """The program as ``python3 -c`` takes it in pods: compressed into a one-line loader, as
+    the webhook ships it (the source itself is longer than one argument may be, 128 KiB)."""
+    packed = base64.b64encode(zlib.compress(INSTALLER.read_bytes(), 9)).decode()
+    return "import base64,zlib;exec(compile(zlib.decompress(base64.b64decode('%s')),'kaspr-packages-installer','exec'))" % packed
+
+
 def start_installer(python: str, cfg, env: Dict[str, str], termination: Path,
                     use_dash_c: bool = False, user: Optional[User] = None) -> subprocess.Popen:
     env = dict(env)
     env["KASPR_PACKAGES_CONFIG"] = cfg if isinstance(cfg, str) else json.dumps(cfg)
     env["KASPR_PACKAGES_TERMINATION_LOG"] = str(termination)
-    argv = [python, "-c", INSTALLER.read_text()] if use_dash_c or user else [python, str(INSTALLER)]
+    argv = [python, "-c", dash_c_program()] if use_dash_c or user else [python, str(INSTALLER)]
     if user is not None:
         argv = user.argv() + argv
     return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

@@ -132,6 +132,45 @@ def test_pvc_pods_restore_the_built_set_with_the_index_down(image_python, pypi, 
         assert import_from_site(image_python, tmp_path / pod, "import kasprdemo; print(kasprdemo.VERSION)") == "2.0"
 
 
+def test_a_build_prunes_published_sets_no_longer_kept_unless_a_pod_uses_them(image_python, index, env, tmp_path):
+    set_c, set_d = "5e7a000000000003", "5e7a000000000004"
+    sets = tmp_path / "cache" / "sets"
+    packages = ["kasprdemo==1.0"]
+
+    def build(set_id, keep, grace):
+        cfg = build_cfg(tmp_path, "job-" + set_id, index.url, packages, set_id=set_id, mode="pvc")
+        if keep is not None:
+            cfg["build"]["keep"] = keep
+        run_env = dict(env) if grace is None else dict(env, KASPR_PACKAGES_PRUNE_GRACE_SECONDS=grace)
+        run = run_installer(image_python, cfg, run_env, tmp_path / ("b-%s.log" % set_id))
+        assert run.returncode == 0, run
+        return run
+
+    def restore(pod, set_id):
+        cfg = restore_cfg(tmp_path, pod, index.url, packages, set_id=set_id, mode="pvc")
+        run = run_installer(image_python, cfg, dict(env, HOSTNAME=pod), tmp_path / ("%s-%s.log" % (pod, set_id)))
+        assert run.returncode == 0 and run.lines("restored from the cache"), run
+
+    build(SET_A, None, None)
+    build(SET_B, None, None)  # a Job of a controller that passes no list prunes nothing
+    assert sorted(os.listdir(sets)) == [SET_A, SET_B]
+    restore("app-0", SET_B)
+    # Within the grace period nothing goes: the list may predate a set published since.
+    build(set_c, [], None)
+    assert sorted(os.listdir(sets)) == [SET_A, SET_B, set_c]
+    # Past it: A (no pod) goes; B stays, app-0's lease uses it.
+    run = build(set_c, [], "0")
+    assert sorted(os.listdir(sets)) == [SET_B, set_c], run
+    assert run.lines("pruned set %s" % SET_A) and run.lines("keeping set %s: a pod's lease" % SET_B)
+    # app-0 restarts on C: its lease moves, and B goes at the next build that does not keep it,
+    # while a listed set stays whoever uses it.
+    restore("app-0", set_c)
+    build(set_d, [set_c], "0")
+    assert sorted(os.listdir(sets)) == [set_c, set_d]
+    assert not [e for e in os.listdir(tmp_path / "cache") if e.startswith(".trash-")]
+    assert import_from_site(image_python, tmp_path / "app-0", "import kasprdemo; print(kasprdemo.VERSION)") == "1.0"
+
+
 def test_gcs_pods_restore_the_built_set_with_the_index_down(image_python, pypi, env, tmp_path):
     gcs_log = tmp_path / "fake-gcs.log"
     server = FakeGcs(gcs_log)
@@ -237,6 +276,8 @@ def test_vcs_requirements_cannot_be_built(image_python, index, env, tmp_path):
     ({"restore": {"set": SET_A}}, "restore.lockFile: is required"),
     ({"restore": {"set": SET_A, "lockFile": "rel/lock"}}, 'restore.lockFile: "rel/lock" is not an absolute path'),
     ({"build": {"set": SET_A}, "restore": {"set": SET_A, "lockFile": "/x"}}, "restore: cannot be combined with build"),
+    ({"build": {"set": SET_A, "keep": "all"}}, 'build.keep: expected a list, got "all"'),
+    ({"build": {"set": SET_A, "keep": [SET_B, "old"]}}, 'build.keep[1]: "old" is not 16 lowercase hex'),
 ])
 def test_bad_set_config_names_field_and_value(image_python, env, tmp_path, bad, message):
     cfg = config(tmp_path / "pod", None, ["kasprdemo"], **bad)
