@@ -142,37 +142,13 @@ fn render_into(
     let Some(pod_spec) = template.get_mut("spec").and_then(Value::as_object_mut) else {
         return Ok(warnings);
     };
-
-    let mode = spec
-        .and_then(|s| s.operator_packages)
-        .unwrap_or(config.operator_packages);
-    let operator_installs = takeover::operator_installs(pod_spec);
-    let taken_over = record
-        .init_containers
-        .iter()
-        .any(|n| n == names::OPERATOR_INIT_CONTAINER);
-    if spec.is_some() && operator_installs && mode == OperatorPackages::Respect {
-        warnings.push(format!(
-            "{field_prefix}.initContainers: the pod already has an init container named \
-             {:?} (the Kaspr operator's own package installer); kaspr-packages-webhook did not \
-             inject (annotation {} or the chart's operatorPackages selects takeover)",
-            names::OPERATOR_INIT_CONTAINER,
-            names::OPERATOR_PACKAGES_ANNOTATION,
-        ));
-        return Ok(warnings);
-    }
-    // Under takeover the install container keeps the operator's name and PACKAGES_HASH; when the
-    // app went back to respect, a hash the operator never renders makes it put its own back.
-    let disguise = (operator_installs || taken_over).then(|| render::Disguise {
-        packages_hash: match mode {
-            OperatorPackages::Takeover => {
-                takeover::packages_hash(pod_spec, main_container_index(pod_spec))
-            }
-            OperatorPackages::Respect => {
-                Some(json!({"name": names::OPERATOR_HASH_ENV, "value": takeover::RELEASED_HASH}))
-            }
-        },
-    });
+    let disguise = match operator_stance(pod_spec, &record, spec, config, field_prefix) {
+        Stance::LeaveAlone(warning) => {
+            warnings.push(warning);
+            return Ok(warnings);
+        }
+        Stance::Inject(disguise) => disguise,
+    };
 
     record::strip(pod_spec, &record);
     let Some(spec) = spec else {
@@ -192,30 +168,21 @@ fn render_into(
     }
     check_collisions(pod_spec, field_prefix)?;
     check_extra_mounts(pod_spec, spec, field_prefix)?;
-
-    let containers = list(pod_spec, "containers");
-    let main = containers[main_index]
-        .as_object()
-        .cloned()
-        .unwrap_or_default();
-    let main_name = main
-        .get("name")
-        .and_then(Value::as_str)
-        .unwrap_or_default()
-        .to_owned();
-    if main
-        .get("image")
-        .and_then(Value::as_str)
-        .is_none_or(str::is_empty)
-    {
-        return Err(Denial::new(format!(
-            "{field_prefix}.containers[{main_index}].image: the main container has no image to run the installer with"
-        )));
-    }
+    let main = main_container(pod_spec, main_index, field_prefix)?;
     let main_image = main
         .get("image")
         .and_then(Value::as_str)
         .unwrap_or_default();
+    let target = image::MainContainer {
+        index: main_index,
+        name: main
+            .get("name")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned(),
+        security_context_set: main_context_set,
+        path: format!("{field_prefix}.containers[{main_index}]"),
+    };
     match image::decide(
         set,
         main_image,
@@ -224,14 +191,8 @@ fn render_into(
         field_prefix,
     ) {
         image::Decision::Mount(published) => {
-            let main = image::MainContainer {
-                index: main_index,
-                name: main_name,
-                security_context_set: main_context_set,
-                path: format!("{field_prefix}.containers[{main_index}]"),
-            };
             warnings.extend(image::apply_mount(
-                template, &published, spec, set, config, main,
+                template, &published, spec, set, config, target,
             ));
             return Ok(warnings);
         }
@@ -246,16 +207,94 @@ fn render_into(
         pod_spec,
         field_prefix,
     ));
+    warnings.extend(inject(template, &injection, target));
+    Ok(warnings)
+}
 
+/// Whether to inject next to what the Kaspr operator put into the pod.
+enum Stance {
+    /// The operator installs the packages itself and the app respects it: this warning only.
+    LeaveAlone(String),
+    /// Inject, disguised as the operator's installer when it installed or we took over.
+    Inject(Option<render::Disguise>),
+}
+
+fn operator_stance(
+    pod_spec: &Map<String, Value>,
+    record: &Record,
+    spec: Option<&PythonPackages>,
+    config: &RenderConfig,
+    field_prefix: &str,
+) -> Stance {
+    let mode = spec
+        .and_then(|s| s.operator_packages)
+        .unwrap_or(config.operator_packages);
+    let operator_installs = takeover::operator_installs(pod_spec);
+    let taken_over = record
+        .init_containers
+        .iter()
+        .any(|n| n == names::OPERATOR_INIT_CONTAINER);
+    if spec.is_some() && operator_installs && mode == OperatorPackages::Respect {
+        return Stance::LeaveAlone(format!(
+            "{field_prefix}.initContainers: the pod already has an init container named \
+             {:?} (the Kaspr operator's own package installer); kaspr-packages-webhook did not \
+             inject (annotation {} or the chart's operatorPackages selects takeover)",
+            names::OPERATOR_INIT_CONTAINER,
+            names::OPERATOR_PACKAGES_ANNOTATION,
+        ));
+    }
+    // Under takeover the install container keeps the operator's name and PACKAGES_HASH; when the
+    // app went back to respect, a hash the operator never renders makes it put its own back.
+    Stance::Inject((operator_installs || taken_over).then(|| render::Disguise {
+        packages_hash: match mode {
+            OperatorPackages::Takeover => {
+                takeover::packages_hash(pod_spec, main_container_index(pod_spec))
+            }
+            OperatorPackages::Respect => {
+                Some(json!({"name": names::OPERATOR_HASH_ENV, "value": takeover::RELEASED_HASH}))
+            }
+        },
+    }))
+}
+
+/// The main container, which must name an image: the installer runs with it.
+fn main_container(
+    pod_spec: &Map<String, Value>,
+    main_index: usize,
+    field_prefix: &str,
+) -> Result<Map<String, Value>, Denial> {
+    let main = list(pod_spec, "containers")[main_index]
+        .as_object()
+        .cloned()
+        .unwrap_or_default();
+    if main
+        .get("image")
+        .and_then(Value::as_str)
+        .is_none_or(str::is_empty)
+    {
+        return Err(Denial::new(format!(
+            "{field_prefix}.containers[{main_index}].image: the main container has no image to run the installer with"
+        )));
+    }
+    Ok(main)
+}
+
+/// Puts a rendered injection into the template (init container, volumes, the main
+/// container's mounts and PYTHONPATH) and records it in the annotations. Returns warnings.
+fn inject(
+    template: &mut Map<String, Value>,
+    injection: &Injection,
+    main: image::MainContainer,
+) -> Vec<String> {
+    let Some(pod_spec) = template.get_mut("spec").and_then(Value::as_object_mut) else {
+        return Vec::new();
+    };
     push(pod_spec, "initContainers", injection.init_container.clone());
     for volume in &injection.volumes {
         push(pod_spec, "volumes", volume.clone());
     }
-    let path = format!("{field_prefix}.containers[{main_index}]");
     let (mount_names, pythonpath_warning) =
-        inject_main_container(pod_spec, main_index, &injection, &path);
-    warnings.extend(pythonpath_warning);
-
+        inject_main_container(pod_spec, main.index, injection, &main.path);
     let init_name = injection
         .init_container
         .get("name")
@@ -269,14 +308,14 @@ fn render_into(
             .iter()
             .filter_map(|v| v.get("name").and_then(Value::as_str).map(str::to_owned))
             .collect(),
-        container: main_name,
+        container: main.name,
         volume_mounts: mount_names,
         env: vec![names::PYTHONPATH.to_owned()],
-        security_context: main_context_set,
+        security_context: main.security_context_set,
         image_pull_secrets: Vec::new(),
     };
-    write_annotations(template, &injection, &record);
-    Ok(warnings)
+    write_annotations(template, injection, &record);
+    pythonpath_warning.into_iter().collect()
 }
 
 /// Under takeover, gives the main container the securityContext the KasprApp declares for it
