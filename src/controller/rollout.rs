@@ -194,16 +194,7 @@ mod tests {
 
     /// The template as the webhook stores it for `spec`.
     fn injected(spec: &PythonPackages) -> Value {
-        let mut template = operator_template();
-        mutation::apply(
-            &mut template,
-            Some(spec),
-            &app(),
-            "spec.template.spec",
-            &RenderConfig::default(),
-        )
-        .expect("inject");
-        template
+        injected_by(spec, &RenderConfig::default())
     }
 
     fn state(template: &Value, spec: Option<&PythonPackages>) -> SyncState {
@@ -327,6 +318,7 @@ mod tests {
         }
     }
 
+    /// The template as a webhook with `config` stores it for `spec`.
     fn injected_by(spec: &PythonPackages, config: &RenderConfig) -> Value {
         let mut template = operator_template();
         mutation::apply(
