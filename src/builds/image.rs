@@ -203,14 +203,6 @@ pub fn add_publish(job: &mut Value, config: &crate::config::ImageModeConfig) {
     else {
         return;
     };
-    // Pods carry the installer without its publishing code; this Job needs all of it.
-    if let Some(program) = container
-        .get_mut("command")
-        .and_then(|c| c.get_mut(2))
-        .filter(|p| p.is_string())
-    {
-        *program = json!(crate::installer::build_bootstrap());
-    }
     if config.push_secret.is_some() {
         let mount = json!({"name": PUSH_VOLUME, "mountPath": PUSH_DIR, "readOnly": true});
         match container
@@ -341,10 +333,6 @@ mod tests {
         assert!(
             !job.to_string().contains("\"pull\""),
             "the pull secret is the pods' business"
-        );
-        assert_eq!(
-            pod["containers"][0]["command"][2],
-            crate::installer::build_bootstrap()
         );
         let app = |mode: &str| json!({"metadata": {"annotations": {MODE_ANNOTATION: mode}}});
         assert!(publishes(&app("image"), &config));

@@ -171,7 +171,20 @@ fn build_pod_spec(pod: &Map<String, Value>, container: Value) -> Map<String, Val
 }
 
 /// The injected init container, renamed, its installer configuration switched to build mode.
+/// Pods carry the installer without its build-only lines (pruning caches, publishing images);
+/// a build Job's container runs all of it.
+pub(crate) fn run_whole_program(container: &mut Value) {
+    if let Some(program) = container
+        .get_mut("command")
+        .and_then(|c| c.get_mut(2))
+        .filter(|p| p.is_string())
+    {
+        *program = json!(crate::installer::build_bootstrap());
+    }
+}
+
 fn build_container(mut init: Value, set: &str, keep: &[String]) -> Value {
+    run_whole_program(&mut init);
     if let Some(obj) = init.as_object_mut() {
         obj.insert("name".into(), json!(BUILD_CONTAINER));
         obj.insert(
@@ -340,6 +353,32 @@ mod tests {
         assert_eq!(
             job["spec"]["template"]["metadata"]["labels"]["packages.kaspr.io/set"],
             "0123456789abcdef"
+        );
+    }
+
+    #[test]
+    fn every_build_runs_the_whole_installer_and_pods_carry_less() {
+        for cache in [
+            json!({"enabled": false}),
+            json!({"enabled": true, "type": "pvc"}),
+            json!({"enabled": true, "type": "gcs", "gcs": {"bucket": "kaspr-sets", "secretRef": {"name": "k"}}}),
+        ] {
+            let spec = spec(&json!({"packages": ["a"], "cache": cache}));
+            let job = build_job(
+                &template(),
+                &spec,
+                &owner(),
+                "0123456789abcdef",
+                &[],
+                &RenderConfig::default(),
+            )
+            .expect("job");
+            let command = &job["spec"]["template"]["spec"]["containers"][0]["command"];
+            assert_eq!(command[2], crate::installer::build_bootstrap(), "{cache}");
+        }
+        assert_ne!(
+            crate::installer::build_bootstrap(),
+            crate::installer::bootstrap()
         );
     }
 

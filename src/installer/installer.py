@@ -2646,6 +2646,8 @@ def run_build(ctx: "Context") -> Plan:
                                % (gcs.bucket, gcs.object, ctx.redactor(str(exc))), retryable=False)
         log("uploaded gs://%s/%s (%d bytes)" % (gcs.bucket, gcs.object, size) if uploaded
             else "gs://%s/%s already exists; keeping it" % (gcs.bucket, gcs.object))
+        if ctx.cfg.build.keep is not None:
+            prune_gcs_sets(ctx, gcs, set([set_id] + ctx.cfg.build.keep))
     if ctx.cfg.build.image is not None:
         plan.image = publish_image(ctx, set_id, tmp)
     if ctx.cfg.build.lock_file:
@@ -2798,7 +2800,98 @@ def run_restore(ctx: "Context") -> Plan:
 # Entry point
 # --------------------------------------------------------------------------------------------
 
-# kaspr-packages: build-only begin (pods get these lines blank; only build Jobs publish images)
+# kaspr-packages: build-only begin (pods get these lines blank; only build Jobs prune and publish)
+
+# --------------------------------------------------------------------------------------------
+# Build Jobs: pruning the bucket's set archives no lock keeps
+# --------------------------------------------------------------------------------------------
+
+def gcs_list_objects(gcs: "Gcs", prefix: str, max_pages: int = 20) -> List[dict]:
+    """Name, generation and update time of the objects under ``prefix`` (a bounded number
+    of pages of 1000)."""
+    items: List[dict] = []
+    token = None
+    for _ in range(max_pages):
+        query = {"prefix": prefix, "maxResults": "1000",
+                 "fields": "items(name,generation,updated),nextPageToken"}
+        if token:
+            query["pageToken"] = token
+        url = "%s/storage/v1/b/%s/o?%s" % (gcs.endpoint, urllib.parse.quote(gcs.bucket, safe=""),
+                                           urllib.parse.urlencode(query))
+        _, data = http_call("GET", url, gcs.timeout, gcs.headers(),
+                            deadline=time.monotonic() + gcs.call_limit)
+        try:
+            page = json.loads(data.decode("utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            raise GcsError("the object listing is not JSON")
+        items.extend(item for item in page.get("items") or [] if isinstance(item, dict))
+        token = page.get("nextPageToken")
+        if not token:
+            break
+    return items
+
+
+def gcs_delete(gcs: "Gcs", name: str, generation: str) -> bool:
+    """Delete exactly this generation of an object; False when it is gone or was replaced."""
+    url = "%s/storage/v1/b/%s/o/%s?ifGenerationMatch=%s" % (
+        gcs.endpoint, urllib.parse.quote(gcs.bucket, safe=""), urllib.parse.quote(name, safe=""),
+        urllib.parse.quote(str(generation), safe=""))
+    try:
+        http_call("DELETE", url, gcs.timeout, gcs.headers(), deadline=time.monotonic() + gcs.call_limit)
+    except GcsError as exc:
+        if exc.status in (404, 412):
+            return False
+        raise
+    return True
+
+
+RFC3339_RE = re.compile(r"^(\d{4})-(\d\d)-(\d\d)T(\d\d):(\d\d):(\d\d)(?:\.\d+)?(Z|[+-]\d\d:\d\d)$")
+
+
+def rfc3339_seconds(text) -> Optional[float]:
+    """Seconds since the epoch of a timestamp such as GCS's ``updated``; None if it is not one."""
+    match = RFC3339_RE.match(text) if isinstance(text, str) else None
+    if not match:
+        return None
+    import calendar
+
+    fields = [int(part) for part in match.groups()[:6]]
+    try:
+        seconds = calendar.timegm((fields[0], fields[1], fields[2], fields[3], fields[4], fields[5], 0, 0, 0))
+    except (ValueError, OverflowError):
+        return None
+    zone = match.group(7)
+    if zone != "Z":
+        offset = int(zone[1:3]) * 3600 + int(zone[4:6]) * 60
+        seconds -= offset if zone[0] == "+" else -offset
+    return float(seconds)
+
+
+def prune_gcs_sets(ctx: "Context", gcs: "Gcs", keep: set) -> None:
+    """Delete the app's set archives in the bucket that the lock ConfigMap no longer lists
+    (``keep``, as for the PVC). The bucket has no leases: an archive stays while it is younger
+    than the prune grace period (it may belong to a set published after the list was made),
+    and a pod whose set was deleted installs exactly its locked set from the index instead.
+    Each deletion names the generation it saw, so a re-upload is never deleted. Failures only
+    log: pruning never fails a build."""
+    grace = env_seconds(ctx.environ, "KASPR_PACKAGES_PRUNE_GRACE_SECONDS", 24 * 3600.0)
+    prefix = "%s%s/%s/sets/" % (ctx.cfg.gcs.prefix, ctx.cfg.namespace, ctx.cfg.app)
+    now = time.time()
+    try:
+        for item in gcs_list_objects(gcs, prefix):
+            name, generation = item.get("name"), item.get("generation")
+            parts = name[len(prefix):].split("/") if isinstance(name, str) and name.startswith(prefix) else []
+            if len(parts) != 2 or not SET_ID_RE.match(parts[0]) or parts[0] in keep or not generation:
+                continue
+            updated = rfc3339_seconds(item.get("updated"))
+            if updated is None or now - updated <= grace:
+                continue
+            if gcs_delete(gcs, name, generation):
+                log("pruned gs://%s/%s: set %s is no longer kept by the app" % (gcs.bucket, name, parts[0]))
+    except GcsError as exc:
+        log("warning: pruning old sets in gs://%s/%s skipped: %s" % (gcs.bucket, prefix, ctx.redactor(str(exc))))
+
+
 # --------------------------------------------------------------------------------------------
 # Image mode: a built set published as an OCI image, one layer per distribution
 # --------------------------------------------------------------------------------------------

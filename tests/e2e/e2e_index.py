@@ -64,7 +64,8 @@ class PackageIndex:
     process: Process
 
 
-def start_index(cluster: ControlPlane, venv: Path, workdir: Path) -> PackageIndex:
+def start_index(cluster: ControlPlane, venv: Path, workdir: Path, port: int = INDEX_PORT,
+                name: str = "pypiserver") -> PackageIndex:
     from passlib.apache import HtpasswdFile  # from the test virtualenv
 
     packages = workdir / "packages"
@@ -74,15 +75,15 @@ def start_index(cluster: ControlPlane, venv: Path, workdir: Path) -> PackageInde
     htpasswd = HtpasswdFile(str(workdir / "htpasswd"), new=True, default_scheme="apr_md5_crypt")
     htpasswd.set_password(INDEX_USER, INDEX_PASSWORD)
     htpasswd.save()
-    proc = cluster.spawn("pypiserver", [
+    proc = cluster.spawn(name, [
         str(venv / "bin" / "pypi-server"), "run",
-        "--host", NODE_IP, "--port", str(INDEX_PORT),
+        "--host", NODE_IP, "--port", str(port),
         "--passwords", str(workdir / "htpasswd"),
         "--authenticate", "download,list,update",
         "--disable-fallback",
         str(packages),
     ])
-    host = f"{NODE_IP}:{INDEX_PORT}"
+    host = f"{NODE_IP}:{port}"
     url = f"http://{host}/simple/"
 
     def up() -> bool:

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from e2e_cluster import ControlPlane, pod_ready, wait_for
-from e2e_index import PackageIndex, build_wheel
+from e2e_gcs import GcsStandIn
+from e2e_index import INDEX_PORT, PackageIndex, build_wheel, start_index
 from e2e_webhook import Webhook
 from test_node_pods import (
     app_statefulset, cache_claim, credentials_secret, host_path_volume, logs, python_packages,
@@ -180,3 +181,60 @@ def test_emptydir_two_webhook_replicas_build_one_set_that_both_pods_restore(
         assert "hash-checked, no resolution" in logs(cluster, namespace, name, INIT_CONTAINER)
         assert cluster.kubectl(["exec", "-n", namespace, name, "-c", "kaspr", "--", "python3", "-c",
                                 f"import {package}; print({package}.__version__)"]).stdout.strip() == "1.0"
+
+
+@pytest.fixture
+def own_index(cluster: ControlPlane, test_venv: Path, e2e_workdir: Path):
+    """A package index of the test's own, which it may stop without disturbing other tests."""
+    index = start_index(cluster, test_venv, e2e_workdir / f"index-{secrets.token_hex(3)}", port=INDEX_PORT + 1,
+                        name=f"pypiserver-{secrets.token_hex(3)}")
+    yield index
+    cluster.stop_process(index.process)
+
+
+@pytest.mark.parametrize("mode", ["pvc", "gcs"])
+def test_built_sets_restart_with_the_index_stopped(
+    cluster: ControlPlane, builds_webhook: Webhook, namespace: str, own_index: PackageIndex, app_image: str,
+    gcs: GcsStandIn, mode: str,
+):
+    """Once a set is built into the PVC or the bucket, pods restart and become Ready with the
+    package index down: they restore the set and never ask the index."""
+    app = f"offline{mode}"
+    credentials_secret(cluster, namespace, own_index)
+    template = None
+    if mode == "pvc":
+        cache_claim(cluster, namespace, app, host_path_volume(cluster, f"offline-{namespace}"))
+        cache = {"enabled": True}
+    else:
+        bucket = f"kaspr-{namespace}"[:63]
+        gcs.create_bucket(bucket)
+        cluster.create({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "gcs-key"},
+                        "stringData": {"sa.json": gcs.key_json}}, namespace=namespace)
+        cache = {"type": "gcs", "gcs": {"bucket": bucket, "secretRef": {"name": "gcs-key"}}}
+        template = {"pythonPackagesInitContainer": {"env": [{"name": "STORAGE_EMULATOR_HOST", "value": gcs.url}]}}
+    extra = {"template": template} if template else {}
+    kapp = cluster.create(kasprapp(app, python_packages(own_index, ["kasprdemo==2.0"], cache=cache), **extra),
+                          namespace=namespace)
+    cluster.create(app_statefulset(app, kapp["metadata"]["uid"], app_image, replicas=2), namespace=namespace)
+    before = cluster.wait_pods_ready(namespace, f"kaspr.io/app={app}", 2, timeout=420)
+    wait_for("the set recorded as current", lambda: lock_state(cluster, namespace, app)[0].get("current"),
+             timeout=60, interval=1)
+    current = lock_state(cluster, namespace, app)[0]["current"]
+    if mode == "gcs":
+        assert any(f"/{app}/sets/{current}/" in name for name in gcs.objects(bucket)), gcs.objects(bucket)
+
+    cluster.stop_process(own_index.process)
+    assert cluster.http_get(own_index.url, timeout=3)[0] == 0, "the index still answers"
+    old = {p["metadata"]["uid"] for p in before}
+    cluster.kubectl(["delete", "pod", "-n", namespace, "-l", f"kaspr.io/app={app}", "--wait=true"], timeout=120)
+    after = cluster.wait_pods_where(namespace, f"kaspr.io/app={app}",
+                                    lambda p: pod_ready(p) and p["metadata"]["uid"] not in old,
+                                    2, what="Ready again with the index stopped", timeout=300)
+    where = "the cache" if mode == "pvc" else "the bucket"
+    for pod in after:
+        name = pod["metadata"]["name"]
+        assert pod["metadata"]["annotations"]["packages.kaspr.io/set"] == current
+        log = logs(cluster, namespace, name, INIT_CONTAINER)
+        assert f"restored from {where}" in log and "pip:" not in log, log
+        assert cluster.kubectl(["exec", "-n", namespace, name, "-c", "kaspr", "--", "python3", "-c",
+                                "import kasprdemo; print(kasprdemo.__version__)"]).stdout.strip() == "2.0"

@@ -338,3 +338,18 @@ def test_a_lease_replaced_within_the_same_second_still_expires_the_older_one(tmp
     clock[0] = 1_000_001.0
     assert installer.live_lease_builds(str(leases), 0.1) == {"B/t"}
     assert sorted(os.listdir(leases)) == ["shared.b.json"]
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("2026-12-03T10:00:00Z", 1796292000.0),
+    ("2026-12-03T10:00:00.123Z", 1796292000.0),
+    ("2026-12-03T12:30:00+02:30", 1796292000.0),
+    ("2026-12-03T07:00:00-03:00", 1796292000.0),
+    ("2026-12-03 10:00:00Z", None),
+    ("2026-13-03T10:00:00Z", None),
+    ("", None),
+    (None, None),
+    (1796292000, None),
+])
+def test_rfc3339_timestamps_from_the_bucket(text, expected):
+    assert installer.rfc3339_seconds(text) == expected
