@@ -171,35 +171,10 @@ def test_a_build_prunes_published_sets_no_longer_kept_unless_a_pod_uses_them(ima
     assert import_from_site(image_python, tmp_path / "app-0", "import kasprdemo; print(kasprdemo.VERSION)") == "1.0"
 
 
-def test_gcs_pods_restore_the_built_set_with_the_index_down(image_python, pypi, env, tmp_path):
-    gcs_log = tmp_path / "fake-gcs.log"
-    server = FakeGcs(gcs_log)
-    private, public = make_keypair(tmp_path)
-    endpoint = TokenEndpoint(public, EMAIL)
-    try:
-        key_file = write_key_file(tmp_path, private, endpoint.token_uri, EMAIL)
-        server.create_bucket("kaspr-sets")
-        gcs = {"bucket": "kaspr-sets", "prefix": "kaspr-packages/", "keyFile": str(key_file)}
-        gcs_env = dict(env, STORAGE_EMULATOR_HOST=server.url, KASPR_PACKAGES_GCS_TIMEOUT="3")
-        packages = ["kasprdemo==2.0"]
-        built = run_installer(image_python, build_cfg(tmp_path, "job", pypi.url, packages, mode="gcs", gcs=gcs,
-                                                      credentials=True),
-                              with_creds(gcs_env), tmp_path / "b.log")
-        assert built.returncode == 0, built
-        assert built.lines("uploaded gs://kaspr-sets/kaspr-packages/default/my-app/sets/%s/" % SET_A)
-        run = run_installer(image_python, restore_cfg(tmp_path, "app-0", closed_port_url(), packages, mode="gcs",
-                                                      gcs=gcs),
-                            gcs_env, tmp_path / "r.log")
-        assert run.returncode == 0, run
-        assert run.lines("restored from the bucket") and not run.lines("pip:")
-        assert import_from_site(image_python, tmp_path / "app-0", "import kasprdemo; print(kasprdemo.VERSION)") == "2.0"
-    finally:
-        endpoint.stop()
-        server.stop()
-
-
-def test_a_gcs_build_prunes_archives_no_longer_kept(image_python, index, env, tmp_path):
-    set_c = "5e7a000000000003"
+@pytest.fixture
+def gcs_bucket(env, tmp_path):
+    """fake-gcs-server with the bucket `kaspr-sets` and a verifying token endpoint: (server,
+    the installer's `gcs` settings, the environment pointing at the server)."""
     server = FakeGcs(tmp_path / "fake-gcs.log")
     private, public = make_keypair(tmp_path)
     endpoint = TokenEndpoint(public, EMAIL)
@@ -207,42 +182,61 @@ def test_a_gcs_build_prunes_archives_no_longer_kept(image_python, index, env, tm
         key_file = write_key_file(tmp_path, private, endpoint.token_uri, EMAIL)
         server.create_bucket("kaspr-sets")
         gcs = {"bucket": "kaspr-sets", "prefix": "kaspr-packages/", "keyFile": str(key_file)}
-        gcs_env = dict(env, STORAGE_EMULATOR_HOST=server.url, KASPR_PACKAGES_GCS_TIMEOUT="3")
-        ours = "kaspr-packages/default/my-app/sets/"
-        # Neither another app's set nor a pod's own archive (no builds) is the build's to prune.
-        others = ["kaspr-packages/default/other-app/sets/%s/x.tar.gz" % SET_A,
-                  "kaspr-packages/default/my-app/%s/x.tar.gz" % KEY]
-        for name in others:
-            server.put("kaspr-sets", name, b"not ours")
-
-        def build(set_id, keep, grace):
-            cfg = build_cfg(tmp_path, "job-" + set_id, index.url, ["kasprdemo==1.0"], set_id=set_id, mode="gcs",
-                            gcs=gcs)
-            if keep is not None:
-                cfg["build"]["keep"] = keep
-            run_env = gcs_env if grace is None else dict(gcs_env, KASPR_PACKAGES_PRUNE_GRACE_SECONDS=grace)
-            run = run_installer(image_python, cfg, run_env, tmp_path / ("b-%s.log" % set_id))
-            assert run.returncode == 0, run
-            return run
-
-        def sets():
-            return sorted(name[len(ours):].split("/")[0] for name in server.list("kaspr-sets")
-                          if name.startswith(ours))
-
-        build(SET_A, None, None)
-        build(SET_B, None, None)  # a Job of a controller that passes no list prunes nothing
-        assert sets() == [SET_A, SET_B]
-        # Within the grace period nothing goes: the list may predate a set published since.
-        build(set_c, [SET_B], None)
-        assert sets() == [SET_A, SET_B, set_c]
-        # Past it, only what the list keeps (and this build's own set) stays.
-        run = build(set_c, [SET_B], "0")
-        assert sets() == [SET_B, set_c], run
-        assert run.lines("pruned gs://kaspr-sets/%s%s/" % (ours, SET_A)), run
-        assert sorted(n for n in server.list("kaspr-sets") if not n.startswith(ours)) == sorted(others)
+        yield server, gcs, dict(env, STORAGE_EMULATOR_HOST=server.url, KASPR_PACKAGES_GCS_TIMEOUT="3")
     finally:
         endpoint.stop()
         server.stop()
+
+
+def test_gcs_pods_restore_the_built_set_with_the_index_down(image_python, pypi, gcs_bucket, tmp_path):
+    _, gcs, gcs_env = gcs_bucket
+    packages = ["kasprdemo==2.0"]
+    built = run_installer(image_python, build_cfg(tmp_path, "job", pypi.url, packages, mode="gcs", gcs=gcs,
+                                                  credentials=True),
+                          with_creds(gcs_env), tmp_path / "b.log")
+    assert built.returncode == 0, built
+    assert built.lines("uploaded gs://kaspr-sets/kaspr-packages/default/my-app/sets/%s/" % SET_A)
+    run = run_installer(image_python, restore_cfg(tmp_path, "app-0", closed_port_url(), packages, mode="gcs",
+                                                  gcs=gcs),
+                        gcs_env, tmp_path / "r.log")
+    assert run.returncode == 0, run
+    assert run.lines("restored from the bucket") and not run.lines("pip:")
+    assert import_from_site(image_python, tmp_path / "app-0", "import kasprdemo; print(kasprdemo.VERSION)") == "2.0"
+
+
+def test_a_gcs_build_prunes_archives_no_longer_kept(image_python, index, gcs_bucket, tmp_path):
+    set_c = "5e7a000000000003"
+    server, gcs, gcs_env = gcs_bucket
+    ours = "kaspr-packages/default/my-app/sets/"
+    # Neither another app's set nor a pod's own archive (no builds) is the build's to prune.
+    others = ["kaspr-packages/default/other-app/sets/%s/x.tar.gz" % SET_A,
+              "kaspr-packages/default/my-app/%s/x.tar.gz" % KEY]
+    for name in others:
+        server.put("kaspr-sets", name, b"not ours")
+
+    def build(set_id, keep, grace):
+        cfg = build_cfg(tmp_path, "job-" + set_id, index.url, ["kasprdemo==1.0"], set_id=set_id, mode="gcs", gcs=gcs)
+        if keep is not None:
+            cfg["build"]["keep"] = keep
+        run_env = gcs_env if grace is None else dict(gcs_env, KASPR_PACKAGES_PRUNE_GRACE_SECONDS=grace)
+        run = run_installer(image_python, cfg, run_env, tmp_path / ("b-%s.log" % set_id))
+        assert run.returncode == 0, run
+        return run
+
+    def sets():
+        return sorted(name[len(ours):].split("/")[0] for name in server.list("kaspr-sets") if name.startswith(ours))
+
+    build(SET_A, None, None)
+    build(SET_B, None, None)  # a Job of a controller that passes no list prunes nothing
+    assert sets() == [SET_A, SET_B]
+    # Within the grace period nothing goes: the list may predate a set published since.
+    build(set_c, [SET_B], None)
+    assert sets() == [SET_A, SET_B, set_c]
+    # Past it, only what the list keeps (and this build's own set) stays.
+    run = build(set_c, [SET_B], "0")
+    assert sets() == [SET_B, set_c], run
+    assert run.lines("pruned gs://kaspr-sets/%s%s/" % (ours, SET_A)), run
+    assert sorted(n for n in server.list("kaspr-sets") if not n.startswith(ours)) == sorted(others)
 
 
 def test_emptydir_restore_installs_the_locked_set_with_hash_checking(image_python, index, env, tmp_path):
