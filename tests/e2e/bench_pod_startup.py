@@ -152,12 +152,12 @@ def test_image_mode(cluster: ControlPlane, image_webhook: Webhook, registry: Reg
     cluster.kubectl(["scale", "statefulset", f"{app}-app", "-n", namespace, "--replicas=0"])
     wait_for("the pod to go", lambda: not cluster.pods(namespace, f"kaspr.io/app={app}"), timeout=120, interval=0.2)
     label = "kasprdemo" if packages == "small" else f"kasprdemo + {wanted[-1]}"
-    _measure(f"image volume, on the node ({label})", cluster, namespace, app, warmup=False)
+    _measure(f"image volume, image on the node ({label})", cluster, namespace, app, warmup=False)
 
     def forget_image() -> None:
         # The image leaves the node before each start (`ctr images rm --sync`), so the kubelet
         # asks the registry again; whether containerd keeps the layers is not checked here.
         cluster.node.ctr(["images", "rm", "--sync", reference])
 
-    _measure(f"image volume, image removed from the node before each start ({label})", cluster, namespace, app, warmup=False,
-             before=forget_image)
+    _measure(f"image volume, image removed from the node before each start ({label})", cluster, namespace, app,
+             warmup=False, before=forget_image)
