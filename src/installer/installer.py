@@ -2905,6 +2905,12 @@ REPOSITORY_RE = re.compile(r"^(?P<host>[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?
 # Every file in a layer gets this time, so a distribution gives the same layer in every build.
 LAYER_MTIME = 1
 IMAGE_MARKER = PREFIX + " IMAGE "
+IMAGE_APP_ANNOTATION = "io.kaspr.packages.app"
+# A set's tag: ``<set id>-<python tag>``.
+IMAGE_TAG_RE = re.compile(r"^(?P<set>[0-9a-f]{16})-")
+# Retention reads at most this many tags of the repository (pages of TAG_PAGE).
+TAG_PAGE = 1000
+TAG_PAGES = 20
 
 
 def load_image_target(obj) -> Config:
@@ -3090,8 +3096,10 @@ def canonical_json(value) -> bytes:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
 
-def image_documents(layers: List[dict], set_id: str, tag: str) -> Tuple[bytes, bytes]:
-    """The image config and manifest (both without times, so a rebuild has the same digest)."""
+def image_documents(layers: List[dict], set_id: str, tag: str, app: str) -> Tuple[bytes, bytes]:
+    """The image config and manifest (both without times, so a rebuild has the same digest).
+    ``app`` (``<namespace>/<name>``) marks whose set it is: retention deletes only its own app's
+    images from the shared repository."""
     os_name, arch = image_platform()
     config = canonical_json({
         "architecture": arch, "os": os_name,
@@ -3104,7 +3112,8 @@ def image_documents(layers: List[dict], set_id: str, tag: str) -> Tuple[bytes, b
                    "size": len(config)},
         "layers": [{"mediaType": layer["mediaType"], "digest": layer["digest"], "size": layer["size"],
                     "annotations": {"org.opencontainers.image.title": layer["title"]}} for layer in layers],
-        "annotations": {"io.kaspr.packages.set": set_id, "io.kaspr.packages.python-tag": tag},
+        "annotations": {"io.kaspr.packages.set": set_id, "io.kaspr.packages.python-tag": tag,
+                        IMAGE_APP_ANNOTATION: app},
     })
     return config, manifest
 
@@ -3286,6 +3295,61 @@ class Registry:
         return digest
 
 
+    def list_tags(self, page: int, pages: int) -> List[str]:
+        """The repository's tags, following ``Link`` (or ``last=``) pagination, at most
+        ``pages`` pages of ``page``."""
+        tags: List[str] = []
+        path = "/v2/%s/tags/list?n=%d" % (self.name, page)
+        for _ in range(pages):
+            status, answer, data = self.call("GET", path)
+            if status == 404:
+                return tags
+            if status != 200:
+                raise RegistryError("cache_error", "listing the tags of %s: HTTP %d %s"
+                                    % (self.name, status, self._message(data)))
+            try:
+                listed = json.loads(data.decode("utf-8")).get("tags") or []
+            except (ValueError, AttributeError):
+                raise RegistryError("cache_error", "listing the tags of %s: not a JSON tag list" % self.name)
+            listed = [tag for tag in listed if isinstance(tag, str)]
+            tags.extend(listed)
+            link = re.match(r"\s*<([^>]+)>", (answer.get("Link") or "") if answer else "")
+            if link:
+                path = link.group(1)
+            elif len(listed) >= page:
+                path = "/v2/%s/tags/list?%s" % (self.name, urllib.parse.urlencode({"n": page, "last": listed[-1]}))
+            else:
+                return tags
+        return tags
+
+    def get_manifest(self, reference: str) -> Optional[Tuple[str, object]]:
+        """(digest, manifest JSON) of ``reference``; None if the registry no longer has it."""
+        status, answer, data = self.call("GET", "/v2/%s/manifests/%s" % (self.name, reference),
+                                         {"Accept": OCI_MANIFEST})
+        if status == 404:
+            return None
+        if status != 200:
+            raise RegistryError("cache_error", "reading manifest %s:%s: HTTP %d %s"
+                                % (self.name, reference, status, self._message(data)))
+        try:
+            manifest = json.loads(data.decode("utf-8"))
+        except ValueError:
+            manifest = None
+        return "sha256:" + hashlib.sha256(data).hexdigest(), manifest
+
+    def delete_manifest(self, reference: str) -> bool:
+        """DELETE a manifest by digest (or a tag by name). False when the registry does not
+        delete (HTTP 405, or the error code ``UNSUPPORTED``); a manifest already gone counts as
+        deleted."""
+        status, _, data = self.call("DELETE", "/v2/%s/manifests/%s" % (self.name, reference))
+        if status in (200, 202, 204, 404):
+            return True
+        if status == 405 or b"UNSUPPORTED" in data:
+            return False
+        raise RegistryError("cache_error", "deleting manifest %s:%s: HTTP %d %s"
+                            % (self.name, reference, status, self._message(data)))
+
+
 def image_marker(built: str) -> Dict[str, bytes]:
     """The build marker as the image carries it: without its creation time, so the same set
     built twice is the same image."""
@@ -3310,7 +3374,7 @@ def publish_image(ctx: "Context", set_id: str, built: str) -> dict:
         layer["title"] = title
         layer["path"] = path
         layers.append(layer)
-    config, manifest = image_documents(layers, set_id, ctx.tag)
+    config, manifest = image_documents(layers, set_id, ctx.tag, "%s/%s" % (ctx.cfg.namespace, ctx.cfg.app))
     try:
         registry = Registry(target, ctx.redactor, min(ctx.cfg.timeout, 300.0))
         uploaded = 0
@@ -3332,7 +3396,48 @@ def publish_image(ctx: "Context", set_id: str, built: str) -> dict:
     log("published image %s@%s: %d layers, %d uploaded (%d of %d bytes)"
         % (target.repository, digest, len(layers), uploaded, registry.uploaded_bytes, total))
     print(IMAGE_MARKER + json.dumps(published, sort_keys=True), flush=True)
+    if ctx.cfg.build.keep is not None:
+        prune_images(ctx, registry, set([set_id] + ctx.cfg.build.keep))
     return published
+
+
+def prune_images(ctx: "Context", registry: "Registry", keep: set) -> None:
+    """Deletes this app's set images the lock ConfigMap no longer keeps (``keep``: the
+    controller's list when it created this Job, plus this build's set). Only manifests annotated
+    with this app are touched: the repository is shared by every app. Each is deleted by digest
+    (which removes the image and, in most registries, its tags), then its tag, for registries
+    that keep a tag after its manifest. A registry that refuses deletes, or any other error, is
+    logged: retention never fails a build."""
+    app = "%s/%s" % (ctx.cfg.namespace, ctx.cfg.app)
+    try:
+        tags = registry.list_tags(TAG_PAGE, TAG_PAGES)
+        deleted = 0
+        for tag in tags:
+            match = IMAGE_TAG_RE.match(tag)
+            if not match or match.group("set") in keep:
+                continue
+            found = registry.get_manifest(tag)
+            if found is None:
+                continue
+            digest, manifest = found
+            annotations = manifest.get("annotations") if isinstance(manifest, dict) else None
+            if not isinstance(annotations, dict) or annotations.get(IMAGE_APP_ANNOTATION) != app:
+                continue
+            if not registry.delete_manifest(digest):
+                log("warning: registry %s does not delete images; set %s (%s@%s) stays"
+                    % (registry.host, match.group("set"), ctx.cfg.build.image.repository, digest))
+                return
+            try:
+                registry.delete_manifest(tag)
+            except RegistryError:
+                pass  # the image is gone; a registry that keeps tags apart may keep a dangling one
+            deleted += 1
+            log("deleted image %s:%s (%s) of set %s: no longer kept by the app"
+                % (ctx.cfg.build.image.repository, tag, digest, match.group("set")))
+        if deleted == 0:
+            log("no images of earlier sets to delete")
+    except RegistryError as exc:
+        log("warning: deleting images of dropped sets failed: %s" % ctx.redactor(str(exc)))
 # kaspr-packages: build-only end
 
 

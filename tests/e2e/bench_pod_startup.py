@@ -2,6 +2,10 @@
 node, without injection and with each cache mode. Run with scripts/bench-pod-startup; never
 part of the test suite (pytest collects only test_*.py there).
 
+Image mode (builds on, the set mounted as an image volume from the registry in the namespace;
+needs the node's containerd 2.x) runs twice: with the image on the node, and with the image
+removed from the node (`ctr images rm --sync`) before each round.
+
 For each scenario one StatefulSet is scaled 0 -> 1 repeatedly: the clock starts before the
 scale call and stops when the pod's Ready condition is seen (polled every 0.1 s), then the
 pod is removed before the next round. The first round of the cached modes builds the cache
@@ -13,15 +17,19 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import shutil
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
 from e2e_cluster import ControlPlane, pod_ready, wait_for
 from e2e_gcs import GcsStandIn
 from e2e_index import PackageIndex
+from e2e_registry import Registry
 from e2e_webhook import Webhook
+from test_image_mode import image_app, image_webhook, recorded_image, wait_image_pod  # noqa: F401 (fixture)
 from test_node_pods import app_statefulset, cache_claim, credentials_secret, host_path_volume, python_packages
 from e2e_objects import kasprapp
 
@@ -30,7 +38,10 @@ RESULTS = Path(os.environ.get("KASPR_BENCH_RESULTS", "/tmp/kaspr-pod-startup.jso
 _results: dict[str, dict] = {}
 
 
-def _start_once(cluster: ControlPlane, namespace: str, sts: str, selector: str) -> float:
+def _start_once(cluster: ControlPlane, namespace: str, sts: str, selector: str,
+                before: Callable[[], None] | None = None) -> float:
+    if before is not None:
+        before()
     start = time.monotonic()
     cluster.kubectl(["scale", "statefulset", sts, "-n", namespace, "--replicas=1"])
     deadline = start + 300
@@ -48,10 +59,11 @@ def _start_once(cluster: ControlPlane, namespace: str, sts: str, selector: str) 
     return elapsed
 
 
-def _measure(name: str, cluster: ControlPlane, namespace: str, app: str, warmup: bool) -> None:
+def _measure(name: str, cluster: ControlPlane, namespace: str, app: str, warmup: bool,
+             before: Callable[[], None] | None = None) -> None:
     selector = f"kaspr.io/app={app}"
     first = _start_once(cluster, namespace, f"{app}-app", selector) if warmup else None
-    samples = [_start_once(cluster, namespace, f"{app}-app", selector) for _ in range(ROUNDS)]
+    samples = [_start_once(cluster, namespace, f"{app}-app", selector, before) for _ in range(ROUNDS)]
     _results[name] = {
         "first": first,
         "samples": samples,
@@ -110,3 +122,42 @@ def test_gcs_hit(cluster: ControlPlane, webhook: Webhook, namespace: str, packag
     template = {"pythonPackagesInitContainer": {"env": [{"name": "STORAGE_EMULATOR_HOST", "value": gcs.url}]}}
     _deploy(cluster, namespace, "gcsapp", packages, app_image, template=template, fs_group=1000, run_as_user=1000)
     _measure("GCS, archive present", cluster, namespace, "gcsapp", warmup=True)
+
+
+# A numpy-sized set: the numpy wheel cached for the benchmarks (scripts/bench-... of the
+# installer), when it is there and built for the app image's Python (3.11).
+BENCH_WHEELS = Path(os.environ.get("KASPR_CACHE_DIR", Path.home() / ".cache" / "kaspr-packages-webhook")) / "bench-wheels"
+
+
+def _numpy_wheel() -> Path | None:
+    return next(iter(sorted(BENCH_WHEELS.glob("numpy-*-cp311-cp311-manylinux*_x86_64*.whl"))), None)
+
+
+@pytest.mark.parametrize("packages", ["small", "numpy"])
+def test_image_mode(cluster: ControlPlane, image_webhook: Webhook, registry: Registry, namespace: str,
+                    package_index: PackageIndex, app_image: str, e2e_workdir: Path, packages: str):
+    wanted = ["kasprdemo==1.0"]
+    if packages == "numpy":
+        wheel = _numpy_wheel()
+        if wheel is None:
+            pytest.skip(f"no numpy wheel for cp311 in {BENCH_WHEELS}")
+        shutil.copy(wheel, e2e_workdir / "index" / "packages" / wheel.name)
+        wanted.append("numpy==" + wheel.name.split("-")[1])
+    app = f"img{packages}"
+    image_app(cluster, namespace, package_index, app, app_image, wanted)
+    cluster.kubectl(["scale", "statefulset", f"{app}-app", "-n", namespace, "--replicas=1"])
+    wait_for("the set's image recorded", lambda: recorded_image(cluster, namespace, app), timeout=600, interval=2)
+    reference = recorded_image(cluster, namespace, app)["reference"]
+    wait_image_pod(cluster, namespace, app, reference, timeout=600)
+    cluster.kubectl(["scale", "statefulset", f"{app}-app", "-n", namespace, "--replicas=0"])
+    wait_for("the pod to go", lambda: not cluster.pods(namespace, f"kaspr.io/app={app}"), timeout=120, interval=0.2)
+    label = "kasprdemo" if packages == "small" else f"kasprdemo + {wanted[-1]}"
+    _measure(f"image volume, image on the node ({label})", cluster, namespace, app, warmup=False)
+
+    def forget_image() -> None:
+        # The image leaves the node before each start (`ctr images rm --sync`), so the kubelet
+        # asks the registry again; whether containerd keeps the layers is not checked here.
+        cluster.node.ctr(["images", "rm", "--sync", reference])
+
+    _measure(f"image volume, image removed from the node before each start ({label})", cluster, namespace, app,
+             warmup=False, before=forget_image)

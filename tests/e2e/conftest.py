@@ -10,6 +10,9 @@ Environment:
   KASPR_E2E_WEBHOOK_BIN   the webhook binary (default: target/debug/kaspr-packages-webhook)
   KASPR_E2E_IMAGE_PYTHON  interpreter that plays the app image's `python3` (default: a
                           virtualenv with only pip, made once from the test interpreter)
+  KASPR_E2E_CONTAINERD_DIR  directory with containerd 2.x, ctr and containerd-shim-runc-v2
+                          (scripts/build-containerd); unset: Debian's containerd from PATH,
+                          and the image-mode tests are skipped
   KASPR_E2E_KEEP=1        leave the cluster running after the session, for debugging
   KASPR_E2E_RUN_FILE      file the harness writes its work directory into (scripts/test-e2e
                           uses it to clean up after an interrupted run)
@@ -36,6 +39,7 @@ from e2e_cluster import ControlPlane, Tools, tail, wait_for
 from e2e_gcs import GcsStandIn, start_gcs
 from e2e_index import PackageIndex, start_index
 from e2e_node import Node
+from e2e_registry import Registry, start_registry
 from e2e_webhook import MANIFESTS, Webhook, serve_help
 from pod_runner import PodRunner
 
@@ -151,7 +155,9 @@ def _write_debug_helpers(cluster: ControlPlane) -> None:
 @pytest.fixture(scope="session")
 def cluster(tools: Tools, e2e_workdir: Path, images: dict[str, Image]) -> ControlPlane:
     cp = ControlPlane.new(tools, e2e_workdir)
-    node = Node(cp, [images[role].archive for role in ("pause", "app", "webhook")])
+    containerd_dir = os.environ.get("KASPR_E2E_CONTAINERD_DIR")
+    node = Node(cp, [images[role].archive for role in ("pause", "app", "webhook")],
+                containerd_dir=Path(containerd_dir) if containerd_dir else None)
     if KEEP:
         _KEPT.append(
             f"KASPR_E2E_KEEP=1: cluster left running in network namespace {cp.netns.name}\n"
@@ -234,6 +240,18 @@ def package_index(cluster: ControlPlane, test_venv: Path, e2e_workdir: Path) -> 
 @pytest.fixture(scope="session")
 def gcs(cluster: ControlPlane, e2e_workdir: Path) -> GcsStandIn:
     return start_gcs(cluster, e2e_workdir / "gcs")
+
+
+@pytest.fixture(scope="session")
+def registry(cluster: ControlPlane, e2e_workdir: Path) -> Registry:
+    """The OCI registry image mode pushes to and the node pulls from; needs a node that mounts
+    image volumes (containerd 2.x)."""
+    if not cluster.node.mounts_image_volumes:
+        pytest.skip("the node runs Debian's containerd 1.6, which cannot mount image volumes "
+                    "(KASPR_E2E_CONTAINERD=debian)")
+    served = start_registry(cluster, REPO, e2e_workdir / "registry")
+    yield served
+    served.stop()
 
 
 @pytest.fixture(scope="session")

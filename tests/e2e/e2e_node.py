@@ -1,6 +1,11 @@
-"""A real Kubernetes node inside the test's network namespace: containerd and runc from
+"""A real Kubernetes node inside the test's network namespace: containerd (2.4, built from the
+Go module proxy by scripts/build-containerd, or Debian's 1.6 when asked for), runc from
 Debian's packages, the CNI bridge plugins, and the kubelet, kube-scheduler and kube-proxy
 built from the same pinned release as the control plane.
+
+With containerd 2.x the node mounts image volumes (`volumes[].image`) and pulls them from the
+registry inside the namespace (`REGISTRY_HOST`, plain HTTP, through a `hosts.toml` under the
+CRI images plugin's `config_path`).
 
 Pods get addresses on the `cni0` bridge (10.244.0.0/24); the bridge, the veths and every
 address live inside the namespace, which has no route out, so nothing a pod does can leave the
@@ -35,6 +40,8 @@ from e2e_cluster import (
 )
 
 NODE_NAME = "kaspr-e2e-node"
+# The OCI registry inside the namespace (see e2e_registry.py); the node pulls from it over HTTP.
+REGISTRY_HOST = f"{NODE_IP}:5000"
 # containerd's sandbox image; the locally built pause image is imported under this reference.
 SANDBOX_IMAGE = "registry.k8s.io/pause:3.10"
 CNI_BIN_DIR = Path("/usr/lib/cni")
@@ -90,10 +97,13 @@ def mounts_under(prefix: Path) -> list[str]:
 class Node:
     """containerd + kubelet + kube-scheduler + kube-proxy for one ControlPlane."""
 
-    def __init__(self, cluster: ControlPlane, images: Sequence[Path]):
+    def __init__(self, cluster: ControlPlane, images: Sequence[Path], containerd_dir: Path | None = None):
+        """`containerd_dir` holds containerd, ctr and containerd-shim-runc-v2 (containerd 2.x,
+        scripts/build-containerd); None runs Debian's containerd from PATH."""
         self.cluster = cluster
         self.dir = cluster.workdir / "node"
         self.images = list(images)
+        self.containerd_dir = containerd_dir
         self.processes: list[Process] = []
         self.containerd: Process | None = None
         self.kubelet: Process | None = None
@@ -103,23 +113,32 @@ class Node:
     def socket(self) -> Path:
         return self.dir / "containerd" / "containerd.sock"
 
+    def tool(self, name: str) -> str:
+        """containerd's own programs: from `containerd_dir`, else from PATH."""
+        return str(self.containerd_dir / name) if self.containerd_dir else name
+
+    @property
+    def mounts_image_volumes(self) -> bool:
+        """containerd 2.1+ mounts image volumes; Debian's 1.6 does not."""
+        return self.containerd_dir is not None
+
     def enter(self, args: Sequence[str]) -> list[str]:
         # Not `ip netns exec`: it remounts /sys, which hides the cgroup mounts the kubelet and
         # runc need. nsenter joins only the network namespace.
         return ["nsenter", f"--net=/run/netns/{self.cluster.netns.name}", *args]
 
-    def spawn(self, name: str, args: Sequence[str]) -> Process:
-        proc = Process(name, self.enter(args), self.cluster.logs / f"{name}.log")
+    def spawn(self, name: str, args: Sequence[str], env: dict[str, str] | None = None) -> Process:
+        proc = Process(name, self.enter(args), self.cluster.logs / f"{name}.log", env=env)
         proc.start()
         self.processes.append(proc)
         return proc
 
     def ctr(self, args: Sequence[str], timeout: float = 120) -> subprocess.CompletedProcess:
-        return run(["ctr", "--address", str(self.socket), "-n", "k8s.io", *args], timeout=timeout)
+        return run([self.tool("ctr"), "--address", str(self.socket), "-n", "k8s.io", *args], timeout=timeout)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
-        for tool in ("containerd", "runc", "ctr", "nsenter", "iptables"):
+        for tool in (self.tool("containerd"), "runc", self.tool("ctr"), "nsenter", "iptables"):
             if shutil.which(tool) is None:
                 raise E2EError(f"the node needs `{tool}` (scripts/test-e2e installs it from Debian's packages)")
         if not (CNI_BIN_DIR / "bridge").exists():
@@ -187,17 +206,38 @@ class Node:
         base = self.dir / "containerd"
         base.mkdir(parents=True)
         config = base / "config.toml"
-        config.write_text(f"""version = 2
-root = "{base / 'root'}"
-state = "{base / 'state'}"
-disabled_plugins = [
+        disabled = """disabled_plugins = [
   "io.containerd.snapshotter.v1.btrfs",
   "io.containerd.snapshotter.v1.zfs",
   "io.containerd.snapshotter.v1.aufs",
   "io.containerd.snapshotter.v1.devmapper",
   "io.containerd.tracing.processor.v1.otlp",
   "io.containerd.internal.v1.tracing",
-]
+]"""
+        if self.containerd_dir is not None:
+            config.write_text(self._config_v3(base, disabled))
+        else:
+            config.write_text(self._config_v2(base, disabled))
+        # containerd finds its shim on PATH: ours first, so a 2.x daemon never runs 1.6's shim.
+        env = None
+        if self.containerd_dir is not None:
+            env = {**os.environ, "PATH": f"{self.containerd_dir}:{os.environ.get('PATH', '')}"}
+        self.containerd = self.spawn("containerd", [self.tool("containerd"), "--config", str(config),
+                                                    "--log-level", "warn"], env=env)
+
+        def up() -> bool:
+            self.containerd.ensure_alive()
+            return self.socket.exists() and run(
+                [self.tool("ctr"), "--address", str(self.socket), "version"], check=False, timeout=10).returncode == 0
+
+        wait_for("containerd", up, timeout=60, on_timeout=lambda: tail(self.containerd.log_path))
+
+    def _config_v2(self, base: Path, disabled: str) -> str:
+        """Debian's containerd 1.6 (config version 2)."""
+        return f"""version = 2
+root = "{base / 'root'}"
+state = "{base / 'state'}"
+{disabled}
 
 [grpc]
   address = "{self.socket}"
@@ -222,15 +262,54 @@ disabled_plugins = [
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "{CNI_BIN_DIR}"
     conf_dir = "{self.dir / 'cni' / 'net.d'}"
+"""
+
+    def _config_v3(self, base: Path, disabled: str) -> str:
+        """containerd 2.x (config version 3: the CRI plugin split into images and runtime),
+        with the registry inside the namespace reachable over plain HTTP."""
+        hosts = base / "certs.d"
+        registry_dir = hosts / REGISTRY_HOST
+        registry_dir.mkdir(parents=True)
+        (registry_dir / "hosts.toml").write_text(f"""server = "http://{REGISTRY_HOST}"
+
+[host."http://{REGISTRY_HOST}"]
+  capabilities = ["pull", "resolve", "push"]
 """)
-        self.containerd = self.spawn("containerd", ["containerd", "--config", str(config), "--log-level", "warn"])
+        return f"""version = 3
+root = "{base / 'root'}"
+state = "{base / 'state'}"
+{disabled}
 
-        def up() -> bool:
-            self.containerd.ensure_alive()
-            return self.socket.exists() and run(
-                ["ctr", "--address", str(self.socket), "version"], check=False, timeout=10).returncode == 0
+[grpc]
+  address = "{self.socket}"
 
-        wait_for("containerd", up, timeout=60, on_timeout=lambda: tail(self.containerd.log_path))
+[ttrpc]
+  address = "{self.socket}.ttrpc"
+
+[plugins."io.containerd.cri.v1.images"]
+  snapshotter = "overlayfs"
+  [plugins."io.containerd.cri.v1.images".pinned_images]
+    sandbox = "{SANDBOX_IMAGE}"
+  [plugins."io.containerd.cri.v1.images".registry]
+    config_path = "{hosts}"
+
+[plugins."io.containerd.cri.v1.runtime"]
+  # Root here lacks CAP_SYS_RESOURCE: runc cannot lower a sandbox's oom_score_adj.
+  restrict_oom_score_adj = true
+  netns_mounts_under_state_dir = true
+  disable_apparmor = true
+  [plugins."io.containerd.cri.v1.runtime".containerd]
+    default_runtime_name = "runc"
+    [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+      snapshotter = "overlayfs"
+      [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc.options]
+        SystemdCgroup = false
+        Root = "{base / 'runc'}"
+  [plugins."io.containerd.cri.v1.runtime".cni]
+    bin_dirs = ["{CNI_BIN_DIR}"]
+    conf_dir = "{self.dir / 'cni' / 'net.d'}"
+"""
 
     def _import_images(self) -> None:
         for archive in self.images:
@@ -369,7 +448,7 @@ disabled_plugins = [
                               "--wait=false"], check=False, timeout=60)
 
         def gone() -> bool:
-            listing = run(["ctr", "--address", str(self.socket), "-n", "k8s.io", "tasks", "list", "-q"],
+            listing = run([self.tool("ctr"), "--address", str(self.socket), "-n", "k8s.io", "tasks", "list", "-q"],
                           check=False, timeout=10)
             return listing.returncode != 0 or not listing.stdout.strip()
 
@@ -381,7 +460,7 @@ disabled_plugins = [
     def _stop_tasks(self) -> None:
         if self.containerd is None or not self.containerd.alive():
             return
-        ctr = ["ctr", "--address", str(self.socket), "-n", "k8s.io", "tasks"]
+        ctr = [self.tool("ctr"), "--address", str(self.socket), "-n", "k8s.io", "tasks"]
         listing = run([*ctr, "list", "-q"], check=False, timeout=10)
         for task in listing.stdout.split():
             run([*ctr, "kill", "-s", "SIGKILL", task], check=False, timeout=10)

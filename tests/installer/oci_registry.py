@@ -1,6 +1,6 @@
 """An OCI registry on loopback for image-mode tests: ``crane registry serve`` (built by
-scripts/build-crane) behind a small proxy that demands basic or bearer auth and counts the
-bytes each push uploads."""
+scripts/build-crane) behind a small proxy that demands basic or bearer auth, counts the
+bytes each push uploads and can refuse deletes."""
 
 import base64
 import http.client
@@ -26,7 +26,7 @@ class AuthRegistry:
     """``auth`` is "basic" (RFC 7617 against ``users``) or "bearer" (a token endpoint at
     /token that takes the same basic credentials and issues random tokens)."""
 
-    def __init__(self, work: Path, users: Dict[str, str], auth: str = "basic"):
+    def __init__(self, work: Path, users: Dict[str, str], auth: str = "basic", refuse_deletes: bool = False):
         self.crane_path = crane_binary()
         (work / "blobs").mkdir(exist_ok=True)
         self.backend_port = free_port()
@@ -37,6 +37,8 @@ class AuthRegistry:
         wait_for_port("127.0.0.1", self.backend_port)
         self.users = dict(users)
         self.auth = auth
+        # Like registries with deletion turned off: DELETE answers 405 UNSUPPORTED.
+        self.refuse_deletes = refuse_deletes
         self.tokens: set = set()
         self.uploaded = 0  # body bytes of blob uploads accepted
         self.requests: List[Tuple[str, str, Optional[str]]] = []
@@ -92,6 +94,8 @@ class AuthRegistry:
                 if not self._authorized():
                     return self._reply(401, b'{"errors":[{"code":"UNAUTHORIZED","message":"authentication required"}]}',
                                        self._challenge())
+                if self.command == "DELETE" and registry.refuse_deletes:
+                    return self._reply(405, b'{"errors":[{"code":"UNSUPPORTED","message":"deletes are disabled"}]}')
                 conn = http.client.HTTPConnection("127.0.0.1", registry.backend_port, timeout=30)
                 try:
                     headers = {k: v for k, v in self.headers.items() if k.lower() not in ("authorization", "host")}

@@ -57,10 +57,75 @@ def push_secret(tmp_path, registry):
     return registry.docker_config(folder / "config.json", USER, PASSWORD)
 
 
-def image_build(tmp_path, name, index_url, packages, set_id, registry, secret, **image):
+def image_build(tmp_path, name, index_url, packages, set_id, registry, secret, keep=None, app="my-app", **image):
     target = {"repository": "%s/kaspr/packages" % registry.host, "plainHttp": True, "dockerConfig": str(secret)}
     target.update(image)
-    return config(tmp_path / name, index_url, packages, installKey=KEY, build={"set": set_id, "image": target})
+    build = {"set": set_id, "image": target}
+    if keep is not None:
+        build["keep"] = keep
+    return config(tmp_path / name, index_url, packages, installKey=KEY, app=app, build=build)
+
+
+def listed_tags(registry, secret) -> list:
+    listed = registry.crane(secret.parent, "ls", "%s/kaspr/packages" % registry.host)
+    assert listed.returncode == 0, listed.stderr
+    return sorted(listed.stdout.decode().split())
+
+
+def has_manifest(registry, secret, digest) -> bool:
+    return registry.crane(secret.parent, "manifest", "%s/kaspr/packages@%s" % (registry.host, digest)).returncode == 0
+
+
+def test_a_build_deletes_its_apps_images_the_lock_no_longer_keeps(image_python, index, registry, push_secret, env,
+                                                                  tmp_path):
+    def build(name, packages, set_id, keep=None, app="my-app"):
+        run = run_installer(image_python, image_build(tmp_path, name, index.url, packages, set_id, registry,
+                                                      push_secret, keep=keep, app=app), env, tmp_path / (name + ".log"))
+        assert run.returncode == 0, run
+        return image_line(run.stdout), run
+
+    dropped, _ = build("old", ["kasprdemo==1.0"], SETS[0])
+    rollback, _ = build("kept", ["kasprdemo==2.0"], SETS[1])
+    # Another app's set in the same repository, not in this app's list: never this app's to delete.
+    other, _ = build("other", ["needsbase"], SETS[2], app="other-app")
+    assert {dropped["tag"], rollback["tag"], other["tag"]} <= set(listed_tags(registry, push_secret))
+    # The lock ConfigMap keeps SETS[1] (and this build's SETS[3]); SETS[0] left it.
+    newest, run = build("new", ["kasprdemo==2.0", "needsbase"], SETS[3], keep=[SETS[1]])
+    assert listed_tags(registry, push_secret) == sorted([rollback["tag"], other["tag"], newest["tag"]])
+    assert not has_manifest(registry, push_secret, dropped["digest"])
+    for kept in (rollback, other, newest):
+        assert has_manifest(registry, push_secret, kept["digest"]), kept["tag"]
+    assert "deleted image %s/kaspr/packages:%s (%s) of set %s" % (
+        registry.host, dropped["tag"], dropped["digest"], SETS[0]) in run.stdout
+    assert ("DELETE", "/v2/kaspr/packages/manifests/" + dropped["digest"]) in [
+        (method, path) for method, path, _ in registry.requests]
+    # A kept image still imports: its layers survived the deletion of the dropped image.
+    assert registry.crane(push_secret.parent, "export", "%s/kaspr/packages@%s" % (registry.host, rollback["digest"]),
+                          "-").returncode == 0
+    assert PASSWORD not in run.stdout
+
+
+def test_a_registry_that_refuses_deletes_is_logged_and_the_build_succeeds(image_python, index, env, tmp_path):
+    work = tmp_path / "registry"
+    work.mkdir()
+    registry = AuthRegistry(work, {USER: PASSWORD}, refuse_deletes=True)
+    try:
+        folder = tmp_path / "push-secret"
+        folder.mkdir()
+        secret = registry.docker_config(folder / "config.json", USER, PASSWORD)
+        first = run_installer(image_python, image_build(tmp_path, "old", index.url, ["kasprdemo==1.0"], SETS[0],
+                                                        registry, secret), env, tmp_path / "old.log")
+        assert first.returncode == 0, first
+        dropped = image_line(first.stdout)
+        run = run_installer(image_python, image_build(tmp_path, "new", index.url, ["kasprdemo==2.0"], SETS[1],
+                                                      registry, secret, keep=[]), env, tmp_path / "new.log")
+        assert run.returncode == 0, run
+        assert "warning: registry %s does not delete images; set %s" % (registry.host, SETS[0]) in run.stdout
+        assert "OK" in run.termination
+        assert has_manifest(registry, secret, dropped["digest"])
+        assert [m for m, _, _ in registry.requests].count("DELETE") == 1
+    finally:
+        registry.stop()
 
 
 def test_build_pushes_a_set_image_that_a_registry_client_pulls(image_python, index, registry, push_secret, env,
