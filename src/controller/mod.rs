@@ -12,6 +12,7 @@
 //! removes one annotation, a delete with a uid precondition), so two replicas may reconcile the
 //! same app at once without leader election: the second write is a no-op.
 
+pub mod moves;
 pub mod pvc;
 pub mod rollout;
 

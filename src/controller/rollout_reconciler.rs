@@ -57,7 +57,15 @@ pub(super) async fn reconcile_rollout(
         context.report(app, Part::Rollout, Vec::new()).await;
         return Ok(RESYNC);
     };
-    let state_of = |template: &Value| sync_state_of(template, report, render_app, owner, context);
+    // Marked to move to this revision (docs/revisions.md): only its own injection is in sync.
+    let marked = statefulset
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(names::MARK_ANNOTATION))
+        .is_some_and(|target| *target == context.render.revision());
+    let state_of =
+        |template: &Value| sync_state_of(template, report, render_app, owner, context, marked);
     let (current, desired) = match state_of(&template_of(&statefulset)) {
         SyncState::InSync => {
             context.state().unconverged.remove(&key);
@@ -129,6 +137,7 @@ fn sync_state_of(
     render_app: &Value,
     owner: &AppOwner,
     context: &Context,
+    marked: bool,
 ) -> SyncState {
     if !report.errors.is_empty() {
         return SyncState::Blocked(report.error_message(&format!(
@@ -140,12 +149,13 @@ fn sync_state_of(
         .spec
         .as_ref()
         .and_then(|spec| crate::builds::render::set_for(render_app, template, spec, &owner.app));
-    rollout::sync_state_set(
+    rollout::sync_state_marked(
         template,
         report.spec.as_ref(),
         &owner.app,
         &context.render,
         set.as_ref(),
+        marked,
     )
 }
 
