@@ -24,6 +24,9 @@ use crate::names;
 pub use crate::mutation::revision::marked_for;
 pub use crate::names::{MARK_ANNOTATION, MARK_STARTED_ANNOTATION, MOVE_REQUEST_KEY};
 
+/// The default rollout deadline (`--rollout-deadline`).
+pub const DEADLINE: Duration = Duration::from_secs(10 * 60);
+
 /// A move in progress, read from a StatefulSet's metadata.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Mark {
@@ -120,7 +123,7 @@ pub fn plan(apps: &[AppState], policy: &Policy, now: Timestamp) -> Plan {
             // Another revision's move (its controller runs beside this one during an upgrade):
             // it occupies the budget while it may still be rolling. A stale one is ignored.
             Some(mark)
-                if !(app.revision == mark.revision && app.finished) && !past_deadline(mark) =>
+                if !(past_deadline(mark) || app.revision == mark.revision && app.finished) =>
             {
                 plan.rolling += 1;
             }

@@ -408,6 +408,48 @@ mod tests {
         }
     }
 
+    /// Marked to move to this revision, a StatefulSet of another revision is sent through the
+    /// webhook; a mark for another revision changes nothing.
+    #[tokio::test]
+    async fn a_statefulset_marked_for_this_revision_is_sent_through_the_webhook() {
+        let (_, _, report) = app();
+        let mut stored = statefulset(1);
+        crate::mutation::apply(
+            &mut stored["spec"]["template"],
+            report.spec.as_ref(),
+            &AppRef::new("apps", "demo"),
+            "spec.template.spec",
+            &rendering("a", "512Mi"),
+        )
+        .expect("inject");
+        for (target, patched) in [("b", true), ("c", false)] {
+            let mut answer = stored.clone();
+            answer["metadata"]["annotations"] = json!({names::MARK_ANNOTATION: target});
+            let (client, sent) = fake_api(move |method, path, _| match (method, path) {
+                ("GET", STS_PATH) => (200, answer.clone()),
+                ("PATCH", STS_PATH) => (200, answer.clone()),
+                _ => (404, status(404, "NotFound")),
+            });
+            let (object, owner, report) = app();
+            let mut context = context(client);
+            context.render = rendering("b", "1Gi");
+            reconcile_rollout(&object, &owner, &report, object.value(), &context)
+                .await
+                .expect("ok");
+            let patches: Vec<Value> = writes(&sent)
+                .into_iter()
+                .filter(|s| s.method == "PATCH")
+                .map(|s| s.body)
+                .collect();
+            let expected = if patched {
+                vec![rollout::resync_patch()]
+            } else {
+                vec![]
+            };
+            assert_eq!(patches, expected, "marked for {target}");
+        }
+    }
+
     #[tokio::test]
     async fn a_bypassed_webhook_is_retried_with_backoff_and_reported() {
         // The API server stored the UPDATE without the injection (failurePolicy Ignore).

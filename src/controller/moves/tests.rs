@@ -190,7 +190,7 @@ fn apps_on_this_revision_are_left_alone() {
     );
 }
 
-fn statefulset(status: Value) -> Value {
+fn statefulset(status: &Value) -> Value {
     json!({
         "metadata": {"generation": 3},
         "spec": {"replicas": 2},
@@ -210,13 +210,13 @@ fn finished_means_every_replica_ready_on_the_update_revision(
     #[case] status: Value,
     #[case] expected: bool,
 ) {
-    assert_eq!(finished(&statefulset(status)), expected);
+    assert_eq!(finished(&statefulset(&status)), expected);
 }
 
 #[test]
 fn scaled_to_zero_is_finished_once_the_revisions_agree() {
     let mut sts = statefulset(
-        json!({"observedGeneration": 3, "currentRevision": "r2", "updateRevision": "r2"}),
+        &json!({"observedGeneration": 3, "currentRevision": "r2", "updateRevision": "r2"}),
     );
     sts["spec"]["replicas"] = json!(0);
     assert!(finished(&sts));
