@@ -407,7 +407,8 @@ pub fn mutate_object(
 }
 
 /// [`mutate_object`] for an UPDATE of `previous` (the oldObject): an injection of the same app
-/// configuration by another rendering revision is kept (see docs/revisions.md).
+/// configuration by another rendering revision is kept, unless the StatefulSet is marked to
+/// move to this revision (see docs/revisions.md).
 pub fn mutate_update(
     kind: ObjectKind,
     object: &Value,
@@ -438,7 +439,12 @@ pub fn mutate_update(
         }
         _ => None,
     };
-    let previous = previous.and_then(|p| p.pointer(kind.template_pointer()));
+    // Marked by the controller to move to this revision: render it, keep nothing.
+    let marked = kind == ObjectKind::StatefulSet
+        && mutation::revision::marked_for(object, &config.revision());
+    let previous = previous
+        .filter(|_| !marked)
+        .and_then(|p| p.pointer(kind.template_pointer()));
     let outcome =
         mutate_validated_keeping(kind, object, previous, &report, &app, config, set.as_ref());
     match crate::builds::image::without_builds_warning(

@@ -54,6 +54,15 @@ pub const REVISION_ANNOTATION: &str = "packages.kaspr.io/revision";
 /// A hash of the injection rendered from the app's own configuration only, with every
 /// revision-owned setting left out (see docs/revisions.md).
 pub const CONFIG_HASH_ANNOTATION: &str = "packages.kaspr.io/config-hash";
+/// On a StatefulSet's own metadata (not its template): the rendering revision the controller
+/// allowed it to move to. The webhook of that revision renders it instead of keeping the
+/// previous injection (see docs/revisions.md).
+pub const MARK_ANNOTATION: &str = "packages.kaspr.io/rollout-revision";
+/// On a StatefulSet's own metadata: when its move started (RFC 3339), for the deadline.
+pub const MARK_STARTED_ANNOTATION: &str = "packages.kaspr.io/rollout-started";
+/// On a KasprApp (annotation) or its Namespace (label): move the app (every app of the
+/// namespace) to the named rendering revision now, without waiting for the rollout budget.
+pub const MOVE_REQUEST_KEY: &str = "packages.kaspr.io/move-to-revision";
 pub const ANNOTATIONS: &[&str] = &[
     TEMPLATE_HASH_ANNOTATION,
     INSTALL_KEY_ANNOTATION,

@@ -99,7 +99,7 @@ fn every_alert_expression_uses_exported_metrics_only() {
         .lines()
         .filter(|line| line.trim_start().starts_with("\"expr\""))
         .collect();
-    assert_eq!(expressions.len(), 6, "one expression per alert");
+    assert_eq!(expressions.len(), 7, "one expression per alert");
     for expr in expressions {
         let used = metric_names(expr);
         assert!(!used.is_empty(), "no metric in {expr}");

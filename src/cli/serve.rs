@@ -277,6 +277,22 @@ pub struct ServeArgs {
     /// ready endpoint yet. 0s warns at once.
     #[arg(long, env = "KASPR_WEBHOOK_UNREACHABLE_GRACE", value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
     pub unreachable_grace: std::time::Duration,
+
+    /// At most this many apps move to this webhook's rendering revision at a time on their own,
+    /// each finished (every replica Ready on the new template) before the next starts. 0: apps
+    /// move only when their configuration changes or a user asks (see docs/revisions.md).
+    #[arg(
+        long,
+        env = "KASPR_WEBHOOK_ROLLOUT_BUDGET",
+        value_name = "APPS",
+        default_value_t = 0
+    )]
+    pub rollout_budget: u32,
+
+    /// A move to this revision not finished within this time fails: a Warning Event on the
+    /// KasprApp, and no further app starts moving on its own until it finishes.
+    #[arg(long, env = "KASPR_WEBHOOK_ROLLOUT_DEADLINE", value_name = "DURATION", default_value = "10m", value_parser = parse_duration)]
+    pub rollout_deadline: std::time::Duration,
 }
 
 impl ServeArgs {
@@ -315,6 +331,8 @@ impl ServeArgs {
             controller_rollout,
             builds,
             unreachable_grace,
+            rollout_budget,
+            rollout_deadline,
         } = self;
         let certs = match (tls_cert, tls_key) {
             (Some(cert), Some(key)) => crate::server::CertSource::Files { cert, key },
@@ -372,6 +390,8 @@ impl ServeArgs {
                 rollout: controller_rollout,
                 builds,
                 unreachable_grace,
+                rollout_budget,
+                rollout_deadline,
             },
         }
     }

@@ -63,6 +63,8 @@ fn defaults_are_local_and_safe() {
             rollout: true,
             builds: false,
             unreachable_grace: std::time::Duration::from_secs(60),
+            rollout_budget: 0,
+            rollout_deadline: std::time::Duration::from_secs(600),
         }
     );
 }
@@ -75,6 +77,8 @@ fn controller_parts_can_be_switched_off() {
         "false",
         "--builds=true",
         "--unreachable-grace=5s",
+        "--rollout-budget=2",
+        "--rollout-deadline=90s",
     ])
     .expect("parse")
     .into_options();
@@ -85,9 +89,13 @@ fn controller_parts_can_be_switched_off() {
             rollout: false,
             builds: true,
             unreachable_grace: std::time::Duration::from_secs(5),
+            rollout_budget: 2,
+            rollout_deadline: std::time::Duration::from_secs(90),
         }
     );
     assert!(serve_args(&["--builds=sometimes"]).is_err());
+    assert!(serve_args(&["--rollout-budget=-1"]).is_err());
+    assert!(serve_args(&["--rollout-deadline=soon"]).is_err());
     assert!(serve_args(&["--controller-pvc=maybe"]).is_err());
 }
 

@@ -27,6 +27,8 @@ pub(super) enum Part {
     Installs,
     /// Package-set builds.
     Builds,
+    /// Moves of apps to this rendering revision.
+    Moves,
 }
 
 impl Part {
@@ -36,6 +38,7 @@ impl Part {
             Part::Rollout => "rollout",
             Part::Installs => "installs",
             Part::Builds => "builds",
+            Part::Moves => "revisions",
         }
     }
 
@@ -45,6 +48,7 @@ impl Part {
             Part::Rollout => "SyncStatefulSet",
             Part::Installs => "ObservePackageInstall",
             Part::Builds => "BuildPythonPackages",
+            Part::Moves => "MoveRevision",
         }
     }
 }
@@ -67,6 +71,8 @@ pub(super) struct State {
     pub(super) deferred: HashMap<AppKey, std::time::Instant>,
     /// Degraded installs already counted and reported.
     pub(super) installs: InstallMemory,
+    /// Revision moves: failures already counted, revisions with a gauge series.
+    pub(super) moves: super::move_reconciler::MoveMemory,
 }
 
 impl State {
@@ -157,6 +163,19 @@ struct ReconcileLabels {
 const RECONCILE_OUTCOMES: [&str; 4] = ["in_sync", "changed", "pending", "failed"];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MoveLabels {
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RevisionLabels {
+    revision: String,
+}
+
+/// The `outcome` label values of `revision_moves_total`.
+const MOVE_OUTCOMES: [&str; 3] = ["started", "finished", "failed"];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
     outcome: &'static str,
     category: String,
@@ -169,6 +188,11 @@ pub struct ControllerMetrics {
     reconciles: Family<ReconcileLabels, Counter>,
     degraded: Family<DegradedLabels, Counter>,
     builds: Family<BuildLabels, Counter>,
+    moves: Family<MoveLabels, Counter>,
+    moves_rolling: Gauge,
+    moves_waiting: Gauge,
+    moves_failing: Gauge,
+    revision_apps: Family<RevisionLabels, Gauge>,
 }
 
 impl ControllerMetrics {
@@ -178,7 +202,40 @@ impl ControllerMetrics {
             reconciles: Family::default(),
             degraded: Family::default(),
             builds: Family::default(),
+            moves: Family::default(),
+            moves_rolling: Gauge::default(),
+            moves_waiting: Gauge::default(),
+            moves_failing: Gauge::default(),
+            revision_apps: Family::default(),
         };
+        registry.register(
+            "revision_moves",
+            "Moves of apps to this rendering revision by outcome (started, finished, failed: not finished within the rollout deadline)",
+            metrics.moves.clone(),
+        );
+        for outcome in MOVE_OUTCOMES {
+            drop(metrics.moves.get_or_create(&MoveLabels { outcome }));
+        }
+        registry.register(
+            "revision_moves_rolling",
+            "Apps moving between rendering revisions now (at most the rollout budget, plus requested moves)",
+            metrics.moves_rolling.clone(),
+        );
+        registry.register(
+            "revision_moves_waiting",
+            "Apps on another rendering revision that stay there for now",
+            metrics.moves_waiting.clone(),
+        );
+        registry.register(
+            "revision_moves_failing",
+            "Moves to this rendering revision past the rollout deadline; while above 0 no app starts moving on its own",
+            metrics.moves_failing.clone(),
+        );
+        registry.register(
+            "revision_apps",
+            "Apps whose StatefulSet template records each rendering revision; a revision no app uses has no series",
+            metrics.revision_apps.clone(),
+        );
         registry.register(
             "package_builds",
             "Finished package-set builds by outcome (built, failed) and the installer's failure category",
@@ -230,6 +287,37 @@ impl ControllerMetrics {
     pub(super) fn set_out_of_sync(&self, count: usize) {
         self.out_of_sync
             .set(i64::try_from(count).unwrap_or(i64::MAX));
+    }
+
+    pub(super) fn count_move(&self, outcome: &'static str) {
+        self.moves.get_or_create(&MoveLabels { outcome }).inc();
+    }
+
+    /// The move gauges after `plan`; the series of revisions in `previous` that no app uses any
+    /// more are removed.
+    pub(super) fn set_moves(
+        &self,
+        plan: &super::moves::Plan,
+        previous: &std::collections::BTreeMap<String, usize>,
+    ) {
+        let gauge = |count: usize| i64::try_from(count).unwrap_or(i64::MAX);
+        self.moves_rolling.set(gauge(plan.rolling));
+        self.moves_waiting.set(gauge(plan.waiting));
+        self.moves_failing.set(gauge(plan.failed.len()));
+        for revision in previous.keys() {
+            if !plan.apps_by_revision.contains_key(revision) {
+                self.revision_apps.remove(&RevisionLabels {
+                    revision: revision.clone(),
+                });
+            }
+        }
+        for (revision, count) in &plan.apps_by_revision {
+            self.revision_apps
+                .get_or_create(&RevisionLabels {
+                    revision: revision.clone(),
+                })
+                .set(gauge(*count));
+        }
     }
 
     pub(super) fn count_degraded(&self, mode: &'static str, cause: &'static str) {

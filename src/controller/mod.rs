@@ -12,6 +12,7 @@
 //! removes one annotation, a delete with a uid precondition), so two replicas may reconcile the
 //! same app at once without leader election: the second write is a no-op.
 
+pub mod moves;
 pub mod pvc;
 pub mod rollout;
 
@@ -19,6 +20,7 @@ mod build_reconciler;
 mod claim_reconciler;
 mod context;
 mod installs;
+mod move_reconciler;
 mod rollout_reconciler;
 #[cfg(test)]
 mod test_api;
@@ -61,6 +63,12 @@ pub struct ControllerOptions {
     pub builds: bool,
     /// How long the API server may fail to reach the webhook for an app before a Warning Event.
     pub unreachable_grace: Duration,
+    /// At most this many apps move to this rendering revision at a time on their own; 0: none
+    /// (docs/revisions.md).
+    pub rollout_budget: u32,
+    /// A move not finished (every replica Ready on the new template) within this time fails and
+    /// stops the wave.
+    pub rollout_deadline: Duration,
 }
 
 impl Default for ControllerOptions {
@@ -70,6 +78,8 @@ impl Default for ControllerOptions {
             rollout: true,
             builds: false,
             unreachable_grace: rollout::UNREACHABLE_GRACE,
+            rollout_budget: 0,
+            rollout_deadline: moves::DEADLINE,
         }
     }
 }
@@ -171,9 +181,13 @@ pub fn run(
         .collect();
     // Degraded installs are read from the app pods' termination messages, in the same scopes.
     let started = k8s_openapi::jiff::Timestamp::now();
+    let move_scopes: Vec<Option<String>> = scopes.iter().map(|s| s.map(str::to_owned)).collect();
     for scope in scopes {
         tasks
             .push(installs::watch(Arc::clone(&context), scope.map(str::to_owned), started).boxed());
+    }
+    if options.rollout {
+        tasks.push(move_reconciler::run(Arc::clone(&context), move_scopes).boxed());
     }
     tasks.push(prune(context).boxed());
     Some(

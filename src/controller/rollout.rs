@@ -68,12 +68,25 @@ pub fn sync_state_set(
     config: &RenderConfig,
     set: Option<&crate::builds::render::PackageSet>,
 ) -> SyncState {
+    sync_state_marked(template, spec, app, config, set, false)
+}
+
+/// [`sync_state_set`] for a StatefulSet that may carry the mark to move to this revision
+/// (`marked`): then only this revision's own injection is in sync.
+pub fn sync_state_marked(
+    template: &Value,
+    spec: Option<&PythonPackages>,
+    app: &AppRef,
+    config: &RenderConfig,
+    set: Option<&crate::builds::render::PackageSet>,
+    marked: bool,
+) -> SyncState {
     let mut rendered = template.clone();
     // The stored injection of another revision, for the same app configuration, is kept: it is
-    // what any webhook would render for this template's next UPDATE.
+    // what any webhook would render for this template's next UPDATE, unless it is marked.
     if let Err(denial) = mutation::apply_keeping(
         &mut rendered,
-        Some(template),
+        (!marked).then_some(template),
         spec,
         app,
         "spec.template.spec",

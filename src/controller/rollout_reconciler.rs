@@ -57,7 +57,15 @@ pub(super) async fn reconcile_rollout(
         context.report(app, Part::Rollout, Vec::new()).await;
         return Ok(RESYNC);
     };
-    let state_of = |template: &Value| sync_state_of(template, report, render_app, owner, context);
+    // Marked to move to this revision (docs/revisions.md): only its own injection is in sync.
+    let marked = statefulset
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(names::MARK_ANNOTATION))
+        .is_some_and(|target| *target == context.render.revision());
+    let state_of =
+        |template: &Value| sync_state_of(template, report, render_app, owner, context, marked);
     let (current, desired) = match state_of(&template_of(&statefulset)) {
         SyncState::InSync => {
             context.state().unconverged.remove(&key);
@@ -129,6 +137,7 @@ fn sync_state_of(
     render_app: &Value,
     owner: &AppOwner,
     context: &Context,
+    marked: bool,
 ) -> SyncState {
     if !report.errors.is_empty() {
         return SyncState::Blocked(report.error_message(&format!(
@@ -140,12 +149,13 @@ fn sync_state_of(
         .spec
         .as_ref()
         .and_then(|spec| crate::builds::render::set_for(render_app, template, spec, &owner.app));
-    rollout::sync_state_set(
+    rollout::sync_state_marked(
         template,
         report.spec.as_ref(),
         &owner.app,
         &context.render,
         set.as_ref(),
+        marked,
     )
 }
 
@@ -395,6 +405,48 @@ mod tests {
             assert_eq!(next, RESYNC);
             assert!(writes(&sent).is_empty(), "{revision}: {:?}", writes(&sent));
             assert!(context.state().out_of_sync.is_empty());
+        }
+    }
+
+    /// Marked to move to this revision, a StatefulSet of another revision is sent through the
+    /// webhook; a mark for another revision changes nothing.
+    #[tokio::test]
+    async fn a_statefulset_marked_for_this_revision_is_sent_through_the_webhook() {
+        let (_, _, report) = app();
+        let mut stored = statefulset(1);
+        crate::mutation::apply(
+            &mut stored["spec"]["template"],
+            report.spec.as_ref(),
+            &AppRef::new("apps", "demo"),
+            "spec.template.spec",
+            &rendering("a", "512Mi"),
+        )
+        .expect("inject");
+        for (target, patched) in [("b", true), ("c", false)] {
+            let mut answer = stored.clone();
+            answer["metadata"]["annotations"] = json!({names::MARK_ANNOTATION: target});
+            let (client, sent) = fake_api(move |method, path, _| match (method, path) {
+                ("GET", STS_PATH) => (200, answer.clone()),
+                ("PATCH", STS_PATH) => (200, answer.clone()),
+                _ => (404, status(404, "NotFound")),
+            });
+            let (object, owner, report) = app();
+            let mut context = context(client);
+            context.render = rendering("b", "1Gi");
+            reconcile_rollout(&object, &owner, &report, object.value(), &context)
+                .await
+                .expect("ok");
+            let patches: Vec<Value> = writes(&sent)
+                .into_iter()
+                .filter(|s| s.method == "PATCH")
+                .map(|s| s.body)
+                .collect();
+            let expected = if patched {
+                vec![rollout::resync_patch()]
+            } else {
+                vec![]
+            };
+            assert_eq!(patches, expected, "marked for {target}");
         }
     }
 

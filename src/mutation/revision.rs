@@ -11,7 +11,8 @@
 //! On an UPDATE (an operator rewrite, a scale), [`keep`] puts the previous template's injection
 //! back byte for byte when its config hash is the one just rendered: the app stays on the
 //! revision it was rendered with, whichever webhook answers, and only a change of its own
-//! configuration moves it. The controller asks the same question of the stored template, so a
+//! configuration moves it, or the controller's mark on the StatefulSet ([`marked_for`]). The
+//! controller asks the same question of the stored template, so a
 //! StatefulSet of another revision is in sync and nobody rewrites it.
 
 use serde_json::{Map, Value};
@@ -40,6 +41,13 @@ const KEPT_ANNOTATIONS: &[&str] = &[
 /// The revision a pod template's injection was rendered with, if it records one.
 pub fn revision_of(template: &Value) -> Option<&str> {
     annotation(template.get("metadata"), names::REVISION_ANNOTATION)
+}
+
+/// Whether `object` (a StatefulSet) carries the controller's mark to move to `revision` on its
+/// own metadata: then the webhook of that revision renders its own injection instead of keeping
+/// the previous one (docs/revisions.md, "Moving apps to a new revision").
+pub fn marked_for(object: &Value, revision: &str) -> bool {
+    annotation(object.get("metadata"), names::MARK_ANNOTATION) == Some(revision)
 }
 
 /// The config hash a pod template's injection records, if any.

@@ -203,3 +203,28 @@ fn a_malformed_security_context_is_an_error_and_loosening_fields_are_ignored() {
         report.warning_lines()
     );
 }
+
+#[test]
+fn a_move_request_that_names_no_possible_revision_is_a_warning_not_an_error() {
+    let asked = validate_kasprapp(&app(
+        json!({"packages.kaspr.io/move-to-revision": "canary"}),
+        json!({"packages": ["a==1"]}),
+    ));
+    assert_eq!(errors(&asked), Vec::<String>::new());
+    assert!(
+        asked.warning_lines().is_empty(),
+        "{:?}",
+        asked.warning_lines()
+    );
+    let report = validate_kasprapp(&app(
+        json!({"packages.kaspr.io/move-to-revision": "Canary!"}),
+        json!({"packages": ["a==1"]}),
+    ));
+    assert_eq!(errors(&report), Vec::<String>::new());
+    assert_eq!(
+        report.warning_lines(),
+        [
+            "metadata.annotations.packages.kaspr.io/move-to-revision: revision \"Canary!\" must be 1-63 lowercase letters, digits, '-' or '.', starting and ending with a letter or digit; no app moves for it"
+        ]
+    );
+}

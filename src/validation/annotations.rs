@@ -5,7 +5,9 @@
 use serde_json::Value;
 
 use super::{Checker, show};
-use crate::names::{GCS_AUTH_ANNOTATION, INSTALL_TOOL_ANNOTATION, OPERATOR_PACKAGES_ANNOTATION};
+use crate::names::{
+    GCS_AUTH_ANNOTATION, INSTALL_TOOL_ANNOTATION, MOVE_REQUEST_KEY, OPERATOR_PACKAGES_ANNOTATION,
+};
 use crate::spec::{InstallTool, OperatorPackages};
 
 /// How the installer authenticates to GCS.
@@ -52,6 +54,16 @@ pub(super) fn app_settings(c: &mut Checker, app: &Value) -> AppSettings {
     let gcs_auth = text(GCS_AUTH_ANNOTATION);
     let mode = text(crate::names::MODE_ANNOTATION);
     let install_tool = text(INSTALL_TOOL_ANNOTATION);
+    // Read by the controller of the named revision only; a name no revision can have would
+    // move nothing, so say so, without refusing the app for it.
+    if let Some(Value::String(target)) = annotations.and_then(|a| a.get(MOVE_REQUEST_KEY))
+        && let Err(message) = crate::config::parse_revision(target.trim())
+    {
+        c.warn(
+            annotation_path(MOVE_REQUEST_KEY),
+            format!("{message}; no app moves for it"),
+        );
+    }
     if let Some(value) = mode
         && !matches!(value.as_str(), "image" | "cache")
     {

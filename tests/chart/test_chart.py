@@ -29,6 +29,7 @@ ALERTS = {
     "KasprPackagesWebhookDenialsRising",
     "KasprPackagesWebhookSlow",
     "KasprPackagesWebhookReconcileFailures",
+    "KasprPackagesWebhookRevisionMoveFailed",
 }
 
 

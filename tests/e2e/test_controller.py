@@ -246,6 +246,100 @@ def test_two_rendering_revisions_side_by_side_never_fight(cluster: ControlPlane,
                  lambda: _answering_revision(cluster) not in (None, "canary"), timeout=60, interval=0.5)
 
 
+MARK_ANNOTATION = "packages.kaspr.io/rollout-revision"
+MOVES = "kaspr_packages_webhook_revision_moves_total"
+
+
+def _marked(sts: dict) -> str | None:
+    return (sts["metadata"].get("annotations") or {}).get(MARK_ANNOTATION)
+
+
+def test_a_new_revision_moves_apps_one_at_a_time_and_a_failed_move_stops_the_wave(
+        cluster: ControlPlane, webhook: Webhook, second_replica: Webhook, namespace: str):
+    """Apps injected by the first rendering; a second `serve` of another revision with a rollout
+    budget of 1 answers admissions and moves them one at a time, each finished before the next
+    starts. The first app (by name) cannot become Ready (no kubelet runs its pod): its move fails
+    at the deadline with a Warning Event and a metric, and the others stay on their revision until
+    it finishes (scaled to zero here); then the wave goes on and every app ends on the new revision
+    with one ControllerRevision per revision."""
+    # Scaled to zero, a StatefulSet has finished once the controller-manager has rolled it.
+    apps = {"move-a": 0, "move-b": 0, "move-c": 0, "move-0": 1}
+    for name, replicas in apps.items():
+        app = cluster.create(kasprapp(name, {"packages": ["kasprdemo==1.0"]}), namespace=namespace)
+        cluster.create(operator_statefulset(name, app["metadata"]["uid"], replicas=replicas), namespace=namespace)
+    for name in apps:
+        wait_for(f"the first ControllerRevision of {name}",
+                 lambda name=name: len(_revisions(cluster, namespace, f"{name}-app")) == 1, timeout=CONTROLLER_TIMEOUT)
+    first_revision = _template(_sts(cluster, namespace, "move-a-app"))[1][REVISION_ANNOTATION]
+    assert first_revision != "canary"
+
+    second_replica.extra_args = [
+        "--namespaces", f"{namespace},e2e-probe", "--revision", "canary",
+        "--init-container-resources", '{"requests":{"cpu":"10m","memory":"64Mi"}}',
+        "--rollout-budget=1", "--rollout-deadline=8s",
+    ]
+    second_replica.start()
+    try:
+        second_replica.register()
+        wait_for("the API server to call the second rendering",
+                 lambda: _answering_revision(cluster) == "canary", timeout=60, interval=0.5)
+
+        def states() -> dict[str, dict]:
+            items = cluster.get_json("statefulsets", namespace=namespace)["items"]
+            return {s["metadata"]["name"].removesuffix("-app"): s for s in items}
+
+        # The stuck app moves first, fails at the deadline and stops the wave.
+        event = _wait_event(cluster, namespace, "move-0", "RevisionMoveFailed")
+        assert "move-0-app" in event["note"] and "canary" in event["note"], event
+        assert second_replica.metric(MOVES, outcome="failed") == 1
+        wait_for("the stuck app to be rendered by the new revision",
+                 lambda: _template(states()["move-0"])[1].get(REVISION_ANNOTATION) == "canary",
+                 timeout=CONTROLLER_TIMEOUT)
+        time.sleep(4)
+        held = states()
+        for name in ("move-a", "move-b", "move-c"):
+            assert _template(held[name])[1][REVISION_ANNOTATION] == first_revision, name
+            assert _marked(held[name]) is None, name
+
+        # Fixed (here: scaled to zero), it finishes; the wave goes on, one app at a time.
+        cluster.kubectl(["scale", "statefulset", "move-0-app", "-n", namespace, "--replicas=0"])
+        most_rolling, order = 0, []
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            current = states()
+            # A mark is cleared (once finished) before the next app is marked: with budget 1,
+            # never two marks at once. Zero replicas finish at once, so the mark is the witness.
+            rolling = [n for n, s in current.items() if _marked(s) == "canary"]
+            most_rolling = max(most_rolling, len(rolling))
+            order.extend(n for n in rolling if n not in order)
+            if all(_template(s)[1].get(REVISION_ANNOTATION) == "canary" and _marked(s) is None
+                   for s in current.values()):
+                break
+            time.sleep(0.2)
+        else:
+            raise AssertionError(f"not every app moved: { {n: (_template(s)[1].get(REVISION_ANNOTATION), _marked(s)) for n, s in states().items()} }")
+        assert most_rolling <= 1, most_rolling
+        assert [n for n in order if n != "move-0"] == ["move-a", "move-b", "move-c"], order
+
+        for name in apps:
+            spec, annotations = _template(_sts(cluster, namespace, f"{name}-app"))
+            assert_injected(spec, annotations)
+            assert init_container(spec)["resources"] == {"requests": {"cpu": "10m", "memory": "64Mi"}}
+            # One rollout per revision change: the first injection and the move.
+            assert len(_revisions(cluster, namespace, f"{name}-app")) == 2, name
+            _wait_event(cluster, namespace, name, "RevisionMoveFinished", kind="Normal")
+        assert second_replica.metric(MOVES, outcome="finished") == len(apps)
+        assert second_replica.metric(MOVES, outcome="started") == len(apps)
+        wait_for("the old revision's series to go",
+                 lambda: second_replica.metric("kaspr_packages_webhook_revision_apps", revision=first_revision) == 0
+                 and second_replica.metric("kaspr_packages_webhook_revision_apps", revision="canary") == len(apps),
+                 timeout=CONTROLLER_TIMEOUT)
+    finally:
+        webhook.register()
+        wait_for("the API server to call the first rendering again",
+                 lambda: _answering_revision(cluster) not in (None, "canary"), timeout=60, interval=0.5)
+
+
 def test_statefulset_admitted_without_the_webhook_is_reported_and_brought_in_sync(
         cluster: ControlPlane, webhook: Webhook, namespace: str):
     out_of_sync_before = webhook.metric(OUT_OF_SYNC)

@@ -264,3 +264,55 @@ fn pods_of_a_kept_template_are_left_as_created() {
     let outcome = mutate_object(ObjectKind::Pod, &pod, &app, &revision_b()).expect("allowed");
     assert!(outcome.patch.0.is_empty(), "{:?}", outcome.patch);
 }
+
+/// `sts` with the controller's mark to move to `revision` on its own metadata.
+fn marked(sts: &Value, revision: &str) -> Value {
+    let mut sts = sts.clone();
+    sts["metadata"]["annotations"] = json!({
+        names::MARK_ANNOTATION: revision,
+        names::MARK_STARTED_ANNOTATION: "2026-12-03T12:00:00Z",
+    });
+    sts
+}
+
+#[test]
+fn the_mark_for_the_answering_revision_moves_the_app_to_it() {
+    let app = kasprapp(&["a==1"]);
+    let stored = created(&statefulset("kaspr:1", 1), &app, &revision_a());
+    // The controller's mark is a metadata-only write; revision B renders its own injection.
+    let moved = updated(&stored, &marked(&stored, "b"), &app, &revision_b());
+    let by_b = created(&statefulset("kaspr:1", 1), &app, &revision_b());
+    assert_eq!(moved["spec"]["template"], by_b["spec"]["template"]);
+    assert_eq!(
+        template_annotation(&moved, names::REVISION_ANNOTATION),
+        Some("b")
+    );
+    // Moved, every later UPDATE (an operator rewrite, the mark cleared) keeps B's bytes, also
+    // when revision A answers.
+    let rewritten = updated(&moved, &statefulset("kaspr:1", 1), &app, &revision_a());
+    assert_eq!(rewritten["spec"]["template"], by_b["spec"]["template"]);
+    let cleared = updated(&moved, &statefulset("kaspr:1", 1), &app, &revision_b());
+    assert_eq!(cleared["spec"]["template"], by_b["spec"]["template"]);
+}
+
+#[rstest]
+#[case::a_mark_for_another_revision("c")]
+#[case::a_mark_for_the_revision_it_has("a")]
+fn a_mark_for_any_other_revision_keeps_the_injection(#[case] target: &str) {
+    let app = kasprapp(&["a==1"]);
+    let stored = created(&statefulset("kaspr:1", 1), &app, &revision_a());
+    let kept = updated(&stored, &marked(&stored, target), &app, &revision_b());
+    assert_eq!(kept["spec"]["template"], stored["spec"]["template"]);
+}
+
+#[test]
+fn a_pod_is_never_moved_by_a_mark() {
+    let app = kasprapp(&["a==1"]);
+    let stored = created(&statefulset("kaspr:1", 1), &app, &revision_a());
+    let mut pod = json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": stored["spec"]["template"]["metadata"].clone(),
+        "spec": stored["spec"]["template"]["spec"].clone()});
+    pod["metadata"]["annotations"][names::MARK_ANNOTATION] = json!("b");
+    let outcome = mutate_object(ObjectKind::Pod, &pod, &app, &revision_b()).expect("allowed");
+    assert!(outcome.patch.0.is_empty(), "{:?}", outcome.patch);
+}
