@@ -15,6 +15,10 @@ use kaspr_packages_webhook::config::RenderConfig;
 use kaspr_packages_webhook::mutation::ObjectKind;
 use serde_json::Value;
 
+// The binary's allocator, so the numbers are those `serve` gets.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn read(path: &str) -> String {
     std::fs::read_to_string(format!("{}/{path}", env!("CARGO_MANIFEST_DIR"))).expect("fixture")
 }

@@ -368,10 +368,16 @@ fn mutate(
             None
         } else {
             // Never allow without the injection: a patch we cannot serialize is a denial.
-            Some(serde_json::to_vec(&outcome.patch).map_err(|e| Denial {
-                message: format!("kaspr-packages-webhook could not serialize its patch: {e}"),
-                warnings: outcome.warnings.clone(),
-            })?)
+            Some(
+                crate::patch::to_vec_splicing(
+                    &outcome.patch,
+                    &[crate::installer::bootstrap_preserialized()],
+                )
+                .map_err(|e| Denial {
+                    message: format!("kaspr-packages-webhook could not serialize its patch: {e}"),
+                    warnings: outcome.warnings.clone(),
+                })?,
+            )
         };
         Ok((patch, outcome.warnings))
     });

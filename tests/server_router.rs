@@ -485,3 +485,41 @@ fn one_structured_log_line_per_admission_without_objects() {
     // No object content at info.
     assert!(!text.contains("kasprio/kaspr"), "{text}");
 }
+
+#[tokio::test]
+async fn the_bench_floor_is_served_only_when_asked_for() {
+    let review = statefulset_review("uid-floor", "apps", "demo").to_string();
+    let (default_router, _) = router_with(demo_apps(), Duration::from_secs(8));
+    let (status, _, _) = call(
+        &default_router,
+        post("/bench-floor?bytes=5000", review.clone()),
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    let mut registry = metrics::new_registry();
+    let state = WebhookState::new(
+        demo_apps(),
+        RenderConfig::default(),
+        WebhookMetrics::register(&mut registry),
+        LIMIT,
+        Duration::from_secs(8),
+    );
+    let floor = webhook::bench_floor_router(state);
+    let (status, content_type, body) =
+        call(&floor, post("/bench-floor?bytes=5000", review.clone())).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(content_type.as_deref(), Some("application/json"));
+    assert_eq!(body.len(), 5000);
+    assert_eq!(review_response(&body)["allowed"], true);
+    // Same body limit as /mutate, and a bad size is named.
+    let (status, _, _) = call(&floor, post("/bench-floor", vec![b' '; LIMIT + 1])).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    let (status, _, body) = call(&floor, post("/bench-floor?bytes=lots", review.clone())).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(String::from_utf8_lossy(&body).contains("bytes: \"lots\""));
+    // The review routes are unchanged beside it.
+    let (status, _, body) = call(&floor, post("/mutate", review)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(review_response(&body)["patchType"], "JSONPatch");
+}

@@ -249,6 +249,29 @@ def table(path):
                 f"| {r['cpu_cores']} | {r['cpu_us_per_req']} | {r['peak_rss_mib']} "
                 f"| {r['loadavg']} |"
             )
+        ratios(load_rows)
+
+
+def ratios(load_rows):
+    """Throughput at `max` of each review against its floor and against vault-k8s, per layout."""
+    at_max = {r["label"]: r["throughput"] for r in load_rows if r["rate"] == "max"}
+    lines = []
+    for label, throughput in sorted(at_max.items()):
+        if not label.startswith("ours-"):
+            continue
+        review, layout = label[len("ours-") :].rsplit("-", 1)
+        floor = at_max.get(f"floor-{review}-{layout}")
+        vault = at_max.get(f"vault-pod-{layout}")
+        lines.append(
+            f"| {review} | {layout} | {throughput} "
+            f"| {floor if floor else '–'} | {f'{throughput / floor:.0%}' if floor else '–'} "
+            f"| {f'{throughput / vault:.2f}×' if vault else '–'} |"
+        )
+    if lines:
+        print()
+        print("| review | layout | ours at max (req/s) | floor at max (req/s) | ours ÷ floor | ours ÷ vault-k8s |")
+        print("|---|---|---:|---:|---:|---:|")
+        print("\n".join(lines))
 
 
 def main():

@@ -170,6 +170,12 @@ pub struct ServeArgs {
     #[arg(long, env = "KASPR_WEBHOOK_CLIENT_CA", value_name = "FILE")]
     pub client_ca: Option<std::path::PathBuf>,
 
+    /// Also serve `POST /bench-floor` on the webhook port: the load benchmark's floor, an
+    /// answer of `?bytes=N` bytes after reading the body, with no other work. Off by default,
+    /// hidden, and never enabled by the chart.
+    #[arg(long, env = "KASPR_WEBHOOK_BENCH_FLOOR", hide = true)]
+    pub bench_floor: bool,
+
     /// Issue and rotate the serving certificate in-process: a CA and certificate kept in the
     /// Secret --cert-secret, the CA bundle written into the --webhook-configs (see docs/certificates.md).
     #[arg(
@@ -316,6 +322,7 @@ impl ServeArgs {
             header_timeout,
             render,
             client_ca,
+            bench_floor,
             self_managed_certs,
             cert_secret,
             cert_namespace,
@@ -381,6 +388,7 @@ impl ServeArgs {
                 shutdown_timeout,
                 render: render.into_config(),
                 client_ca,
+                bench_floor,
             },
             certs,
             apps,

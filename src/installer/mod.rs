@@ -69,6 +69,15 @@ pub fn bootstrap() -> &'static str {
     &BOOTSTRAP
 }
 
+static BOOTSTRAP_JSON: LazyLock<Vec<u8>> =
+    LazyLock::new(|| serde_json::to_vec(bootstrap()).unwrap_or_default());
+
+/// [`bootstrap`] with its JSON form, serialized once, for patches that splice it in
+/// ([`crate::patch::to_vec_splicing`]).
+pub fn bootstrap_preserialized() -> crate::patch::Preserialized {
+    (bootstrap(), BOOTSTRAP_JSON.as_slice())
+}
+
 /// A short digest of [`bootstrap`], so hashes over rendered pods need not read the whole program.
 pub fn digest() -> &'static str {
     &DIGEST

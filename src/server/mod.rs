@@ -53,6 +53,8 @@ pub struct Settings {
     pub render: RenderConfig,
     /// When set, the webhook port requires a client certificate signed by a CA in this PEM file.
     pub client_ca: Option<PathBuf>,
+    /// Serve the load benchmark's no-op `POST /bench-floor` (see [`webhook::bench_floor_router`]).
+    pub bench_floor: bool,
 }
 
 impl Default for Settings {
@@ -67,6 +69,7 @@ impl Default for Settings {
             shutdown_timeout: Duration::from_secs(20),
             render: RenderConfig::default(),
             client_ca: None,
+            bench_floor: false,
         }
     }
 }
@@ -421,6 +424,7 @@ pub async fn start(
         shutdown_timeout,
         render,
         client_ca,
+        bench_floor,
     } = settings;
     let Services {
         apps,
@@ -448,8 +452,14 @@ pub async fn start(
         max_body_bytes,
         request_timeout,
     );
+    let routes = if bench_floor {
+        tracing::warn!("serving the load benchmark's POST /bench-floor on the webhook port");
+        webhook::bench_floor_router(webhook_state)
+    } else {
+        webhook::router(webhook_state)
+    };
     let (handle, webhook_server) =
-        spawn_webhook_server(webhook_listener, tls_config, header_timeout, webhook_state)?;
+        spawn_webhook_server(webhook_listener, tls_config, header_timeout, routes)?;
 
     let probe_state = probes::ProbeState::new(
         Arc::clone(&certs),
@@ -506,7 +516,7 @@ fn spawn_webhook_server(
     listener: std::net::TcpListener,
     tls_config: Arc<rustls::ServerConfig>,
     header_timeout: Duration,
-    state: webhook::WebhookState,
+    routes: axum::Router,
 ) -> anyhow::Result<(
     axum_server::Handle<SocketAddr>,
     tokio::task::JoinHandle<std::io::Result<()>>,
@@ -525,7 +535,7 @@ fn spawn_webhook_server(
         .http1()
         .keep_alive(true)
         .header_read_timeout(Some(header_timeout));
-    let task = tokio::spawn(server.serve(webhook::router(state).into_make_service()));
+    let task = tokio::spawn(server.serve(routes.into_make_service()));
     Ok((handle, task))
 }
 

@@ -66,6 +66,66 @@ pub fn router(state: WebhookState) -> Router {
         .with_state(state)
 }
 
+/// [`router`] plus `POST /bench-floor`, the load benchmark's floor: the same TLS, HTTP versions,
+/// body limit and deadline as `/mutate`, and an answer of a chosen size, but no parsing, lookup,
+/// decision, metrics or log line. Comparing `/mutate` with it shows what the review itself costs
+/// over the server stack. Only `serve --bench-floor` serves it.
+pub fn bench_floor_router(state: WebhookState) -> Router {
+    Router::new()
+        .route("/mutate", post(mutate))
+        .route("/validate", post(validate))
+        .route("/bench-floor", post(bench_floor))
+        .fallback(not_found)
+        .with_state(state)
+}
+
+/// The floor answer's size when the query names none.
+const FLOOR_DEFAULT_BYTES: usize = 1024;
+
+/// The answer size the floor was asked for: `?bytes=N`, at most the body limit.
+fn floor_bytes(query: Option<&str>, limit: usize) -> Result<usize, String> {
+    let Some(value) = query
+        .unwrap_or("")
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("bytes="))
+    else {
+        return Ok(FLOOR_DEFAULT_BYTES);
+    };
+    match value.parse::<usize>() {
+        Ok(bytes) if bytes <= limit => Ok(bytes),
+        _ => Err(format!(
+            "query bytes: {value:?} is not a whole number of bytes up to {limit}"
+        )),
+    }
+}
+
+/// An allowed AdmissionReview, padded with JSON whitespace to `bytes` (never shorter than the
+/// review itself).
+fn floor_answer(bytes: usize) -> Vec<u8> {
+    let mut answer = br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","response":{"uid":"bench-floor","allowed":true}}"#.to_vec();
+    if answer.len() < bytes {
+        answer.resize(bytes, b' ');
+    }
+    answer
+}
+
+async fn bench_floor(State(state): State<WebhookState>, request: Request) -> Response {
+    let deadline = tokio::time::Instant::now() + state.inner.request_timeout;
+    let bytes = match floor_bytes(request.uri().query(), state.inner.max_body_bytes) {
+        Ok(bytes) => bytes,
+        Err(message) => return text(StatusCode::BAD_REQUEST, format!("{message}\n")),
+    };
+    if let Err((status, _, message)) = read_request_body(&state.inner, request, deadline).await {
+        return text(status, format!("{message}\n"));
+    }
+    let mut response = (StatusCode::OK, floor_answer(bytes)).into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
 pub(crate) async fn not_found() -> Response {
     text(StatusCode::NOT_FOUND, "not found\n".to_owned())
 }
@@ -400,4 +460,39 @@ fn debug_details(review: &admission::AdmissionRequest, decision: &Decision) {
         .map(String::from_utf8_lossy)
         .unwrap_or_default();
     tracing::debug!(uid = %review.uid, %object, %patch, "admission details");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rstest::rstest;
+
+    #[rstest]
+    #[case::no_query(None, Ok(FLOOR_DEFAULT_BYTES))]
+    #[case::other_keys_only(Some("x=1"), Ok(FLOOR_DEFAULT_BYTES))]
+    #[case::bytes(Some("bytes=40"), Ok(40))]
+    #[case::bytes_after_another_key(Some("x=1&bytes=7"), Ok(7))]
+    #[case::at_the_limit(Some("bytes=100"), Ok(100))]
+    #[case::over_the_limit(Some("bytes=101"), Err("query bytes: \"101\" is not a whole number of bytes up to 100".to_owned()))]
+    #[case::not_a_number(Some("bytes=-1"), Err("query bytes: \"-1\" is not a whole number of bytes up to 100".to_owned()))]
+    fn floor_size_comes_from_the_query(
+        #[case] query: Option<&str>,
+        #[case] expected: Result<usize, String>,
+    ) {
+        assert_eq!(floor_bytes(query, 100), expected);
+    }
+
+    #[test]
+    fn floor_answer_is_an_allowed_review_of_the_asked_size() {
+        let unpadded = floor_answer(0);
+        let padded = floor_answer(40_000);
+        assert_eq!(padded.len(), 40_000);
+        assert!(padded.starts_with(&unpadded));
+        // Too small a size still gives the whole review.
+        assert_eq!(floor_answer(3), unpadded);
+        for answer in [&unpadded, &padded] {
+            let review: serde_json::Value = serde_json::from_slice(answer).expect("JSON");
+            assert_eq!(review["response"]["allowed"], true);
+        }
+    }
 }
