@@ -33,7 +33,7 @@ from e2e_gcs import GcsStandIn
 from e2e_index import PackageIndex
 from e2e_registry import Registry
 from e2e_webhook import Webhook
-from test_image_mode import REPOSITORY, image_app, image_webhook, recorded_image, wait_image_pod  # noqa: F401 (fixture)
+from test_image_mode import REPOSITORY, image_app, remove_from_node, image_webhook, recorded_image, wait_image_pod  # noqa: F401 (fixture)
 from test_node_pods import app_statefulset, cache_claim, credentials_secret, host_path_volume, python_packages
 from e2e_objects import kasprapp
 
@@ -179,17 +179,8 @@ def test_image_mode(cluster: ControlPlane, image_webhook: Webhook, registry: Reg
     _measure(f"image volume, image on the node ({label})", cluster, namespace, app, warmup=False, pulled=pulled)
 
     def forget_image() -> None:
-        # Every image record naming the manifest: the kubelet's reference and the one containerd
-        # names by the config digest (left alone, it keeps the content and the unpacked layers).
-        listed = cluster.node.ctr(["images", "ls"]).stdout.splitlines()[1:]
-        names = [line.split()[0] for line in listed if digest in line.split()]
-        if names:
-            cluster.node.ctr(["images", "rm", "--sync", *names])
-        left = [blob for blob in sizes if blob in cluster.node.ctr(["content", "ls", "-q"]).stdout.split()]
-        if left:
-            cluster.node.ctr(["content", "rm", *left])
-            left = [blob for blob in sizes if blob in cluster.node.ctr(["content", "ls", "-q"]).stdout.split()]
-        assert not left, f"the node still holds the set's blobs {left}; the round would not be cold"
+        # Every image record naming the manifest and the set's blobs leave the node (checked).
+        remove_from_node(cluster, digest, list(sizes))
         mark["offset"] = registry.log_offset()
 
     _measure(f"image volume, cold: image and its blobs removed from the node before each start ({label})",
