@@ -5,9 +5,10 @@ part of the test suite (pytest collects only test_*.py there).
 Image mode (builds on, the set mounted as an image volume from the registry in the namespace;
 needs the node's containerd 2.x) runs twice: with the image on the node, and cold: before each
 round every image record of the node naming the set's manifest is removed (`ctr images rm
---sync`: the kubelet's reference and the one containerd names by the config digest), and its
-blobs are removed from the content store if they are still there, checked with `ctr content
-ls`. Each image round counts the registry's blob downloads (crane's registry logs every request)
+--sync`: the kubelet's reference and the one containerd names by the config digest), then its
+blobs from the content store and its unpacked layers (snapshots named by chain id) if they are
+still there (containerd fetches no layer whose snapshot it has), checked with `ctr content ls`
+and `ctr snapshots ls`. Each image round counts the registry's blob downloads (crane's registry logs every request)
 and the bytes they carry (the sizes in the manifest), so the cold rows show what was pulled.
 
 For each scenario one StatefulSet is scaled 0 -> 1 repeatedly: the clock starts before the
@@ -168,6 +169,7 @@ def test_image_mode(cluster: ControlPlane, image_webhook: Webhook, registry: Reg
     digest = reference.split("@", 1)[1]
     manifest = registry.manifest(REPOSITORY_PATH, digest)
     sizes = {b["digest"]: b["size"] for b in [manifest["config"], *manifest["layers"]]}
+    snapshots = registry.chain_ids(REPOSITORY_PATH, digest)
     mark = {"offset": registry.log_offset()}
 
     def pulled() -> int:
@@ -179,8 +181,9 @@ def test_image_mode(cluster: ControlPlane, image_webhook: Webhook, registry: Reg
     _measure(f"image volume, image on the node ({label})", cluster, namespace, app, warmup=False, pulled=pulled)
 
     def forget_image() -> None:
-        # Every image record naming the manifest and the set's blobs leave the node (checked).
-        remove_from_node(cluster, digest, list(sizes))
+        # Every image record naming the manifest, the set's blobs and its unpacked layers leave
+        # the node (checked).
+        remove_from_node(cluster, digest, list(sizes), snapshots)
         mark["offset"] = registry.log_offset()
 
     _measure(f"image volume, cold: image and its blobs removed from the node before each start ({label})",

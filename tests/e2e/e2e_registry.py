@@ -5,6 +5,7 @@ images to it; the node's containerd pulls them (see `e2e_node.REGISTRY_HOST`).""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -63,6 +64,18 @@ class Registry:
         status, body = self.cluster.http_get(f"http://{self.host}/v2/{repository}/manifests/{digest}", timeout=5)
         assert status == 200, (status, body)
         return json.loads(body)
+
+    def chain_ids(self, repository: str, digest: str) -> list[str]:
+        """The snapshot names a runtime unpacks the image under `digest` to: the OCI chain ids of
+        its config's `rootfs.diff_ids`, bottom layer first."""
+        config = self.manifest(repository, digest)["config"]["digest"]
+        status, body = self.cluster.http_get(f"http://{self.host}/v2/{repository}/blobs/{config}", timeout=5)
+        assert status == 200, (status, body)
+        chain: list[str] = []
+        for diff_id in json.loads(body)["rootfs"]["diff_ids"]:
+            step = diff_id if not chain else "sha256:" + hashlib.sha256(f"{chain[-1]} {diff_id}".encode()).hexdigest()
+            chain.append(step)
+        return chain
 
     def delete_manifest(self, repository: str, digest: str) -> None:
         """Delete the manifest stored under `digest` (its tag and blobs stay), asked from inside

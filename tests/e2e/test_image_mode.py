@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from e2e_cluster import ControlPlane, Process, pod_ready, tail, wait_for
+from e2e_cluster import ControlPlane, E2EError, Process, pod_ready, tail, wait_for
 from e2e_index import PackageIndex
 from e2e_node import REGISTRY_HOST
 from e2e_objects import kasprapp
@@ -87,23 +87,41 @@ def assert_runs_from_image(cluster: ControlPlane, namespace: str, pod: dict, ver
     assert written.returncode != 0 and "Read-only file system" in written.stderr, written
 
 
-def remove_from_node(cluster: ControlPlane, digest: str, blobs: list[str]) -> None:
+def remove_from_node(cluster: ControlPlane, digest: str, blobs: list[str], snapshots: list[str] = ()) -> None:
     """Remove from the node every image record naming the manifest `digest` (the kubelet's
     reference and the one containerd names by the config digest; either keeps the content),
-    then `blobs` from the content store if they are still there. Fails when any stays, so
-    the next pod of the image must pull it."""
+    then `blobs` from the content store and the unpacked layers `snapshots` (chain ids, bottom
+    first) if they are still there: containerd fetches no layer whose snapshot it has. Fails
+    when anything stays, except a layer another image on the node builds on (a distribution
+    both install), so the next pod of the image must pull the rest."""
     listed = cluster.node.ctr(["images", "ls"]).stdout.splitlines()[1:]
     names = [line.split()[0] for line in listed if digest in line.split()]
     if names:
         cluster.node.ctr(["images", "rm", "--sync", *names])
 
-    def held() -> list[str]:
+    def held_blobs() -> list[str]:
         stored = cluster.node.ctr(["content", "ls", "-q"]).stdout.split()
         return [blob for blob in blobs if blob in stored]
 
-    if held():
-        cluster.node.ctr(["content", "rm", *held()])
-    assert not held(), f"the node still holds blobs {held()} of {digest}"
+    def snapshot_rows() -> list[list[str]]:
+        # KEY PARENT KIND; a bottom layer has no parent.
+        return [line.split() for line in cluster.node.ctr(["snapshots", "ls"]).stdout.splitlines()[1:] if line.strip()]
+
+    def held_snapshots() -> list[str]:
+        keys = {row[0] for row in snapshot_rows()}
+        return [key for key in snapshots if key in keys]
+
+    if held_blobs():
+        cluster.node.ctr(["content", "rm", *held_blobs()])
+    for key in reversed(held_snapshots()):  # children before their parents
+        try:
+            cluster.node.ctr(["snapshots", "rm", key])
+        except E2EError:
+            pass  # the parent of another image's layer (a distribution both install): checked below
+    parents = {row[1] for row in snapshot_rows() if len(row) == 3}
+    assert not held_blobs(), f"the node still holds blobs {held_blobs()} of {digest}"
+    stuck = [key for key in held_snapshots() if key not in parents]
+    assert not stuck, f"the node still holds snapshots {stuck} of {digest}"
     assert digest not in cluster.node.ctr(["images", "ls"]).stdout
 
 
