@@ -66,9 +66,11 @@ def _start_once(cluster: ControlPlane, namespace: str, sts: str, selector: str,
 
 
 def _measure(name: str, cluster: ControlPlane, namespace: str, app: str, warmup: bool,
-             before: Callable[[], None] | None = None, pulled: Callable[[], int] | None = None) -> None:
-    """`pulled`, when given, is called after each round and returns the bytes the round
-    downloaded; `before` runs before each round (outside the clock)."""
+             before: Callable[[], None] | None = None, pulled: Callable[[], tuple[int, int]] | None = None,
+             cold: bool = False, set_bytes: int | None = None) -> None:
+    """`pulled`, when given, is called after each round and returns the blobs and bytes the
+    round downloaded; `before` runs before each round (outside the clock); `cold` says every
+    round starts cold; `set_bytes` is the size of the set's image (config and layers)."""
     selector = f"kaspr.io/app={app}"
     first = _start_once(cluster, namespace, f"{app}-app", selector) if warmup else None
     samples, downloads = [], []
@@ -82,12 +84,15 @@ def _measure(name: str, cluster: ControlPlane, namespace: str, app: str, warmup:
         "min": min(samples),
         "median": statistics.median(samples),
         "max": max(samples),
-        "pulled_bytes": downloads or None,
+        "cold_every_round": cold,
+        "pulled_blobs": [blobs for blobs, _ in downloads] or None,
+        "pulled_bytes": [size for _, size in downloads] or None,
+        "set_bytes": set_bytes,
     }
     RESULTS.write_text(json.dumps(_results, indent=2))
     print(f"\n{name}: median {statistics.median(samples):.2f}s min {min(samples):.2f}s max {max(samples):.2f}s"
           + (f" (first, building the cache: {first:.2f}s)" if first is not None else "")
-          + (f" pulled per round: {downloads} bytes" if downloads else ""))
+          + (f" pulled per round (blobs, bytes): {downloads}" if downloads else ""))
 
 
 def _deploy(cluster: ControlPlane, namespace: str, app: str, packages: dict | None, image: str, **options) -> None:
@@ -112,7 +117,7 @@ def test_empty_dir_cold(cluster: ControlPlane, webhook: Webhook, namespace: str,
                         app_image: str):
     credentials_secret(cluster, namespace, package_index)
     _deploy(cluster, namespace, "cold", python_packages(package_index, ["kasprdemo==1.0"]), app_image)
-    _measure("emptyDir (installs every start)", cluster, namespace, "cold", warmup=False)
+    _measure("emptyDir (installs every start)", cluster, namespace, "cold", warmup=False, cold=True)
 
 
 def test_pvc_warm(cluster: ControlPlane, webhook: Webhook, namespace: str, package_index: PackageIndex,
@@ -172,13 +177,14 @@ def test_image_mode(cluster: ControlPlane, image_webhook: Webhook, registry: Reg
     snapshots = registry.chain_ids(REPOSITORY_PATH, digest)
     mark = {"offset": registry.log_offset()}
 
-    def pulled() -> int:
-        # Bytes of the set's blobs the registry served since the last call.
-        gets = registry.blob_gets(REPOSITORY_PATH, mark["offset"])
+    def pulled() -> tuple[int, int]:
+        # The set's blobs the registry served since the last call, and their bytes.
+        gets = [blob for blob in registry.blob_gets(REPOSITORY_PATH, mark["offset"]) if blob in sizes]
         mark["offset"] = registry.log_offset()
-        return sum(sizes.get(blob, 0) for blob in gets)
+        return len(gets), sum(sizes[blob] for blob in gets)
 
-    _measure(f"image volume, image on the node ({label})", cluster, namespace, app, warmup=False, pulled=pulled)
+    _measure(f"image volume, image on the node ({label})", cluster, namespace, app, warmup=False, pulled=pulled,
+             set_bytes=sum(sizes.values()))
 
     def forget_image() -> None:
         # Every image record naming the manifest, the set's blobs and its unpacked layers leave
@@ -186,5 +192,6 @@ def test_image_mode(cluster: ControlPlane, image_webhook: Webhook, registry: Reg
         remove_from_node(cluster, digest, list(sizes), snapshots)
         mark["offset"] = registry.log_offset()
 
-    _measure(f"image volume, cold: image and its blobs removed from the node before each start ({label})",
-             cluster, namespace, app, warmup=False, before=forget_image, pulled=pulled)
+    _measure(f"image volume, cold: image, blobs and layers removed from the node before each start ({label})",
+             cluster, namespace, app, warmup=False, before=forget_image, pulled=pulled, cold=True,
+             set_bytes=sum(sizes.values()))
