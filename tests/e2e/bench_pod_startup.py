@@ -3,8 +3,13 @@ node, without injection and with each cache mode. Run with scripts/bench-pod-sta
 part of the test suite (pytest collects only test_*.py there).
 
 Image mode (builds on, the set mounted as an image volume from the registry in the namespace;
-needs the node's containerd 2.x) runs twice: with the image on the node, and with the image
-removed from the node (`ctr images rm --sync`) before each round.
+needs the node's containerd 2.x) runs twice: with the image on the node, and cold: before each
+round every image record of the node naming the set's manifest is removed (`ctr images rm
+--sync`: the kubelet's reference and the one containerd names by the config digest), then its
+blobs from the content store and its unpacked layers (snapshots named by chain id) if they are
+still there (containerd fetches no layer whose snapshot it has), checked with `ctr content ls`
+and `ctr snapshots ls`. Each image round counts the registry's blob downloads (crane's registry logs every request)
+and the bytes they carry (the sizes in the manifest), so the cold rows show what was pulled.
 
 For each scenario one StatefulSet is scaled 0 -> 1 repeatedly: the clock starts before the
 scale call and stops when the pod's Ready condition is seen (polled every 0.1 s), then the
@@ -29,10 +34,11 @@ from e2e_gcs import GcsStandIn
 from e2e_index import PackageIndex
 from e2e_registry import Registry
 from e2e_webhook import Webhook
-from test_image_mode import image_app, image_webhook, recorded_image, wait_image_pod  # noqa: F401 (fixture)
+from test_image_mode import REPOSITORY, image_app, remove_from_node, image_webhook, recorded_image, wait_image_pod  # noqa: F401 (fixture)
 from test_node_pods import app_statefulset, cache_claim, credentials_secret, host_path_volume, python_packages
 from e2e_objects import kasprapp
 
+REPOSITORY_PATH = REPOSITORY.split("/", 1)[1]
 ROUNDS = int(os.environ.get("KASPR_BENCH_ROUNDS", "5"))
 RESULTS = Path(os.environ.get("KASPR_BENCH_RESULTS", "/tmp/kaspr-pod-startup.json"))
 _results: dict[str, dict] = {}
@@ -60,20 +66,33 @@ def _start_once(cluster: ControlPlane, namespace: str, sts: str, selector: str,
 
 
 def _measure(name: str, cluster: ControlPlane, namespace: str, app: str, warmup: bool,
-             before: Callable[[], None] | None = None) -> None:
+             before: Callable[[], None] | None = None, pulled: Callable[[], tuple[int, int]] | None = None,
+             cold: bool = False, set_bytes: int | None = None) -> None:
+    """`pulled`, when given, is called after each round and returns the blobs and bytes the
+    round downloaded; `before` runs before each round (outside the clock); `cold` says every
+    round starts cold; `set_bytes` is the size of the set's image (config and layers)."""
     selector = f"kaspr.io/app={app}"
     first = _start_once(cluster, namespace, f"{app}-app", selector) if warmup else None
-    samples = [_start_once(cluster, namespace, f"{app}-app", selector, before) for _ in range(ROUNDS)]
+    samples, downloads = [], []
+    for _ in range(ROUNDS):
+        samples.append(_start_once(cluster, namespace, f"{app}-app", selector, before))
+        if pulled is not None:
+            downloads.append(pulled())
     _results[name] = {
         "first": first,
         "samples": samples,
         "min": min(samples),
         "median": statistics.median(samples),
         "max": max(samples),
+        "cold_every_round": cold,
+        "pulled_blobs": [blobs for blobs, _ in downloads] or None,
+        "pulled_bytes": [size for _, size in downloads] or None,
+        "set_bytes": set_bytes,
     }
     RESULTS.write_text(json.dumps(_results, indent=2))
     print(f"\n{name}: median {statistics.median(samples):.2f}s min {min(samples):.2f}s max {max(samples):.2f}s"
-          + (f" (first, building the cache: {first:.2f}s)" if first is not None else ""))
+          + (f" (first, building the cache: {first:.2f}s)" if first is not None else "")
+          + (f" pulled per round (blobs, bytes): {downloads}" if downloads else ""))
 
 
 def _deploy(cluster: ControlPlane, namespace: str, app: str, packages: dict | None, image: str, **options) -> None:
@@ -98,7 +117,7 @@ def test_empty_dir_cold(cluster: ControlPlane, webhook: Webhook, namespace: str,
                         app_image: str):
     credentials_secret(cluster, namespace, package_index)
     _deploy(cluster, namespace, "cold", python_packages(package_index, ["kasprdemo==1.0"]), app_image)
-    _measure("emptyDir (installs every start)", cluster, namespace, "cold", warmup=False)
+    _measure("emptyDir (installs every start)", cluster, namespace, "cold", warmup=False, cold=True)
 
 
 def test_pvc_warm(cluster: ControlPlane, webhook: Webhook, namespace: str, package_index: PackageIndex,
@@ -152,12 +171,27 @@ def test_image_mode(cluster: ControlPlane, image_webhook: Webhook, registry: Reg
     cluster.kubectl(["scale", "statefulset", f"{app}-app", "-n", namespace, "--replicas=0"])
     wait_for("the pod to go", lambda: not cluster.pods(namespace, f"kaspr.io/app={app}"), timeout=120, interval=0.2)
     label = "kasprdemo" if packages == "small" else f"kasprdemo + {wanted[-1]}"
-    _measure(f"image volume, image on the node ({label})", cluster, namespace, app, warmup=False)
+    digest = reference.split("@", 1)[1]
+    manifest = registry.manifest(REPOSITORY_PATH, digest)
+    sizes = {b["digest"]: b["size"] for b in [manifest["config"], *manifest["layers"]]}
+    snapshots = registry.chain_ids(REPOSITORY_PATH, digest)
+    mark = {"offset": registry.log_offset()}
+
+    def pulled() -> tuple[int, int]:
+        # The set's blobs the registry served since the last call, and their bytes.
+        gets = [blob for blob in registry.blob_gets(REPOSITORY_PATH, mark["offset"]) if blob in sizes]
+        mark["offset"] = registry.log_offset()
+        return len(gets), sum(sizes[blob] for blob in gets)
+
+    _measure(f"image volume, image on the node ({label})", cluster, namespace, app, warmup=False, pulled=pulled,
+             set_bytes=sum(sizes.values()))
 
     def forget_image() -> None:
-        # The image leaves the node before each start (`ctr images rm --sync`), so the kubelet
-        # asks the registry again; whether containerd keeps the layers is not checked here.
-        cluster.node.ctr(["images", "rm", "--sync", reference])
+        # Every image record naming the manifest, the set's blobs and its unpacked layers leave
+        # the node (checked).
+        remove_from_node(cluster, digest, list(sizes), snapshots)
+        mark["offset"] = registry.log_offset()
 
-    _measure(f"image volume, image removed from the node before each start ({label})", cluster, namespace, app,
-             warmup=False, before=forget_image)
+    _measure(f"image volume, cold: image, blobs and layers removed from the node before each start ({label})",
+             cluster, namespace, app, warmup=False, before=forget_image, pulled=pulled, cold=True,
+             set_bytes=sum(sizes.values()))

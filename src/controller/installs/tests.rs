@@ -255,3 +255,89 @@ async fn pods_of_an_unknown_app_are_counted_but_not_reported() {
             .first_publication(&key, "key_unreadable")
     );
 }
+
+fn pulling_pod(name: &str, set: &str, reason: &str) -> Pod {
+    let reference = format!("registry.example/kaspr/packages@sha256:{set}");
+    serde_json::from_value(json!({
+        "metadata": {"name": name, "namespace": "apps", "uid": format!("uid-{name}"),
+                     "labels": {"kaspr.io/kind": "KasprApp", "kaspr.io/app": "shop"},
+                     "annotations": {"packages.kaspr.io/set": set}},
+        "spec": {
+            "volumes": [{"name": names::IMAGE_VOLUME, "image": {"reference": reference}}],
+            "containers": [{"name": "kaspr", "image": "app:1",
+                            "volumeMounts": [{"name": names::IMAGE_VOLUME, "mountPath": names::SITE_PATH}]}]},
+        "status": {"containerStatuses": [
+            {"name": "kaspr", "ready": false, "restartCount": 0, "image": "app:1", "imageID": "",
+             "state": {"waiting": {"reason": reason,
+                                   "message": format!("failed to pull {reference}: not found")}}}]}
+    }))
+    .expect("pod")
+}
+
+#[tokio::test]
+async fn an_image_pull_failure_is_published_once_per_app_and_set() {
+    let (client, sent) = fake_api(|_, _, _| (404, status(404, "NotFound")));
+    let mut context = context(client);
+    context.stores = vec![store_with_shop()];
+    let since: Timestamp = "2026-12-02T10:01:00Z".parse().expect("time");
+
+    // The kubelet's back-off moves a pod between the two reasons; a resync repeats a status; a
+    // replaced pod fails on the same set: all one Event.
+    for pod in [
+        pulling_pod("shop-app-0", "00000000000000aa", "ErrImagePull"),
+        pulling_pod("shop-app-0", "00000000000000aa", "ImagePullBackOff"),
+        pulling_pod("shop-app-0", "00000000000000aa", "ErrImagePull"),
+        pulling_pod("shop-app-1", "00000000000000aa", "ImagePullBackOff"),
+    ] {
+        observe(&context, &pod, since).await;
+    }
+    // Another set of the same app is news.
+    observe(
+        &context,
+        &pulling_pod("shop-app-0", "00000000000000bb", "ErrImagePull"),
+        since,
+    )
+    .await;
+
+    let events: Vec<_> = writes(&sent)
+        .into_iter()
+        .filter(|s| s.path.ends_with("/events"))
+        .map(|s| s.body)
+        .collect();
+    assert_eq!(events.len(), 2, "{events:?}");
+    for (event, set, reason) in [
+        (&events[0], "00000000000000aa", "ErrImagePull"),
+        (&events[1], "00000000000000bb", "ErrImagePull"),
+    ] {
+        assert_eq!(event["type"], "Warning");
+        assert_eq!(event["reason"], image_pull::IMAGE_PULL_REASON);
+        assert_eq!(event["regarding"]["kind"], "KasprApp");
+        assert_eq!(event["regarding"]["name"], "shop");
+        assert_eq!(
+            event["note"],
+            format!(
+                "pod shop-app-0 cannot pull the image of package set {set} \
+                 (registry.example/kaspr/packages@sha256:{set}): kaspr: {reason}: failed to pull \
+                 registry.example/kaspr/packages@sha256:{set}: not found"
+            )
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_image_pull_failure_of_an_unknown_app_is_not_published_and_stays_news() {
+    let (client, sent) = fake_api(|_, _, _| (404, status(404, "NotFound")));
+    let mut context = context(client);
+    let since: Timestamp = "2026-12-02T10:01:00Z".parse().expect("time");
+    let pod = pulling_pod("shop-app-0", "00000000000000aa", "ErrImagePull");
+    observe(&context, &pod, since).await;
+    assert!(writes(&sent).is_empty());
+    // Once the app is in the cache, the same failure is published.
+    context.stores = vec![store_with_shop()];
+    observe(&context, &pod, since).await;
+    let events = writes(&sent)
+        .into_iter()
+        .filter(|s| s.path.ends_with("/events"))
+        .count();
+    assert_eq!(events, 1);
+}
