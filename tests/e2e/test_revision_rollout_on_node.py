@@ -16,6 +16,8 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -122,14 +124,20 @@ def done(statefulsets: dict[str, dict], pods: list[dict], target: str) -> bool:
         for app, sts in statefulsets.items())
 
 
-def watch_phase(cluster: ControlPlane, namespace: str, target: str) -> Phase:
-    """Sample until every app is on `target`, Ready and unmarked; bounded in time and count."""
+def watch_phase(cluster: ControlPlane, namespace: str, target: str,
+                on_first_mark: Callable[[str], None] | None = None) -> Phase:
+    """Sample until every app is on `target`, Ready and unmarked; bounded in time and count.
+    `on_first_mark` is called once with the first app seen marked for `target`."""
     phase = Phase(target)
     start = time.monotonic()
     for _ in range(PHASE_TIMEOUT * 2):
         statefulsets, pods = snapshot(cluster, namespace)
         phase.samples += 1
         phase.most_rolling = max(phase.most_rolling, len(rolling(statefulsets, target)))
+        first_marked = sorted(app for app, sts in statefulsets.items() if marked(sts) == target)
+        if on_first_mark and first_marked:
+            on_first_mark(first_marked[0])
+            on_first_mark = None
         for pod in pods:
             phase.pod_uids.setdefault(pod["metadata"]["labels"]["kaspr.io/app"], set()).add(pod["metadata"]["uid"])
         if done(statefulsets, pods, target):
@@ -175,9 +183,16 @@ def assert_on(cluster: ControlPlane, namespace: str, rendering: dict, phase: Pha
     assert phase.restarts() == {app: 1 for app in statefulsets}, phase.restarts()
 
 
+def explain(cluster: ControlPlane, binary: Path, namespace: str, kind: str, name: str) -> str:
+    """`explain` as a user runs it, with the chart's Deployment as the rendering settings."""
+    proc = cluster.netns.run([str(binary), "explain", kind, name, "-n", namespace,
+                              "--kubeconfig", str(cluster.admin_kubeconfig)], check=False, timeout=60)
+    return f"exit {proc.returncode}\n{proc.stdout}{proc.stderr}"
+
+
 def test_chart_upgrade_moves_twenty_apps_under_the_budget_and_a_rollback_moves_them_back(
     cluster: ControlPlane, helm, images, namespace: str, chart_only,  # noqa: F811 - fixtures
-    package_index: PackageIndex,
+    package_index: PackageIndex, webhook_binary: Path,
 ):
     helm("install", RELEASE, str(CHART), "--namespace", RELEASE_NAMESPACE, "--create-namespace",
          *image_values(images), "--set", "server.watchNamespaces={%s}" % namespace,
@@ -203,7 +218,11 @@ def test_chart_upgrade_moves_twenty_apps_under_the_budget_and_a_rollback_moves_t
         # Upgrade to rendering B: the new replicas move the apps, at most BUDGET at a time.
         helm("upgrade", RELEASE, str(CHART), "--namespace", RELEASE_NAMESPACE, "--reuse-values",
              *rendering_values(RENDERING_B))
-        upgrade = watch_phase(cluster, namespace, RENDERING_B["revision"])
+        # What `explain` says meanwhile: the last app by name waits for the budget, the first
+        # marked one is moving (checked at the end, so the figures come first).
+        told = {"waiting": explain(cluster, webhook_binary, namespace, "kasprapp", names[-1])}
+        upgrade = watch_phase(cluster, namespace, RENDERING_B["revision"], on_first_mark=lambda app: told.update(
+            moving=explain(cluster, webhook_binary, namespace, "statefulset", f"{app}-app")))
         print(f"upgrade to {RENDERING_B['revision']}: {upgrade.seconds:.0f}s, at most {upgrade.most_rolling} "
               f"rolling at once over {upgrade.samples} samples, new pods per app {set(upgrade.restarts().values())}")
         assert_on(cluster, namespace, RENDERING_B, upgrade)
@@ -225,6 +244,11 @@ def test_chart_upgrade_moves_twenty_apps_under_the_budget_and_a_rollback_moves_t
             assert [n for _, n in third[name]] == [second[name][1][1], first[name][0][1]], (name, third[name])
             assert third[name][-1][0] == 3, (name, third[name])
         assert not warning_events(cluster, namespace), warning_events(cluster, namespace)
+        a, b = RENDERING_A["revision"], RENDERING_B["revision"]
+        assert told["waiting"].startswith("exit 0\n") and (
+            f"waiting to move from rendering revision {a} to {b} under the rollout budget: at most {BUDGET} app(s)"
+            in told["waiting"]), told["waiting"]
+        assert f"moving to rendering revision {b} since" in told.get("moving", ""), told
     finally:
         helm("uninstall", RELEASE, "--namespace", RELEASE_NAMESPACE, "--wait", "--timeout", "120s", check=False)
 
