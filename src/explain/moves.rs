@@ -40,9 +40,14 @@ pub(super) fn move_lines(lines: &mut Lines, snapshot: &Snapshot, statefulset: &V
             ),
         };
         if on == Some(target) && moves::finished(statefulset) {
+            let who = if target == ours {
+                "the controller clears it on its next look"
+            } else {
+                "that revision's controller clears it (if none runs any more, it holds nothing)"
+            };
             lines.info(format!(
-                "{label}moved to rendering revision {target}: every replica is Ready on it; the \
-                 controller clears the mark {} on its next look",
+                "{label}moved to rendering revision {target}: every replica is Ready on it; {who} \
+                 (the mark {})",
                 names::MARK_ANNOTATION
             ));
         } else if target != ours {

@@ -656,7 +656,21 @@ fn a_finished_move_and_another_revisions_move_are_told_apart() {
     assert_line(
         &report,
         Severity::Info,
-        "moved to rendering revision canary: every replica is Ready on it",
+        "moved to rendering revision canary: every replica is Ready on it; the controller clears it",
+    );
+
+    // Finished on another revision: its own controller clears the mark, not this release's.
+    let stored_revision = RenderConfig::default().revision().into_owned();
+    let mut other = injected_statefulset(packages(&["a==1"]));
+    other["status"] = json!({"observedGeneration": 0, "replicas": 1, "updatedReplicas": 1,
+        "readyReplicas": 1, "currentRevision": "demo-app-1", "updateRevision": "demo-app-1"});
+    let report = explain_moves(marked(other, &stored_revision, &started), app.clone(), 1);
+    assert_line(
+        &report,
+        Severity::Info,
+        &format!(
+            "moved to rendering revision {stored_revision}: every replica is Ready on it; that revision's controller clears it"
+        ),
     );
 
     // Marked by the controller of another revision (old and new replicas side by side).
