@@ -91,6 +91,7 @@ pub const KASPRAPP_ANNOTATIONS: &[&str] = &[
     GCS_AUTH_ANNOTATION,
     MODE_ANNOTATION,
     INSTALL_TOOL_ANNOTATION,
+    MOVE_REQUEST_KEY,
 ];
 
 /// What the Kaspr operator (v0.14+) renders for its own package injection, for an app `N`:

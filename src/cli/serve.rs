@@ -280,7 +280,8 @@ pub struct ServeArgs {
     /// How long the API server may fail to call this webhook for an app (no ready endpoint,
     /// connection refused) before the controller records a Warning Event on it; until then it
     /// retries every 3 s and logs at info. Covers an install or upgrade whose Service has no
-    /// ready endpoint yet. 0s warns at once.
+    /// ready endpoint yet, and a StatefulSet marked to move to this rendering revision that comes
+    /// back rendered by the previous revision's replicas during that upgrade. 0s warns at once.
     #[arg(long, env = "KASPR_WEBHOOK_UNREACHABLE_GRACE", value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
     pub unreachable_grace: std::time::Duration,
 

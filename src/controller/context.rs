@@ -67,6 +67,9 @@ pub(super) struct State {
     pub(super) unconverged: HashMap<AppKey, u32>,
     /// Since when the API server has failed to call the webhook for an app's StatefulSet.
     pub(super) unreachable_since: HashMap<AppKey, std::time::Instant>,
+    /// Since when a StatefulSet marked to move to this revision has come back from the webhook
+    /// rendered by another revision (an older replica behind the same Service).
+    pub(super) other_revision_since: HashMap<AppKey, std::time::Instant>,
     /// Since when a taken-over app has been out of sync while the operator had its turn.
     pub(super) deferred: HashMap<AppKey, std::time::Instant>,
     /// Degraded installs already counted and reported.
@@ -141,6 +144,7 @@ impl State {
         self.failures.retain(|app, _| exists(app));
         self.unconverged.retain(|app, _| exists(app));
         self.unreachable_since.retain(|app, _| exists(app));
+        self.other_revision_since.retain(|app, _| exists(app));
         self.deferred.retain(|app, _| exists(app));
         self.installs.retain_apps(&exists);
         self.out_of_sync.len()

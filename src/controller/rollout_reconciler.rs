@@ -69,6 +69,7 @@ pub(super) async fn reconcile_rollout(
     let (current, desired) = match state_of(&template_of(&statefulset)) {
         SyncState::InSync => {
             context.state().unconverged.remove(&key);
+            context.state().other_revision_since.remove(&key);
             context.state().deferred.remove(&key);
             context.set_out_of_sync(&key, false);
             context.report(app, Part::Rollout, Vec::new()).await;
@@ -109,12 +110,57 @@ pub(super) async fn reconcile_rollout(
     }
     if state_of(&template_of(&updated)).in_sync() {
         context.state().unconverged.remove(&key);
+        context.state().other_revision_since.remove(&key);
         context.set_out_of_sync(&key, false);
         context.report(app, Part::Rollout, Vec::new()).await;
         context.metrics.count(Part::Rollout, "changed");
         return Ok(RESYNC);
     }
-    Ok(still_out_of_sync(app, &key, &object, &updated, desired.as_deref(), context).await)
+    let answered_by = marked
+        .then(|| other_revision(&template_of(&updated), context))
+        .flatten();
+    if let Some(other) = &answered_by
+        && within_other_revision_grace(&key, context)
+    {
+        // A rolling upgrade: the Service still routes some admissions to the previous
+        // revision's replicas, which keep the injection of a StatefulSet marked for another
+        // revision. The next UPDATE that reaches this revision moves it; no alarm meanwhile.
+        context.set_out_of_sync(&key, true);
+        context.metrics.count(Part::Rollout, "waiting");
+        tracing::info!(
+            %object, answered_by = %other,
+            "marked to move to this revision, but a webhook of another rendering revision answered; trying again shortly"
+        );
+        return Ok(UNREACHABLE_RETRY);
+    }
+    Ok(still_out_of_sync(
+        app,
+        &key,
+        &object,
+        &updated,
+        desired.as_deref(),
+        answered_by.as_deref(),
+        context,
+    )
+    .await)
+}
+
+/// The rendering revision `template` records, when it is not this webhook's.
+fn other_revision(template: &Value, context: &Context) -> Option<String> {
+    crate::mutation::revision::revision_of(template)
+        .filter(|revision| *revision != context.render.revision())
+        .map(str::to_owned)
+}
+
+/// Whether a marked StatefulSet has come back rendered by another revision for less than
+/// `--unreachable-grace` (starting the clock at the first time).
+fn within_other_revision_grace(key: &ObjectRef<KasprAppObject>, context: &Context) -> bool {
+    let mut state = context.state();
+    let since = *state
+        .other_revision_since
+        .entry(key.clone())
+        .or_insert_with(std::time::Instant::now);
+    since.elapsed() < context.options.unreachable_grace
 }
 
 /// The app's own StatefulSet: by ownerReference, else (StatefulSets an operator recreated
@@ -168,18 +214,30 @@ async fn still_out_of_sync(
     object: &str,
     updated: &DynamicObject,
     desired: Option<&str>,
+    answered_by: Option<&str>,
     context: &Context,
 ) -> Duration {
     let attempt = context.state().unconverged(key);
     context.set_out_of_sync(key, true);
     context.metrics.count(Part::Rollout, "pending");
     if attempt >= 2 {
+        let cause = match answered_by {
+            Some(other) => format!(
+                "it is marked to move to rendering revision {}, but comes back rendered by \
+                 revision {other}: a webhook of that revision (another release, or replicas \
+                 left from an upgrade) answers for this namespace, or this one is bypassed",
+                context.render.revision()
+            ),
+            None => "the webhook may be bypassed (failurePolicy Ignore) or not reading the \
+                     current KasprApp"
+                .to_owned(),
+        };
         let notice = Notice::warning(
             "StatefulSetOutOfSync",
             format!(
                 "{object} still lacks the current python-packages injection after being sent \
-                 through the webhook (template hash {}, expected {}); the webhook may be bypassed \
-                 (failurePolicy Ignore) or not reading the current KasprApp; retrying with backoff",
+                 through the webhook (template hash {}, expected {}); {cause}; retrying with \
+                 backoff",
                 rollout_hash(updated).as_deref().unwrap_or("none"),
                 desired.unwrap_or("none"),
             ),
@@ -448,6 +506,72 @@ mod tests {
             };
             assert_eq!(patches, expected, "marked for {target}");
         }
+    }
+
+    /// A rolling upgrade: the mark for this revision ("b") comes back rendered by the previous
+    /// revision's replicas ("a") behind the same Service. Retried without an alarm within the
+    /// grace period; past it, a Warning naming the revision that answered.
+    #[tokio::test]
+    async fn a_marked_statefulset_answered_by_another_revision_waits_before_warning() {
+        let (_, _, report) = app();
+        let mut stored = statefulset(1);
+        crate::mutation::apply(
+            &mut stored["spec"]["template"],
+            report.spec.as_ref(),
+            &AppRef::new("apps", "demo"),
+            "spec.template.spec",
+            &rendering("a", "512Mi"),
+        )
+        .expect("inject");
+        stored["metadata"]["annotations"] = json!({names::MARK_ANNOTATION: "b"});
+        let answer = stored.clone();
+        let (client, sent) = fake_api(move |method, path, _| match (method, path) {
+            ("GET" | "PATCH", STS_PATH) => (200, answer.clone()),
+            _ => (404, status(404, "NotFound")),
+        });
+        let (object, owner, report) = app();
+        let mut context = context(client);
+        context.render = rendering("b", "1Gi");
+        let events = || -> Vec<Value> {
+            writes(&sent)
+                .iter()
+                .filter(|s| s.method == "POST")
+                .map(|s| s.body.clone())
+                .collect()
+        };
+        for _ in 0..3 {
+            let next = reconcile_rollout(&object, &owner, &report, object.value(), &context)
+                .await
+                .expect("ok");
+            assert_eq!(next, UNREACHABLE_RETRY);
+        }
+        assert!(
+            events().is_empty(),
+            "no Event while the old replicas may still answer: {:?}",
+            events()
+        );
+        assert_eq!(context.state().out_of_sync.len(), 1);
+
+        let key = ObjectRef::from_obj(&object);
+        let long_ago = std::time::Instant::now()
+            .checked_sub(rollout::UNREACHABLE_GRACE + Duration::from_secs(1))
+            .expect("clock");
+        context.state().other_revision_since.insert(key, long_ago);
+        for _ in 0..2 {
+            reconcile_rollout(&object, &owner, &report, object.value(), &context)
+                .await
+                .expect("ok");
+        }
+        let events = events();
+        assert_eq!(events.len(), 1, "{events:?}");
+        assert_eq!(events[0]["reason"], "StatefulSetOutOfSync");
+        let note = events[0]["note"].as_str().expect("note");
+        assert!(
+            note.contains(
+                "marked to move to rendering revision b, but comes back rendered by revision a"
+            ),
+            "{note}"
+        );
     }
 
     #[tokio::test]

@@ -459,6 +459,21 @@ pub fn server_settings(deployment: &Value) -> Result<Server, String> {
             .ok_or_else(|| format!("--install-tool {text:?}: not auto, pip or uv"))?,
         None => crate::spec::InstallTool::default(),
     };
+    let mut rollout = super::Rollout::default();
+    if let Some(text) = flag("rollout-budget") {
+        rollout.budget = text
+            .trim()
+            .parse()
+            .map_err(|e| format!("--rollout-budget {text:?}: {e} (a number of apps, 0 or more)"))?;
+    }
+    if let Some(text) = flag("rollout-deadline") {
+        // As `serve` reads it: a bare number is seconds.
+        rollout.deadline = match text.trim().parse::<u64>() {
+            Ok(seconds) => std::time::Duration::from_secs(seconds),
+            Err(_) => humantime::parse_duration(text.trim())
+                .map_err(|e| format!("--rollout-deadline {text:?}: {e} (examples: 90s, 10m)"))?,
+        };
+    }
     let watch_namespaces = flag("namespaces")
         .map(|list| {
             list.split(',')
@@ -489,6 +504,7 @@ pub fn server_settings(deployment: &Value) -> Result<Server, String> {
             install_tool,
         },
         watch_namespaces,
+        rollout,
         source: String::new(),
     })
 }
@@ -505,7 +521,8 @@ mod tests {
             "args": ["serve", "--listen=0.0.0.0:10250", "--namespaces=apps,team-b",
                      "--init-container-resources={\"requests\":{\"cpu\":\"100m\"}}",
                      "--packages-volume-size-limit", "4Gi", "--operator-packages=takeover",
-                     "--revision=canary", "--install-tool=uv"],
+                     "--revision=canary", "--install-tool=uv", "--rollout-budget=3",
+                     "--rollout-deadline=90s"],
         }]}}}});
         let server = server_settings(&deployment).expect("settings");
         assert_eq!(server.watch_namespaces, ["apps", "team-b"]);
@@ -529,6 +546,13 @@ mod tests {
         );
         assert_eq!(server.render.revision.as_deref(), Some("canary"));
         assert_eq!(server.render.install_tool, crate::spec::InstallTool::Uv);
+        assert_eq!(
+            server.rollout,
+            super::super::Rollout {
+                budget: 3,
+                deadline: std::time::Duration::from_secs(90)
+            }
+        );
     }
 
     #[test]
@@ -556,6 +580,22 @@ mod tests {
         assert!(
             error.starts_with("--revision: revision \"Not/Valid\""),
             "{error}"
+        );
+        for (flag, message) in [
+            ("--rollout-budget=-1", "--rollout-budget \"-1\""),
+            ("--rollout-deadline=soon", "--rollout-deadline \"soon\""),
+        ] {
+            let bad = json!({"spec": {"template": {"spec": {"containers": [{
+                "name": "webhook", "args": [flag]}]}}}});
+            let error = server_settings(&bad).expect_err(flag);
+            assert!(error.starts_with(message), "{error}");
+        }
+        // Without the flags: what `serve` defaults to.
+        let plain = json!({"spec": {"template": {"spec": {"containers": [{
+            "name": "webhook", "args": ["serve"]}]}}}});
+        assert_eq!(
+            server_settings(&plain).expect("settings").rollout,
+            super::super::Rollout::default()
         );
     }
 

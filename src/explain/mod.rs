@@ -9,12 +9,16 @@
 
 pub mod diff;
 pub mod fetch;
+mod moves;
 mod objects;
 pub mod report;
 mod sections;
 pub mod status;
 pub mod webhooks;
 
+use std::time::Duration;
+
+use k8s_openapi::jiff::Timestamp;
 use serde_json::Value;
 
 use crate::config::RenderConfig;
@@ -61,8 +65,26 @@ pub struct Server {
     pub render: RenderConfig,
     /// `--namespaces` of `serve` (the chart's `server.watchNamespaces`); empty means all.
     pub watch_namespaces: Vec<String>,
+    /// How its controller moves apps between rendering revisions.
+    pub rollout: Rollout,
     /// Where the settings come from, for the reader (e.g. `Deployment kaspr/kaspr-packages-webhook`).
     pub source: String,
+}
+
+/// `--rollout-budget` and `--rollout-deadline` of `serve` (the chart's `rollout.*`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rollout {
+    pub budget: u32,
+    pub deadline: Duration,
+}
+
+impl Default for Rollout {
+    fn default() -> Self {
+        Rollout {
+            budget: 0,
+            deadline: crate::controller::moves::DEADLINE,
+        }
+    }
 }
 
 /// Everything `explain` reads from the cluster.
@@ -88,6 +110,8 @@ pub struct Snapshot {
     pub pods: Known<Vec<Value>>,
     /// In PVC mode: the claim `<app>-python-packages` (`Missing` when it does not exist).
     pub claim: Option<Known<Value>>,
+    /// When it was read: a move's age and deadline are judged against it.
+    pub now: Timestamp,
 }
 
 impl Snapshot {
@@ -105,6 +129,7 @@ impl Snapshot {
             statefulsets: Vec::new(),
             pods: Known::Missing,
             claim: None,
+            now: Timestamp::now(),
         }
     }
 }

@@ -2,6 +2,7 @@
 
 use serde_json::Value;
 
+use super::moves::move_lines;
 use super::report::{Lines, Report};
 use super::sections::{
     TemplateState, admission, annotation, claim_lines, controller_reach, finish,
@@ -48,6 +49,7 @@ pub fn statefulset(snapshot: &Snapshot) -> Report {
     }
     let spec = validation.spec.as_ref();
     let state = statefulset_sync(&mut lines, snapshot, sts, &app, spec, left_out, "");
+    move_lines(&mut lines, snapshot, sts, "");
     pods_lines(&mut lines, snapshot, state.desired.as_deref());
     claim_lines(&mut lines, snapshot, &app, spec);
     finish(snapshot, lines, Some(state), Some(&validation))
@@ -108,6 +110,7 @@ pub fn kasprapp(snapshot: &Snapshot) -> Report {
                 }),
         );
         let state = statefulset_sync(&mut lines, &with_app, sts, &app, spec, left_out, &label);
+        move_lines(&mut lines, &with_app, sts, &label);
         first.get_or_insert(state);
     }
     let desired = first.as_ref().and_then(|s| s.desired.clone());

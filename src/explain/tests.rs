@@ -462,3 +462,245 @@ fn a_statefulset_of_another_rendering_revision_is_current_and_named() {
         &format!("rendering revision {stored_revision}"),
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Moves between rendering revisions
+
+const NOW: i64 = 1_800_000_000;
+
+fn at(second: i64) -> k8s_openapi::jiff::Timestamp {
+    k8s_openapi::jiff::Timestamp::from_second(second).expect("timestamp")
+}
+
+/// The deployed webhook: revision "canary", other default resources than the stored template's.
+fn canary(budget: u32) -> Server {
+    Server {
+        render: RenderConfig {
+            default_resources: Some(
+                serde_json::from_value(json!({"limits": {"memory": "1Gi"}})).expect("resources"),
+            ),
+            revision: Some("canary".into()),
+            ..RenderConfig::default()
+        },
+        rollout: Rollout {
+            budget,
+            deadline: std::time::Duration::from_secs(600),
+        },
+        ..Server::default()
+    }
+}
+
+/// The app's StatefulSet rendered by the canary revision (as a marked UPDATE renders it).
+fn moved_statefulset() -> Value {
+    let mut sts = operator_statefulset(NS);
+    let report = crate::validation::validate_kasprapp(&kasprapp(packages(&["a==1"])));
+    mutation::apply(
+        &mut sts["spec"]["template"],
+        report.spec.as_ref(),
+        &AppRef::new(NS, "demo"),
+        "spec.template.spec",
+        &canary(0).render,
+    )
+    .expect("inject");
+    sts["metadata"]["generation"] = json!(2);
+    sts["spec"]["replicas"] = json!(1);
+    sts["status"] = json!({"observedGeneration": 2, "replicas": 1, "updatedReplicas": 0,
+        "readyReplicas": 1, "currentRevision": "demo-app-1", "updateRevision": "demo-app-2"});
+    sts
+}
+
+fn marked(mut sts: Value, revision: &str, started: &str) -> Value {
+    sts["metadata"]["annotations"] = json!({
+        "packages.kaspr.io/rollout-revision": revision,
+        "packages.kaspr.io/rollout-started": started,
+    });
+    sts
+}
+
+fn explain_moves(sts: Value, app: Value, budget: u32) -> Report {
+    let mut snapshot = snapshot(Kind::StatefulSet, sts, Some(app));
+    snapshot.server = canary(budget);
+    snapshot.now = at(NOW);
+    explain(&snapshot)
+}
+
+#[test]
+fn an_app_on_another_revision_stays_or_waits_under_the_budget() {
+    let stored = RenderConfig::default().revision().into_owned();
+    let sts = injected_statefulset(packages(&["a==1"]));
+    let app = kasprapp(packages(&["a==1"]));
+
+    let kept = explain_moves(sts.clone(), app.clone(), 0);
+    assert_eq!(kept.exit_code, 0, "{}", kept.to_text());
+    assert_line(
+        &kept,
+        Severity::Info,
+        &format!(
+            "stays on rendering revision {stored} (this release renders canary, rollout budget 0)"
+        ),
+    );
+    assert_line(
+        &kept,
+        Severity::Info,
+        "kubectl annotate kasprapp demo packages.kaspr.io/move-to-revision=canary",
+    );
+
+    let waiting = explain_moves(sts, app, 2);
+    assert_eq!(waiting.exit_code, 0, "{}", waiting.to_text());
+    assert_line(
+        &waiting,
+        Severity::Info,
+        &format!(
+            "waiting to move from rendering revision {stored} to canary under the rollout budget: at most 2 app(s) at a time"
+        ),
+    );
+    assert!(!has_line(&waiting, Severity::Info, "stays on"));
+}
+
+#[test]
+fn a_requested_move_is_named_with_who_asked() {
+    let sts = injected_statefulset(packages(&["a==1"]));
+    let mut app = kasprapp(packages(&["a==1"]));
+    app["metadata"]["annotations"] = json!({"packages.kaspr.io/move-to-revision": "canary"});
+    let report = explain_moves(sts.clone(), app, 0);
+    assert_line(
+        &report,
+        Severity::Info,
+        "a move to canary is requested by the KasprApp's annotation packages.kaspr.io/move-to-revision",
+    );
+
+    let mut snapshot = snapshot(
+        Kind::StatefulSet,
+        sts.clone(),
+        Some(kasprapp(packages(&["a==1"]))),
+    );
+    snapshot.server = canary(0);
+    snapshot.namespace = Known::Found(json!({"metadata": {"name": NS, "labels": {
+        "kubernetes.io/metadata.name": NS, "packages.kaspr.io/move-to-revision": "canary"}}}));
+    let report = explain(&snapshot);
+    assert_line(
+        &report,
+        Severity::Info,
+        "a move to canary is requested by its namespace's label",
+    );
+
+    // A request for a revision this release does not render: only that one acts on it.
+    let mut app = kasprapp(packages(&["a==1"]));
+    app["metadata"]["annotations"] = json!({"packages.kaspr.io/move-to-revision": "blue"});
+    let report = explain_moves(sts, app, 0);
+    assert_line(
+        &report,
+        Severity::Info,
+        "asks for revision \"blue\", which this release does not render (canary)",
+    );
+    assert!(!has_line(&report, Severity::Info, "stays on"));
+}
+
+#[test]
+fn a_marked_app_is_moving_since_its_start_until_the_deadline_fails_it() {
+    let app = kasprapp(packages(&["a==1"]));
+    let started = at(NOW - 30).to_string();
+    let moving = explain_moves(
+        marked(moved_statefulset(), "canary", &started),
+        app.clone(),
+        1,
+    );
+    assert_eq!(moving.exit_code, 0, "{}", moving.to_text());
+    assert_line(
+        &moving,
+        Severity::Info,
+        &format!(
+            "moving to rendering revision canary since {started} (30s ago): it fails if not every replica is Ready on it within the rollout deadline 10m"
+        ),
+    );
+
+    let long_ago = at(NOW - 11 * 60).to_string();
+    let failed = explain_moves(
+        marked(moved_statefulset(), "canary", &long_ago),
+        app.clone(),
+        1,
+    );
+    assert_eq!(failed.exit_code, 4, "{}", failed.to_text());
+    assert_line(
+        &failed,
+        Severity::Problem,
+        &format!(
+            "the move to rendering revision canary failed: marked since {long_ago} (11m ago), not finished within the rollout deadline 10m"
+        ),
+    );
+    assert_line(
+        &failed,
+        Severity::Problem,
+        "kubectl annotate statefulset demo-app packages.kaspr.io/rollout-revision-",
+    );
+
+    // A damaged start time counts as past the deadline, as the controller counts it.
+    let damaged = explain_moves(marked(moved_statefulset(), "canary", "yesterday"), app, 1);
+    assert_eq!(damaged.exit_code, 4, "{}", damaged.to_text());
+    assert_line(
+        &damaged,
+        Severity::Problem,
+        "with an unreadable start time \"yesterday\" in packages.kaspr.io/rollout-started",
+    );
+}
+
+#[test]
+fn a_finished_move_and_another_revisions_move_are_told_apart() {
+    let app = kasprapp(packages(&["a==1"]));
+    let started = at(NOW - 30).to_string();
+    let mut finished = moved_statefulset();
+    finished["status"] = json!({"observedGeneration": 2, "replicas": 1, "updatedReplicas": 1,
+        "readyReplicas": 1, "currentRevision": "demo-app-2", "updateRevision": "demo-app-2"});
+    let report = explain_moves(marked(finished, "canary", &started), app.clone(), 1);
+    assert_eq!(report.exit_code, 0, "{}", report.to_text());
+    assert_line(
+        &report,
+        Severity::Info,
+        "moved to rendering revision canary: every replica is Ready on it; the controller clears it",
+    );
+
+    // Finished on another revision: its own controller clears the mark, not this release's.
+    let stored_revision = RenderConfig::default().revision().into_owned();
+    let mut other = injected_statefulset(packages(&["a==1"]));
+    other["status"] = json!({"observedGeneration": 0, "replicas": 1, "updatedReplicas": 1,
+        "readyReplicas": 1, "currentRevision": "demo-app-1", "updateRevision": "demo-app-1"});
+    let report = explain_moves(marked(other, &stored_revision, &started), app.clone(), 1);
+    assert_line(
+        &report,
+        Severity::Info,
+        &format!(
+            "moved to rendering revision {stored_revision}: every replica is Ready on it; that revision's controller clears it"
+        ),
+    );
+
+    // Marked by the controller of another revision (old and new replicas side by side).
+    let stored = injected_statefulset(packages(&["a==1"]));
+    let report = explain_moves(marked(stored, "blue", &started), app, 1);
+    assert_line(
+        &report,
+        Severity::Info,
+        &format!(
+            "moving to rendering revision blue since {started} (30s ago), by that revision's controller (this release renders canary)"
+        ),
+    );
+    assert!(!has_line(&report, Severity::Info, "waiting to move"));
+}
+
+#[test]
+fn a_kasprapp_reports_the_move_of_its_statefulset() {
+    let app = kasprapp(packages(&["a==1"]));
+    let mut snapshot = snapshot(Kind::KasprApp, app.clone(), Some(app));
+    snapshot.statefulsets = vec![marked(
+        moved_statefulset(),
+        "canary",
+        &at(NOW - 5).to_string(),
+    )];
+    snapshot.server = canary(1);
+    snapshot.now = at(NOW);
+    let report = explain(&snapshot);
+    assert_line(
+        &report,
+        Severity::Info,
+        "StatefulSet demo-app: moving to rendering revision canary since",
+    );
+}

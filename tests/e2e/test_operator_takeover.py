@@ -75,6 +75,8 @@ def test_every_setting_of_ours_survives_the_operators_crd(cluster: ControlPlane,
         "packages.kaspr.io/gcs-auth": "workload-identity",
         "packages.kaspr.io/mode": "cache",
         "packages.kaspr.io/install-tool": "uv",
+        # A revision no webhook of this cluster runs: stored, and nothing moves.
+        "packages.kaspr.io/move-to-revision": "roundtrip-canary",
     }
     packages = {
         "packages": ["requests==2.31.0"],
