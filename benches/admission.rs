@@ -142,6 +142,7 @@ fn full_review(c: &mut Criterion) {
         "emptydir-statefulset-create",
         "emptydir-pod-create",
         "kasprapp-update-valid",
+        "unrelated-statefulset-create",
     ] {
         let body = review_body(name);
         let endpoint = if name.starts_with("kasprapp") {
@@ -164,11 +165,29 @@ fn full_review(c: &mut Criterion) {
     group.finish();
 }
 
+/// How a whole body costs to parse into a `Value`: what every review paid before only the
+/// envelope was read, and the part of the unrelated review's time that reading less saves.
+fn parse_whole_body(c: &mut Criterion) {
+    let mut group = c.benchmark_group("parse_whole_body");
+    group.throughput(Throughput::Elements(1));
+    for name in [
+        "unrelated-statefulset-create",
+        "emptydir-statefulset-create",
+    ] {
+        let body = review_body(name);
+        group.bench_function(name, |b| {
+            b.iter(|| serde_json::from_slice::<Value>(black_box(&body)).expect("json"))
+        });
+    }
+    group.finish();
+}
+
 criterion_group!(
     benches,
     mutate_per_mode,
     mutate_with_chart_settings,
     remutate,
-    full_review
+    full_review,
+    parse_whole_body
 );
 criterion_main!(benches);

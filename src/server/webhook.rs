@@ -449,15 +449,11 @@ fn debug_details(review: &admission::AdmissionRequest, decision: &Decision) {
     if review.kind == "Secret" {
         return;
     }
-    let object = review
-        .object
-        .as_ref()
-        .map(ToString::to_string)
-        .unwrap_or_default();
+    let object = review.object_text().unwrap_or_default();
     let patch = decision
         .patch
-        .as_deref()
-        .map(String::from_utf8_lossy)
+        .as_ref()
+        .map(|p| String::from_utf8_lossy(p.json()))
         .unwrap_or_default();
     tracing::debug!(uid = %review.uid, %object, %patch, "admission details");
 }
