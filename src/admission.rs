@@ -11,6 +11,7 @@
 //! StatefulSet review from 138.6 to 101.1 µs (BENCHMARKS.md); a malformed envelope still
 //! gets a 400 that names what is missing.
 
+mod answers;
 mod read;
 
 use std::sync::{Arc, OnceLock};
@@ -18,6 +19,7 @@ use std::sync::{Arc, OnceLock};
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
 
+pub use answers::{AnswerCache, CacheStats};
 use read::Keep;
 
 use crate::app::{self, AppLookup, AppRef};
@@ -55,6 +57,8 @@ pub struct AdmissionRequest {
     /// `annotations` and `ownerReferences`) and, for a StatefulSet without a KasprApp owner,
     /// `spec.template.metadata.labels`; `null` without an object.
     view: Value,
+    /// The object's `spec`, unparsed.
+    spec_json: Option<Box<RawValue>>,
     object: OnceLock<Result<Option<Value>, String>>,
     old_object: OnceLock<Result<Option<Value>, String>>,
 }
@@ -315,9 +319,9 @@ pub fn parse_review(body: &[u8]) -> Result<AdmissionRequest, ReviewError> {
         .and_then(Value::as_str)
         .filter(|u| !u.is_empty())
         .ok_or_else(|| ReviewError::NotAReview("missing request.uid".into()))?;
-    let view = match &object_json {
-        Some(object) => object_view(object).map_err(not_json)?.0,
-        None => Value::Null,
+    let (view, spec_json) = match &object_json {
+        Some(object) => object_view(object).map_err(not_json)?,
+        None => (Value::Null, None),
     };
     let name = match str_at(request, "/name") {
         "" => match str_at(&view, "/metadata/name") {
@@ -342,6 +346,7 @@ pub fn parse_review(body: &[u8]) -> Result<AdmissionRequest, ReviewError> {
         object_json,
         old_object_json,
         view,
+        spec_json,
         object: OnceLock::new(),
         old_object: OnceLock::new(),
     })
@@ -408,7 +413,19 @@ pub fn decide(
     app: Option<&AppLookup>,
     config: &RenderConfig,
 ) -> Decision {
-    decide_with(endpoint, request, app, config)
+    decide_with(endpoint, request, app, config, None)
+}
+
+/// [`decide`], answering a StatefulSet or Pod from `answers` when the same mutation was
+/// answered before (see [`AnswerCache`]), and keeping what it computes there.
+pub fn decide_cached(
+    endpoint: Endpoint,
+    request: &AdmissionRequest,
+    app: Option<&AppLookup>,
+    config: &RenderConfig,
+    answers: &AnswerCache,
+) -> Decision {
+    decide_with(endpoint, request, app, config, Some(answers))
 }
 
 /// The denial of an object that is ours but cannot be read whole.
@@ -426,6 +443,7 @@ fn decide_with(
     request: &AdmissionRequest,
     app: Option<&AppLookup>,
     config: &RenderConfig,
+    answers: Option<&AnswerCache>,
 ) -> Decision {
     let uid = request.uid.as_str();
     if request.object_json.is_none() {
@@ -485,7 +503,18 @@ fn decide_with(
                 ),
                 Some(AppLookup::Found(kasprapp)) => {
                     let is_pod = target(endpoint, request) == Target::Pod;
-                    mutate_request(request, kasprapp, is_pod, config)
+                    let Some(answers) = answers else {
+                        return mutate_request(request, kasprapp, is_pod, config);
+                    };
+                    let key = answers::Key::of(request, kasprapp, is_pod);
+                    if let Some(answer) = key.as_ref().and_then(|k| answers.get(k, config)) {
+                        return answer.for_uid(uid);
+                    }
+                    let decision = mutate_request(request, kasprapp, is_pod, config);
+                    if let Some(key) = key {
+                        answers.insert(key, config, &decision);
+                    }
+                    decision
                 }
             }
         }
