@@ -1,6 +1,6 @@
 //! The cost of the pure core: mutation of an operator-rendered StatefulSet in each cache mode,
 //! idempotent re-mutation, and the full AdmissionReview path (parse → lookup → validate → render
-//! → patch → serialize).
+//! → patch → serialize), without and with the answer cache.
 //!
 //! Run: `cargo bench --bench admission`. Results and the machine are recorded in BENCHMARKS.md.
 
@@ -142,6 +142,7 @@ fn full_review(c: &mut Criterion) {
         "emptydir-statefulset-create",
         "emptydir-pod-create",
         "kasprapp-update-valid",
+        "unrelated-statefulset-create",
     ] {
         let body = review_body(name);
         let endpoint = if name.starts_with("kasprapp") {
@@ -164,11 +165,68 @@ fn full_review(c: &mut Criterion) {
     group.finish();
 }
 
+/// The review path as `serve` runs it, with the answer cache: the same StatefulSet or Pod
+/// again (the pods of one app, the operator's repeated UPDATEs) is answered from the cache.
+fn full_review_cached(c: &mut Criterion) {
+    let config = RenderConfig::default();
+    let apps = apps();
+    let answers = admission::AnswerCache::new();
+    let mut group = c.benchmark_group("admission_review_cached");
+    group.throughput(Throughput::Elements(1));
+    for name in [
+        "emptydir-statefulset-create",
+        "emptydir-pod-create",
+        "unrelated-statefulset-create",
+    ] {
+        let body = review_body(name);
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                let request = admission::parse_review(black_box(&body)).expect("review");
+                let lookup = admission::required_app(Endpoint::Mutate, &request).map(|app| {
+                    apps.get(&app)
+                        .map_or(AppLookup::NotFound, |a| AppLookup::Found(a.clone()))
+                });
+                let decision = admission::decide_cached(
+                    Endpoint::Mutate,
+                    &request,
+                    lookup.as_ref(),
+                    &config,
+                    &answers,
+                );
+                decision.to_review_bytes().expect("json")
+            })
+        });
+    }
+    group.finish();
+    // Only the first review of each object computes its answer.
+    let stats = answers.stats();
+    assert!(stats.misses <= 2, "{stats:?}");
+}
+
+/// How a whole body costs to parse into a `Value`: what every review paid before only the
+/// envelope was read, and the part of the unrelated review's time that reading less saves.
+fn parse_whole_body(c: &mut Criterion) {
+    let mut group = c.benchmark_group("parse_whole_body");
+    group.throughput(Throughput::Elements(1));
+    for name in [
+        "unrelated-statefulset-create",
+        "emptydir-statefulset-create",
+    ] {
+        let body = review_body(name);
+        group.bench_function(name, |b| {
+            b.iter(|| serde_json::from_slice::<Value>(black_box(&body)).expect("json"))
+        });
+    }
+    group.finish();
+}
+
 criterion_group!(
     benches,
     mutate_per_mode,
     mutate_with_chart_settings,
     remutate,
-    full_review
+    full_review,
+    full_review_cached,
+    parse_whole_body
 );
 criterion_main!(benches);

@@ -11,7 +11,16 @@
 //! StatefulSet review from 138.6 to 101.1 µs (BENCHMARKS.md); a malformed envelope still
 //! gets a 400 that names what is missing.
 
+mod answers;
+mod read;
+
+use std::sync::{Arc, OnceLock};
+
+use serde_json::value::RawValue;
 use serde_json::{Value, json};
+
+pub use answers::{AnswerCache, CacheStats};
+use read::Keep;
 
 use crate::app::{self, AppLookup, AppRef};
 use crate::config::RenderConfig;
@@ -26,7 +35,11 @@ pub enum Endpoint {
 }
 
 /// The parts of an AdmissionRequest this product uses.
-#[derive(Debug, Clone, PartialEq)]
+///
+/// The object and the oldObject are kept as text and parsed when a decision first asks for
+/// them ([`AdmissionRequest::object`]): an object that is not ours, or whose answer is cached,
+/// is never parsed. What tells whether it is ours is read at once, into a small view.
+#[derive(Debug, Clone)]
 pub struct AdmissionRequest {
     pub uid: String,
     pub group: String,
@@ -36,9 +49,81 @@ pub struct AdmissionRequest {
     pub name: String,
     pub operation: String,
     pub dry_run: bool,
-    pub object: Option<Value>,
-    /// The object before an UPDATE.
-    pub old_object: Option<Value>,
+    /// The object's JSON text, when it is a JSON object.
+    object_json: Option<Box<RawValue>>,
+    /// The oldObject's JSON text (the object before an UPDATE), when it is a JSON object.
+    old_object_json: Option<Box<RawValue>>,
+    /// Of the object: `metadata` (only `name`, `generateName`, `namespace`, `labels`,
+    /// `annotations` and `ownerReferences`) and, for a StatefulSet without a KasprApp owner,
+    /// `spec.template.metadata.labels`; `null` without an object.
+    view: Value,
+    /// The object's `spec`, unparsed.
+    spec_json: Option<Box<RawValue>>,
+    object: OnceLock<Result<Option<Value>, String>>,
+    old_object: OnceLock<Result<Option<Value>, String>>,
+}
+
+impl AdmissionRequest {
+    /// The object, parsed on first use; `Ok(None)` when the request has none (or it is not a
+    /// JSON object), an error when it is too deeply nested or holds a number out of range.
+    pub fn object(&self) -> Result<Option<&Value>, &str> {
+        parsed(&self.object, self.object_json.as_deref())
+    }
+
+    /// The oldObject, like [`AdmissionRequest::object`].
+    pub fn old_object(&self) -> Result<Option<&Value>, &str> {
+        parsed(&self.old_object, self.old_object_json.as_deref())
+    }
+
+    /// The object's JSON text as it came, when it is a JSON object.
+    pub fn object_text(&self) -> Option<&str> {
+        self.object_json.as_deref().map(RawValue::get)
+    }
+}
+
+fn parsed<'a>(
+    cell: &'a OnceLock<Result<Option<Value>, String>>,
+    text: Option<&RawValue>,
+) -> Result<Option<&'a Value>, &'a str> {
+    let parsed = cell.get_or_init(|| match text {
+        None => Ok(None),
+        Some(text) => serde_json::from_str(text.get())
+            .map(Some)
+            .map_err(|e| e.to_string()),
+    });
+    match parsed {
+        Ok(value) => Ok(value.as_ref()),
+        Err(e) => Err(e.as_str()),
+    }
+}
+
+/// A serialized RFC 6902 patch and its base64, the form the answer carries. Shared: a cached
+/// answer hands the same bytes to every request it answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EncodedPatch(Arc<PatchForms>);
+
+#[derive(Debug, PartialEq, Eq)]
+struct PatchForms {
+    json: Vec<u8>,
+    base64: String,
+}
+
+impl EncodedPatch {
+    pub fn new(json: Vec<u8>) -> Self {
+        use base64::Engine as _;
+        let base64 = base64::engine::general_purpose::STANDARD.encode(&json);
+        EncodedPatch(Arc::new(PatchForms { json, base64 }))
+    }
+
+    /// The patch's JSON.
+    pub fn json(&self) -> &[u8] {
+        &self.0.json
+    }
+
+    /// The patch's JSON in standard base64 with padding (`response.patch`).
+    pub fn base64(&self) -> &str {
+        &self.0.base64
+    }
 }
 
 /// An unreadable AdmissionReview: answered with HTTP 400.
@@ -85,7 +170,7 @@ pub struct Decision {
     pub message: Option<String>,
     pub warnings: Vec<String>,
     /// The RFC 6902 patch, serialized, when it is not empty.
-    pub patch: Option<Vec<u8>>,
+    pub patch: Option<EncodedPatch>,
     pub outcome: Outcome,
 }
 
@@ -116,15 +201,13 @@ impl Decision {
     pub fn to_review(&self) -> Value {
         let mut review = self.envelope();
         if let Some(patch) = &self.patch {
-            use base64::Engine as _;
-            review["response"]["patch"] =
-                json!(base64::engine::general_purpose::STANDARD.encode(patch));
+            review["response"]["patch"] = json!(patch.base64());
         }
         review
     }
 
     /// The AdmissionReview answer, serialized: the JSON of [`Decision::to_review`], byte for
-    /// byte. The patch's base64 (tens of kilobytes, most of it the installer) is written straight
+    /// byte. The patch's base64 (tens of kilobytes, most of it the installer) is copied straight
     /// into the output: base64 never needs JSON escaping, and serde_json's escaping pass, which
     /// looks at every byte, was a fifth of the cost of a mutating review.
     pub fn to_review_bytes(&self) -> serde_json::Result<Vec<u8>> {
@@ -136,17 +219,9 @@ impl Decision {
         // always has `uid` and `allowed`, so the patch follows a comma.
         debug_assert!(out.ends_with(b"}}"));
         out.truncate(out.len() - 2);
+        out.reserve(patch.base64().len() + 16);
         out.extend_from_slice(b",\"patch\":\"");
-        let start = out.len();
-        let encoded_len = base64::encoded_len(patch.len(), true)
-            .ok_or_else(|| serde_json::Error::io(std::io::Error::other("patch too large")))?;
-        out.resize(start + encoded_len, 0);
-        {
-            use base64::Engine as _;
-            base64::engine::general_purpose::STANDARD
-                .encode_slice(patch, &mut out[start..])
-                .map_err(|e| serde_json::Error::io(std::io::Error::other(e)))?;
-        }
+        out.extend_from_slice(patch.base64().as_bytes());
         out.extend_from_slice(b"\"}}");
         Ok(out)
     }
@@ -173,7 +248,7 @@ impl Decision {
 
     /// Size of the patch in bytes (0 when there is none).
     pub fn patch_len(&self) -> usize {
-        self.patch.as_ref().map_or(0, Vec::len)
+        self.patch.as_ref().map_or(0, |p| p.json().len())
     }
 }
 
@@ -181,27 +256,60 @@ fn str_at<'a>(value: &'a Value, pointer: &str) -> &'a str {
     value.pointer(pointer).and_then(Value::as_str).unwrap_or("")
 }
 
+/// What [`parse_review`] reads of a body; the object and oldObject are kept as text.
+const ENVELOPE: Keep = Keep::Keys(&[
+    ("kind", Keep::Value),
+    (
+        "request",
+        Keep::Keys(&[
+            ("uid", Keep::Value),
+            ("kind", Keep::Value),
+            ("namespace", Keep::Value),
+            ("name", Keep::Value),
+            ("operation", Keep::Value),
+            ("dryRun", Keep::Value),
+            ("object", Keep::Raw(0)),
+            ("oldObject", Keep::Raw(1)),
+        ]),
+    ),
+]);
+
+/// What the decision reads of an object before it needs the whole of it.
+const OBJECT_VIEW: Keep = Keep::Keys(&[
+    (
+        "metadata",
+        Keep::Keys(&[
+            ("name", Keep::Value),
+            ("generateName", Keep::Value),
+            ("namespace", Keep::Value),
+            ("labels", Keep::Value),
+            ("annotations", Keep::Value),
+            ("ownerReferences", Keep::Value),
+        ]),
+    ),
+    ("spec", Keep::Raw(0)),
+]);
+
+/// A StatefulSet's template labels, read from its `spec`.
+const TEMPLATE_LABELS: Keep = Keep::Keys(&[(
+    "template",
+    Keep::Keys(&[("metadata", Keep::Keys(&[("labels", Keep::Value)]))]),
+)]);
+
 /// Parses an AdmissionReview body. Any JSON object with a `request.uid` is accepted; the
-/// remaining fields are read leniently and checked by [`decide`].
+/// remaining fields are read leniently and checked by [`decide`]. Only the envelope and what
+/// tells whether the object is ours are built; the object itself is parsed when a decision
+/// needs it.
 pub fn parse_review(body: &[u8]) -> Result<AdmissionRequest, ReviewError> {
-    let mut review: Value =
-        serde_json::from_slice(body).map_err(|e| ReviewError::NotJson(e.to_string()))?;
+    let not_json = |e: serde_json::Error| ReviewError::NotJson(e.to_string());
+    let mut raws = [None, None];
+    let review = read::read(body, ENVELOPE, &mut raws).map_err(not_json)?;
     if review.get("kind").and_then(Value::as_str) != Some("AdmissionReview") {
         return Err(ReviewError::NotAReview(
             "kind is not AdmissionReview".into(),
         ));
     }
-    // Moved out, not cloned: the object is most of the body.
-    let object = review
-        .get_mut("request")
-        .and_then(|r| r.get_mut("object"))
-        .filter(|o| o.is_object())
-        .map(Value::take);
-    let old_object = review
-        .get_mut("request")
-        .and_then(|r| r.get_mut("oldObject"))
-        .filter(|o| o.is_object())
-        .map(Value::take);
+    let [object_json, old_object_json] = raws.map(|raw| raw.filter(|r| r.get().starts_with('{')));
     let request = review
         .get("request")
         .filter(|r| r.is_object())
@@ -211,19 +319,16 @@ pub fn parse_review(body: &[u8]) -> Result<AdmissionRequest, ReviewError> {
         .and_then(Value::as_str)
         .filter(|u| !u.is_empty())
         .ok_or_else(|| ReviewError::NotAReview("missing request.uid".into()))?;
+    let (view, spec_json) = match &object_json {
+        Some(object) => object_view(object).map_err(not_json)?,
+        None => (Value::Null, None),
+    };
     let name = match str_at(request, "/name") {
-        "" => object
-            .as_ref()
-            .map(|o| {
-                let name = str_at(o, "/metadata/name");
-                if name.is_empty() {
-                    str_at(o, "/metadata/generateName")
-                } else {
-                    name
-                }
-            })
-            .unwrap_or("")
-            .to_owned(),
+        "" => match str_at(&view, "/metadata/name") {
+            "" => str_at(&view, "/metadata/generateName"),
+            name => name,
+        }
+        .to_owned(),
         name => name.to_owned(),
     };
     Ok(AdmissionRequest {
@@ -238,9 +343,27 @@ pub fn parse_review(body: &[u8]) -> Result<AdmissionRequest, ReviewError> {
             .get("dryRun")
             .and_then(Value::as_bool)
             .unwrap_or(false),
-        object,
-        old_object,
+        object_json,
+        old_object_json,
+        view,
+        spec_json,
+        object: OnceLock::new(),
+        old_object: OnceLock::new(),
     })
+}
+
+/// The object's view (see [`AdmissionRequest`]) and its `spec`, unparsed.
+fn object_view(object: &RawValue) -> serde_json::Result<(Value, Option<Box<RawValue>>)> {
+    let mut raws = [None];
+    let mut view = read::read(object.get().as_bytes(), OBJECT_VIEW, &mut raws)?;
+    let [spec] = raws;
+    if let (None, Some(spec)) = (app::owning_app(&view), &spec) {
+        let labels = read::read(spec.get().as_bytes(), TEMPLATE_LABELS, &mut [])?;
+        if let Some(view) = view.as_object_mut() {
+            view.insert("spec".to_owned(), labels);
+        }
+    }
+    Ok((view, spec))
 }
 
 /// What a request is, as far as this product is concerned.
@@ -268,13 +391,14 @@ fn target(endpoint: Endpoint, request: &AdmissionRequest) -> Target {
 
 /// The KasprApp a request needs, if any.
 pub fn required_app(endpoint: Endpoint, request: &AdmissionRequest) -> Option<AppRef> {
-    let object = request.object.as_ref()?;
+    request.object_json.as_ref()?;
+    let view = &request.view;
     let name = match target(endpoint, request) {
-        Target::StatefulSet => app::statefulset_app(object)?,
-        Target::Pod => app::pod_app(object)?,
+        Target::StatefulSet => app::statefulset_app(view)?,
+        Target::Pod => app::pod_app(view)?,
         Target::KasprApp | Target::Other => return None,
     };
-    let namespace = match str_at(object, "/metadata/namespace") {
+    let namespace = match str_at(view, "/metadata/namespace") {
         "" => request.namespace.clone(),
         ns => ns.to_owned(),
     };
@@ -289,15 +413,56 @@ pub fn decide(
     app: Option<&AppLookup>,
     config: &RenderConfig,
 ) -> Decision {
+    decide_with(endpoint, request, app, config, None)
+}
+
+/// [`decide`], answering a StatefulSet or Pod from `answers` when the same mutation was
+/// answered before (see [`AnswerCache`]), and keeping what it computes there.
+pub fn decide_cached(
+    endpoint: Endpoint,
+    request: &AdmissionRequest,
+    app: Option<&AppLookup>,
+    config: &RenderConfig,
+    answers: &AnswerCache,
+) -> Decision {
+    decide_with(endpoint, request, app, config, Some(answers))
+}
+
+/// The denial of an object that is ours but cannot be read whole.
+fn unreadable(uid: &str, field: &str, error: &str) -> Decision {
+    Decision::deny(
+        uid,
+        Outcome::Denied,
+        format!("kaspr-packages-webhook cannot read {field}: {error}"),
+        Vec::new(),
+    )
+}
+
+fn decide_with(
+    endpoint: Endpoint,
+    request: &AdmissionRequest,
+    app: Option<&AppLookup>,
+    config: &RenderConfig,
+    answers: Option<&AnswerCache>,
+) -> Decision {
     let uid = request.uid.as_str();
-    let Some(object) = request.object.as_ref() else {
+    if request.object_json.is_none() {
         return Decision::allow(uid, Outcome::Ignored);
-    };
+    }
     match target(endpoint, request) {
         Target::Other => Decision::allow(uid, Outcome::Ignored),
         Target::KasprApp => {
+            let object = match request.object() {
+                Ok(Some(object)) => object,
+                Ok(None) => return Decision::allow(uid, Outcome::Ignored),
+                Err(e) => return unreadable(uid, "request.object", e),
+            };
+            let old_object = match request.old_object() {
+                Ok(old) => old,
+                Err(e) => return unreadable(uid, "request.oldObject", e),
+            };
             let mut report = validation::validate_kasprapp(object);
-            let ratcheted = match (request.operation.as_str(), &request.old_object) {
+            let ratcheted = match (request.operation.as_str(), old_object) {
                 ("UPDATE", Some(old)) => validation::ratchet(&mut report, old, object),
                 _ => Ratchet::Nothing,
             };
@@ -338,16 +503,46 @@ pub fn decide(
                 ),
                 Some(AppLookup::Found(kasprapp)) => {
                     let is_pod = target(endpoint, request) == Target::Pod;
-                    // An UPDATE keeps the revision the StatefulSet was rendered with.
-                    let previous = match (is_pod, request.operation.as_str()) {
-                        (false, "UPDATE") => request.old_object.as_ref(),
-                        _ => None,
+                    let Some(answers) = answers else {
+                        return mutate_request(request, kasprapp, is_pod, config);
                     };
-                    mutate(uid, object, previous, kasprapp, is_pod, config)
+                    let key = answers::Key::of(request, kasprapp, is_pod);
+                    if let Some(answer) = key.as_ref().and_then(|k| answers.get(k, config)) {
+                        return answer.for_uid(uid);
+                    }
+                    let decision = mutate_request(request, kasprapp, is_pod, config);
+                    if let Some(key) = key {
+                        answers.insert(key, config, &decision);
+                    }
+                    decision
                 }
             }
         }
     }
+}
+
+/// The mutation of a StatefulSet or Pod request whose app was found.
+fn mutate_request(
+    request: &AdmissionRequest,
+    kasprapp: &Value,
+    is_pod: bool,
+    config: &RenderConfig,
+) -> Decision {
+    let uid = request.uid.as_str();
+    let object = match request.object() {
+        Ok(Some(object)) => object,
+        Ok(None) => return Decision::allow(uid, Outcome::Ignored),
+        Err(e) => return unreadable(uid, "request.object", e),
+    };
+    // An UPDATE keeps the revision the StatefulSet was rendered with.
+    let previous = match (is_pod, request.operation.as_str()) {
+        (false, "UPDATE") => match request.old_object() {
+            Ok(old) => old,
+            Err(e) => return unreadable(uid, "request.oldObject", e),
+        },
+        _ => None,
+    };
+    mutate(uid, object, previous, kasprapp, is_pod, config)
 }
 
 fn mutate(
@@ -373,6 +568,7 @@ fn mutate(
                     &outcome.patch,
                     &[crate::installer::bootstrap_preserialized()],
                 )
+                .map(EncodedPatch::new)
                 .map_err(|e| Denial {
                     message: format!("kaspr-packages-webhook could not serialize its patch: {e}"),
                     warnings: outcome.warnings.clone(),
@@ -548,7 +744,7 @@ mod tests {
             allowed: message.is_none(),
             message: message.map(str::to_owned),
             warnings: warnings.iter().map(|w| (*w).to_owned()).collect(),
-            patch: patch.map(<[u8]>::to_vec),
+            patch: patch.map(|p| EncodedPatch::new(p.to_vec())),
             outcome: Outcome::Patched,
         }
     }
@@ -628,5 +824,190 @@ mod tests {
         let mut valid = invalid_app();
         valid["spec"]["pythonPackages"]["packages"] = json!(["requests==2.31.0"]);
         assert!(!validate(&kasprapp_review("UPDATE", Some(valid), &invalid_app())).allowed);
+    }
+
+    fn fixture(name: &str) -> Value {
+        let path = format!(
+            "{}/tests/fixtures/admission/{name}.json",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        serde_json::from_slice(&std::fs::read(path).expect("fixture")).expect("json")
+    }
+
+    /// What a request needed before the envelope was read alone: the whole body parsed, the
+    /// app named from the whole object.
+    fn app_from_the_whole_body(endpoint: Endpoint, body: &Value) -> Option<AppRef> {
+        let request = &body["request"];
+        let object = request.get("object").filter(|o| o.is_object())?;
+        let op = str_at(request, "/operation");
+        let name = match (
+            endpoint,
+            str_at(request, "/kind/group"),
+            str_at(request, "/kind/kind"),
+        ) {
+            (Endpoint::Mutate, "apps", "StatefulSet") if op == "CREATE" || op == "UPDATE" => {
+                app::statefulset_app(object)?
+            }
+            (Endpoint::Mutate, "", "Pod") if op == "CREATE" => app::pod_app(object)?,
+            _ => return None,
+        };
+        let namespace = match str_at(object, "/metadata/namespace") {
+            "" => str_at(request, "/namespace").to_owned(),
+            ns => ns.to_owned(),
+        };
+        Some(AppRef { namespace, name })
+    }
+
+    fn with(mut body: Value, pointer: &str, value: Option<Value>) -> Value {
+        let (parent, key) = pointer.rsplit_once('/').expect("pointer");
+        let slot = body.pointer_mut(parent).expect("parent");
+        match (value, slot.as_object_mut()) {
+            (Some(value), Some(map)) => {
+                map.insert(key.to_owned(), value);
+            }
+            (None, Some(map)) => {
+                map.shift_remove(key);
+            }
+            _ => panic!("{parent} is not an object"),
+        }
+        body
+    }
+
+    #[rstest]
+    #[case::statefulset_by_labels("emptydir-statefulset-create", "", None)]
+    #[case::pod_by_labels("emptydir-pod-create", "", None)]
+    #[case::takeover("operator-takeover-statefulset-create", "", None)]
+    #[case::unrelated("unrelated-statefulset-create", "", None)]
+    #[case::kasprapp("kasprapp-update-valid", "", None)]
+    #[case::owner_reference(
+        "unrelated-statefulset-create",
+        "/request/object/metadata/ownerReferences",
+        Some(json!([{"apiVersion": "kaspr.io/v1alpha1", "kind": "KasprApp", "name": "owner"}]))
+    )]
+    #[case::owner_of_another_group(
+        "emptydir-statefulset-create",
+        "/request/object/metadata/ownerReferences",
+        Some(json!([{"apiVersion": "example.com/v1", "kind": "KasprApp", "name": "owner"}]))
+    )]
+    #[case::owner_references_not_a_list(
+        "emptydir-statefulset-create",
+        "/request/object/metadata/ownerReferences",
+        Some(json!({"kind": "KasprApp"}))
+    )]
+    #[case::template_labels_removed(
+        "emptydir-statefulset-create",
+        "/request/object/spec/template/metadata/labels",
+        None
+    )]
+    #[case::template_labels_not_an_object(
+        "emptydir-statefulset-create",
+        "/request/object/spec/template/metadata/labels",
+        Some(json!(["kaspr.io/kind"]))
+    )]
+    #[case::spec_not_an_object("emptydir-statefulset-create", "/request/object/spec", Some(json!("x")))]
+    #[case::pod_labels_removed("emptydir-pod-create", "/request/object/metadata/labels", None)]
+    #[case::pod_by_instance_label(
+        "emptydir-pod-create",
+        "/request/object/metadata/labels",
+        Some(json!({"kaspr.io/kind": "KasprApp", "app.kubernetes.io/instance": "inst"}))
+    )]
+    #[case::metadata_not_an_object("emptydir-pod-create", "/request/object/metadata", Some(json!(7)))]
+    #[case::namespace_in_the_object(
+        "emptydir-pod-create",
+        "/request/object/metadata/namespace",
+        Some(json!("other"))
+    )]
+    #[case::namespace_not_a_string(
+        "emptydir-pod-create",
+        "/request/object/metadata/namespace",
+        Some(json!(["other"]))
+    )]
+    #[case::object_not_an_object("emptydir-pod-create", "/request/object", Some(json!([1])))]
+    #[case::no_object("emptydir-pod-create", "/request/object", None)]
+    #[case::a_pod_update("emptydir-pod-create", "/request/operation", Some(json!("UPDATE")))]
+    fn the_app_is_named_as_from_the_whole_object(
+        #[case] name: &str,
+        #[case] pointer: &str,
+        #[case] value: Option<Value>,
+    ) {
+        let body = if pointer.is_empty() {
+            fixture(name)
+        } else {
+            with(fixture(name), pointer, value)
+        };
+        let request = parse_review(&serde_json::to_vec(&body).expect("json")).expect("review");
+        for endpoint in [Endpoint::Mutate, Endpoint::Validate] {
+            assert_eq!(
+                required_app(endpoint, &request),
+                app_from_the_whole_body(endpoint, &body),
+                "{endpoint:?}"
+            );
+        }
+        let name_in_object = body
+            .pointer("/request/object/metadata/name")
+            .and_then(Value::as_str);
+        if str_at(&body, "/request/name").is_empty() {
+            assert_eq!(Some(request.name.as_str()), name_in_object);
+        }
+    }
+
+    #[test]
+    fn the_name_falls_back_to_the_objects_name_then_generate_name() {
+        let body = with(fixture("emptydir-pod-create"), "/request/name", None);
+        let parse = |body: &Value| {
+            parse_review(&serde_json::to_vec(body).expect("json"))
+                .expect("review")
+                .name
+        };
+        assert_eq!(parse(&body), "my-app-app-0");
+        let body = with(body, "/request/object/metadata/name", None);
+        assert_eq!(parse(&body), "my-app-app-");
+    }
+
+    #[test]
+    fn an_object_that_is_not_ours_is_never_parsed() {
+        let body = serde_json::to_vec(&fixture("unrelated-statefulset-create")).expect("json");
+        let request = parse_review(&body).expect("review");
+        let lookup = required_app(Endpoint::Mutate, &request).map(|_| AppLookup::NotFound);
+        let decision = decide(
+            Endpoint::Mutate,
+            &request,
+            lookup.as_ref(),
+            &RenderConfig::default(),
+        );
+        assert_eq!(decision.outcome, Outcome::Ignored);
+        assert!(request.object.get().is_none() && request.old_object.get().is_none());
+        // Asked for, it is there, whole.
+        let full: Value = serde_json::from_slice(&body).expect("json");
+        assert_eq!(request.object(), Ok(Some(&full["request"]["object"])));
+    }
+
+    #[test]
+    fn an_object_of_ours_too_deep_to_read_is_denied_naming_it() {
+        let mut body = fixture("emptydir-pod-create");
+        let mut deep = json!(1);
+        for _ in 0..200 {
+            deep = json!([deep]);
+        }
+        body["request"]["object"]["spec"]["deep"] = deep;
+        let request = parse_review(&serde_json::to_vec(&body).expect("json")).expect("review");
+        let app = required_app(Endpoint::Mutate, &request).expect("ours");
+        let found = AppLookup::Found(std::sync::Arc::new(
+            json!({"metadata": {"name": app.name, "namespace": app.namespace}}),
+        ));
+        let decision = decide(
+            Endpoint::Mutate,
+            &request,
+            Some(&found),
+            &RenderConfig::default(),
+        );
+        assert!(!decision.allowed);
+        let message = decision.message.expect("message");
+        assert!(
+            message.starts_with(
+                "kaspr-packages-webhook cannot read request.object: recursion limit exceeded"
+            ),
+            "{message}"
+        );
     }
 }

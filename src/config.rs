@@ -33,17 +33,27 @@ impl RenderConfig {
         if let Some(name) = &self.revision {
             return std::borrow::Cow::Borrowed(name);
         }
+        // Without chart-level settings (the default, and every config hash's rendering) the
+        // name depends on the release alone: hashed once per process.
+        if self.default_resources.is_none() && self.packages_volume_size_limit.is_none() {
+            static NEUTRAL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+            return std::borrow::Cow::Borrowed(NEUTRAL.get_or_init(|| self.hashed_revision()));
+        }
+        std::borrow::Cow::Owned(self.hashed_revision())
+    }
+
+    fn hashed_revision(&self) -> String {
         let settings = serde_json::json!({
             "initContainerResources": self.default_resources,
             "installer": crate::installer::digest(),
             "packagesVolumeSizeLimit": self.packages_volume_size_limit,
         });
         let hash = crate::spec::short_sha256(settings.to_string().as_bytes());
-        std::borrow::Cow::Owned(format!(
+        format!(
             "{}-{}",
             env!("CARGO_PKG_VERSION"),
             &hash[..hash.len().min(8)]
-        ))
+        )
     }
 
     /// The settings with every revision-owned one left out: what an injection rendered from
@@ -120,6 +130,8 @@ mod tests {
     fn the_derived_revision_follows_the_revision_owned_settings_only() {
         let base = RenderConfig::default();
         let name = base.revision().into_owned();
+        // Named once per process when no chart-level setting is given: the same name.
+        assert_eq!(name, base.hashed_revision());
         assert!(
             name.starts_with(concat!(env!("CARGO_PKG_VERSION"), "-")),
             "{name}"

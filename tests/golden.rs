@@ -76,7 +76,7 @@ fn answer(endpoint: Endpoint, body: &[u8], apps: &BTreeMap<AppRef, Arc<Value>>) 
     Answer {
         review,
         patch,
-        object: request.object,
+        object: request.object().expect("a readable object").cloned(),
     }
 }
 

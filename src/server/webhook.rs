@@ -32,6 +32,8 @@ pub struct WebhookState {
 struct Inner {
     apps: Arc<dyn KasprApps>,
     render: RenderConfig,
+    /// Answers to StatefulSets and Pods, by the inputs of their mutation.
+    answers: admission::AnswerCache,
     metrics: WebhookMetrics,
     max_body_bytes: usize,
     request_timeout: Duration,
@@ -45,10 +47,16 @@ impl WebhookState {
         max_body_bytes: usize,
         request_timeout: Duration,
     ) -> Self {
+        // The revision's name is hashed from the settings; named once here, not per request.
+        let render = RenderConfig {
+            revision: Some(render.revision().into_owned()),
+            ..render
+        };
         WebhookState {
             inner: Arc::new(Inner {
                 apps,
                 render,
+                answers: admission::AnswerCache::new(),
                 metrics,
                 max_body_bytes,
                 request_timeout,
@@ -369,7 +377,7 @@ fn decide_guarded(
     lookup: Option<&AppLookup>,
 ) -> (Decision, &'static str) {
     let decided = std::panic::catch_unwind(AssertUnwindSafe(|| {
-        admission::decide(endpoint, review, lookup, &state.render)
+        admission::decide_cached(endpoint, review, lookup, &state.render, &state.answers)
     }));
     match decided {
         Ok(decision) => {
@@ -449,15 +457,11 @@ fn debug_details(review: &admission::AdmissionRequest, decision: &Decision) {
     if review.kind == "Secret" {
         return;
     }
-    let object = review
-        .object
-        .as_ref()
-        .map(ToString::to_string)
-        .unwrap_or_default();
+    let object = review.object_text().unwrap_or_default();
     let patch = decision
         .patch
-        .as_deref()
-        .map(String::from_utf8_lossy)
+        .as_ref()
+        .map(|p| String::from_utf8_lossy(p.json()))
         .unwrap_or_default();
     tracing::debug!(uid = %review.uid, %object, %patch, "admission details");
 }

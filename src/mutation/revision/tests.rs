@@ -158,7 +158,8 @@ fn the_update_keeps_the_revision_through_the_admission_envelope() {
     let answer = |request| {
         let decision = admission::decide(Endpoint::Mutate, &request, Some(&found), &revision_b());
         let patch: json_patch::Patch =
-            serde_json::from_slice(decision.patch.as_deref().expect("a patch")).expect("patch");
+            serde_json::from_slice(decision.patch.as_ref().expect("a patch").json())
+                .expect("patch");
         patched(&statefulset("kaspr:1", 1), &patch)
     };
     let update = answer(review("UPDATE", Some(&stored)));
