@@ -27,7 +27,14 @@ const LIMIT: usize = 64 * 1024;
 fn router_with(apps: Arc<dyn KasprApps>, timeout: Duration) -> (Router, Registry) {
     let mut registry = metrics::new_registry();
     let metrics = WebhookMetrics::register(&mut registry);
-    let state = WebhookState::new(apps, RenderConfig::default(), metrics, LIMIT, timeout);
+    let state = WebhookState::new(
+        apps,
+        RenderConfig::default(),
+        metrics,
+        LIMIT,
+        kaspr_packages_webhook::admission::AnswerCache::BUDGET_BYTES,
+        timeout,
+    );
     (webhook::router(state), registry)
 }
 
@@ -503,6 +510,7 @@ async fn the_bench_floor_is_served_only_when_asked_for() {
         RenderConfig::default(),
         WebhookMetrics::register(&mut registry),
         LIMIT,
+        0,
         Duration::from_secs(8),
     );
     let floor = webhook::bench_floor_router(state);

@@ -260,7 +260,8 @@ def ratios(load_rows):
         if not label.startswith("ours-"):
             continue
         review, layout = label[len("ours-") :].rsplit("-", 1)
-        floor = at_max.get(f"floor-{review}-{layout}")
+        # A review with the answer cache off has the floor of the same review.
+        floor = at_max.get(f"floor-{review.removeprefix('uncached-')}-{layout}")
         vault = at_max.get(f"vault-pod-{layout}")
         lines.append(
             f"| {review} | {layout} | {throughput} "

@@ -15,8 +15,8 @@
 //!
 //! What the mutation does not read (status, resourceVersion, managedFields, the request's uid)
 //! is left out, so that those UPDATEs and pods hit. The request's uid is put into the answer
-//! when it is handed out. The cache is bounded by bytes ([`AnswerCache::BUDGET_BYTES`]) and
-//! forgets its oldest answers first. It is one map behind one mutex: a lookup holds the lock
+//! when it is handed out. The cache is bounded by bytes (`serve --answer-cache-bytes`, by default
+//! [`AnswerCache::BUDGET_BYTES`]) and forgets its oldest answers first. It is one map behind one mutex: a lookup holds the lock
 //! for a hash and a comparison, far shorter than the review around it, and the webhook runs on
 //! one or two cores; a concurrent map would add a dependency without a measured need.
 
@@ -88,9 +88,17 @@ fn json_part(bytes: &mut Vec<u8>, value: Option<&Value>) -> Option<()> {
 }
 
 /// Answers kept by the inputs of their mutation; shared by all requests of a server.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct AnswerCache {
     state: Mutex<State>,
+    /// The most bytes kept; 0 keeps nothing (every request is answered from scratch).
+    budget: usize,
+}
+
+impl Default for AnswerCache {
+    fn default() -> Self {
+        AnswerCache::with_budget(AnswerCache::BUDGET_BYTES)
+    }
 }
 
 #[derive(Debug, Default)]
@@ -137,12 +145,20 @@ pub struct CacheStats {
 }
 
 impl AnswerCache {
-    /// The most bytes of answers (patch, its base64, messages) and keys kept: about 40
-    /// StatefulSet answers of 100 KB.
+    /// The default for the most bytes of answers (patch, its base64, messages) and keys kept:
+    /// about 40 StatefulSet answers of 100 KB (`serve --answer-cache-bytes`).
     pub const BUDGET_BYTES: usize = 4 << 20;
 
     pub fn new() -> Self {
         AnswerCache::default()
+    }
+
+    /// A cache keeping at most `budget` bytes; 0 keeps nothing.
+    pub fn with_budget(budget: usize) -> Self {
+        AnswerCache {
+            state: Mutex::default(),
+            budget,
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -177,7 +193,7 @@ impl AnswerCache {
             + answer.message.as_ref().map_or(0, String::len)
             + answer.warnings.iter().map(String::len).sum::<usize>()
             + 128;
-        if weight > Self::BUDGET_BYTES {
+        if weight > self.budget {
             return;
         }
         let mut state = self.lock();
@@ -213,7 +229,7 @@ impl AnswerCache {
                 entries.get(key).is_some_and(|e| e.sequence == *sequence)
             });
         }
-        while state.bytes > Self::BUDGET_BYTES {
+        while state.bytes > self.budget {
             let Some((oldest, sequence)) = state.order.pop_front() else {
                 break;
             };
@@ -283,6 +299,16 @@ mod tests {
             &decision(AnswerCache::BUDGET_BYTES),
         );
         assert!(cache.get(&Key(vec![200]), &config).is_none());
+    }
+
+    #[test]
+    fn a_cache_without_a_budget_keeps_nothing() {
+        let cache = AnswerCache::with_budget(0);
+        let config = RenderConfig::default();
+        cache.insert(Key(vec![1]), &config, &decision(10));
+        assert!(cache.get(&Key(vec![1]), &config).is_none());
+        let stats = cache.stats();
+        assert_eq!((stats.entries, stats.bytes, stats.misses), (0, 0, 1));
     }
 
     #[test]

@@ -138,6 +138,16 @@ pub struct ServeArgs {
     )]
     pub max_body_bytes: usize,
 
+    /// The most bytes of answers kept in memory and handed out again to identical reviews (the
+    /// pods of one app, the operator's repeated UPDATEs); 0 keeps none.
+    #[arg(
+        long,
+        env = "KASPR_WEBHOOK_ANSWER_CACHE_BYTES",
+        value_name = "BYTES",
+        default_value = "4194304"
+    )]
+    pub answer_cache_bytes: usize,
+
     /// After SIGTERM/SIGINT, how long the webhook port keeps accepting while /readyz already
     /// fails, so endpoints drop the pod before its listener closes (e.g. 5s in a cluster).
     #[arg(
@@ -317,6 +327,7 @@ impl ServeArgs {
             log_format: _,
             log_filter: _,
             max_body_bytes,
+            answer_cache_bytes,
             shutdown_delay,
             shutdown_timeout,
             request_timeout,
@@ -383,6 +394,7 @@ impl ServeArgs {
                 listen,
                 probe_listen,
                 max_body_bytes,
+                answer_cache_bytes,
                 request_timeout,
                 header_timeout,
                 shutdown_delay,

@@ -43,6 +43,10 @@ fn defaults_are_local_and_safe() {
     assert_eq!(settings.listen.to_string(), "127.0.0.1:8443");
     assert_eq!(settings.probe_listen.to_string(), "127.0.0.1:8080");
     assert_eq!(settings.max_body_bytes, 3 * 1024 * 1024);
+    assert_eq!(
+        settings.answer_cache_bytes,
+        crate::admission::AnswerCache::BUDGET_BYTES
+    );
     assert_eq!(settings.request_timeout, std::time::Duration::from_secs(8));
     assert_eq!(
         settings.shutdown_timeout,

@@ -40,6 +40,8 @@ pub struct Settings {
     pub probe_listen: SocketAddr,
     /// Larger request bodies are answered 413.
     pub max_body_bytes: usize,
+    /// The most bytes of answers kept for repeated reviews; 0 keeps none.
+    pub answer_cache_bytes: usize,
     /// Deadline for reading a request and answering it (KasprApp lookup included).
     pub request_timeout: Duration,
     /// Deadline for a TLS handshake and for a new connection's first request headers.
@@ -63,6 +65,7 @@ impl Default for Settings {
             listen: SocketAddr::from(([127, 0, 0, 1], 8443)),
             probe_listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             max_body_bytes: 3 * 1024 * 1024,
+            answer_cache_bytes: crate::admission::AnswerCache::BUDGET_BYTES,
             request_timeout: Duration::from_secs(8),
             header_timeout: Duration::from_secs(5),
             shutdown_delay: Duration::ZERO,
@@ -418,6 +421,7 @@ pub async fn start(
         listen,
         probe_listen,
         max_body_bytes,
+        answer_cache_bytes,
         request_timeout,
         header_timeout,
         shutdown_delay,
@@ -450,6 +454,7 @@ pub async fn start(
         render,
         webhook_metrics.clone(),
         max_body_bytes,
+        answer_cache_bytes,
         request_timeout,
     );
     let routes = if bench_floor {

@@ -45,6 +45,7 @@ impl WebhookState {
         render: RenderConfig,
         metrics: WebhookMetrics,
         max_body_bytes: usize,
+        answer_cache_bytes: usize,
         request_timeout: Duration,
     ) -> Self {
         // The revision's name is hashed from the settings; named once here, not per request.
@@ -56,7 +57,7 @@ impl WebhookState {
             inner: Arc::new(Inner {
                 apps,
                 render,
-                answers: admission::AnswerCache::new(),
+                answers: admission::AnswerCache::with_budget(answer_cache_bytes),
                 metrics,
                 max_body_bytes,
                 request_timeout,
