@@ -166,7 +166,8 @@ fn full_review(c: &mut Criterion) {
 }
 
 /// The review path as `serve` runs it, with the answer cache: the same StatefulSet or Pod
-/// again (the pods of one app, the operator's repeated UPDATEs) is answered from the cache.
+/// again (the operator's repeated UPDATEs, a pod recreated under its own name) is answered
+/// from the cache.
 fn full_review_cached(c: &mut Criterion) {
     let config = RenderConfig::default();
     let apps = apps();

@@ -1,8 +1,8 @@
 //! Answers to StatefulSet and Pod admissions, kept for the next request that asks the same.
 //!
-//! The pods of one app, and the operator's repeated UPDATEs of its StatefulSet, get the same
-//! patch: rendering, diffing and encoding it again (most of a review's cost) gives the same
-//! bytes. An answer is kept under everything the mutation reads, compared byte for byte on a
+//! The operator's repeated UPDATEs of a StatefulSet, and a pod recreated under its own name,
+//! get the same patch: rendering, diffing and encoding it again (most of a review's cost)
+//! gives the same bytes. An answer is kept under everything the mutation reads, compared byte for byte on a
 //! hit (a hash only picks the bucket):
 //!
 //! - the kind of object (StatefulSet or Pod) and the operation;

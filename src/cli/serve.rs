@@ -139,7 +139,7 @@ pub struct ServeArgs {
     pub max_body_bytes: usize,
 
     /// The most bytes of answers kept in memory and handed out again to identical reviews (the
-    /// pods of one app, the operator's repeated UPDATEs); 0 keeps none.
+    /// operator's repeated UPDATEs, a pod recreated under its own name); 0 keeps none.
     #[arg(
         long,
         env = "KASPR_WEBHOOK_ANSWER_CACHE_BYTES",
