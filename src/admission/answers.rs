@@ -2,8 +2,8 @@
 //!
 //! The operator's repeated UPDATEs of a StatefulSet, and a pod recreated under its own name,
 //! get the same patch: rendering, diffing and encoding it again (most of a review's cost)
-//! gives the same bytes. An answer is kept under everything the mutation reads, compared byte for byte on a
-//! hit (a hash only picks the bucket):
+//! gives the same bytes. An answer is kept under everything the mutation reads, compared
+//! byte for byte on a hit (a hash only picks the bucket):
 //!
 //! - the kind of object (StatefulSet or Pod) and the operation;
 //! - the KasprApp as the lookup returned it, serialized (its uid and resourceVersion are in
