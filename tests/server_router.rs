@@ -436,6 +436,9 @@ fn one_structured_log_line_per_admission_without_objects() {
         .build()
         .expect("runtime");
     tracing::subscriber::with_default(subscriber, || {
+        // Other tests' threads, which have no subscriber, may have registered the log's
+        // callsites while this one was being set up; ask every callsite again.
+        tracing::callsite::rebuild_interest_cache();
         runtime.block_on(async {
             let apps = MemoryKasprApps::new()
                 .with_app(fixture_yaml("kasprapp-demo.yaml"))
@@ -456,6 +459,26 @@ fn one_structured_log_line_per_admission_without_objects() {
                 ),
             )
             .await;
+            // One naming a KasprApp that does not exist is logged: a user looks for it.
+            call(
+                &router,
+                post(
+                    "/mutate",
+                    statefulset_review("uid-log-4", "apps", "missing").to_string(),
+                ),
+            )
+            .await;
+            // A StatefulSet that names no app is counted, and logged only at debug.
+            let mut unrelated = fixture_json("../admission/unrelated-statefulset-create.json");
+            unrelated["request"]["uid"] = json!("uid-log-3");
+            let (status, _, body) = call(&router, post("/mutate", unrelated.to_string())).await;
+            assert_eq!(status, StatusCode::OK);
+            let answer: Value = serde_json::from_slice(&body).expect("json");
+            assert_eq!(answer["response"]["allowed"], true);
+            assert!(
+                answer["response"].get("patch").is_none(),
+                "allowed unpatched"
+            );
         });
     });
     let text = String::from_utf8(captured.0.lock().expect("lock").clone()).expect("utf-8");
@@ -463,7 +486,7 @@ fn one_structured_log_line_per_admission_without_objects() {
         .lines()
         .map(|l| serde_json::from_str(l).expect("JSON log line"))
         .collect();
-    assert_eq!(lines.len(), 2, "{text}");
+    assert_eq!(lines.len(), 3, "{text}");
     let first = &lines[0];
     assert_eq!(first["message"], "admission");
     assert_eq!(first["level"], "INFO");
@@ -489,8 +512,11 @@ fn one_structured_log_line_per_admission_without_objects() {
             .as_str()
             .is_some_and(|r| r.contains("could not read KasprApp"))
     );
+    assert_eq!(lines[2]["uid"], "uid-log-4");
+    assert_eq!(lines[2]["outcome"], "ignored");
     // No object content at info.
     assert!(!text.contains("kasprio/kaspr"), "{text}");
+    assert!(!text.contains("uid-log-3"), "{text}");
 }
 
 #[tokio::test]

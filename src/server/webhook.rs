@@ -259,7 +259,7 @@ async fn admit(state: &Inner, endpoint: Endpoint, request: Request) -> Response 
             );
         }
     };
-    record_admission(&reject, &review, &decision, outcome);
+    record_admission(&reject, &review, &decision, outcome, lookup.is_some());
 
     let mut response = (StatusCode::OK, answer).into_response();
     response.headers_mut().insert(
@@ -409,6 +409,7 @@ fn record_admission(
     review: &admission::AdmissionRequest,
     decision: &Decision,
     outcome: &'static str,
+    names_an_app: bool,
 ) {
     let endpoint_label = reject.endpoint_label;
     let elapsed = reject.started.elapsed();
@@ -422,10 +423,14 @@ fn record_admission(
         elapsed.as_secs_f64(),
     );
     // One line per admission; `reason` (the denial message) only on denials. Not `message`:
-    // that key holds the event's own text in JSON logs.
+    // that key holds the event's own text in JSON logs. An object that names no app is logged
+    // at debug: a webhook configuration without `matchConditions` sends every StatefulSet and
+    // Pod of the cluster, and the metric counts them all the same. One that names an app that
+    // does not exist stays at info: it is what a user looks for when a pod is not injected.
     macro_rules! admission_line {
-        ($($reason:tt)*) => {
-            tracing::info!(
+        ($level:expr, $($reason:tt)*) => {
+            tracing::event!(
+                $level,
                 uid = %review.uid,
                 endpoint = endpoint_label,
                 kind = %review.kind,
@@ -444,8 +449,9 @@ fn record_admission(
         };
     }
     match decision.message.as_deref() {
-        Some(reason) if !decision.allowed => admission_line!(reason,),
-        _ => admission_line!(),
+        Some(reason) if !decision.allowed => admission_line!(tracing::Level::INFO, reason,),
+        _ if outcome == "ignored" && !names_an_app => admission_line!(tracing::Level::DEBUG,),
+        _ => admission_line!(tracing::Level::INFO,),
     }
     if tracing::enabled!(tracing::Level::DEBUG) {
         debug_details(review, decision);
