@@ -2,8 +2,9 @@
 //! with one input changed, get the same answer, byte for byte, through both; a changed input is
 //! a miss, and only the request's uid may change for a hit.
 
+mod example_apps;
+
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use kaspr_packages_webhook::admission::{self, AnswerCache, Endpoint};
@@ -11,34 +12,7 @@ use kaspr_packages_webhook::app::{AppLookup, AppRef};
 use kaspr_packages_webhook::config::RenderConfig;
 use serde_json::{Value, json};
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn kasprapps() -> BTreeMap<AppRef, Arc<Value>> {
-    let mut apps = BTreeMap::new();
-    for entry in std::fs::read_dir(root().join("examples")).expect("examples") {
-        let path = entry.expect("entry").path();
-        let name = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or_default();
-        if !name.starts_with("kasprapp-") {
-            continue;
-        }
-        let app: Value =
-            serde_yaml::from_str(&std::fs::read_to_string(&path).expect("read")).expect("yaml");
-        let key = AppRef {
-            namespace: app["metadata"]["namespace"]
-                .as_str()
-                .unwrap_or("default")
-                .to_owned(),
-            name: app["metadata"]["name"].as_str().expect("name").to_owned(),
-        };
-        apps.insert(key, Arc::new(app));
-    }
-    apps
-}
+use example_apps::{kasprapps, root};
 
 /// The StatefulSet and Pod reviews among the fixtures.
 fn fixtures() -> Vec<(String, Value)> {

@@ -4,8 +4,10 @@
 //! invariants are checked in code: uid echoed, the patch applies to the original, a second review
 //! of the result gives no patch, unknown fields survive, operator rewrites give the same template.
 
+mod example_apps;
+
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use base64::Engine as _;
@@ -14,34 +16,7 @@ use kaspr_packages_webhook::app::{AppLookup, AppRef};
 use kaspr_packages_webhook::config::RenderConfig;
 use serde_json::{Value, json};
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn kasprapps() -> BTreeMap<AppRef, Arc<Value>> {
-    let mut apps = BTreeMap::new();
-    for entry in std::fs::read_dir(root().join("examples")).expect("examples") {
-        let path = entry.expect("entry").path();
-        let name = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or_default();
-        if !name.starts_with("kasprapp-") {
-            continue;
-        }
-        let text = std::fs::read_to_string(&path).expect("read");
-        let app: Value = serde_yaml::from_str(&text).expect("yaml");
-        let key = AppRef {
-            namespace: app["metadata"]["namespace"]
-                .as_str()
-                .unwrap_or("default")
-                .to_owned(),
-            name: app["metadata"]["name"].as_str().expect("name").to_owned(),
-        };
-        apps.insert(key, Arc::new(app));
-    }
-    apps
-}
+use example_apps::{kasprapps, root};
 
 struct Answer {
     review: Value,

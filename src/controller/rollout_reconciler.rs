@@ -435,9 +435,8 @@ mod tests {
         }
     }
 
-    /// Two controllers of different rendering revisions over one StatefulSet: neither writes.
-    #[tokio::test]
-    async fn a_statefulset_of_another_revision_is_left_alone() {
+    /// The app's StatefulSet as rendering revision "a" injected it.
+    fn injected_by_revision_a() -> Value {
         let (_, _, report) = app();
         let mut stored = statefulset(1);
         crate::mutation::apply(
@@ -448,6 +447,13 @@ mod tests {
             &rendering("a", "512Mi"),
         )
         .expect("inject");
+        stored
+    }
+
+    /// Two controllers of different rendering revisions over one StatefulSet: neither writes.
+    #[tokio::test]
+    async fn a_statefulset_of_another_revision_is_left_alone() {
+        let stored = injected_by_revision_a();
         for (revision, memory) in [("a", "512Mi"), ("b", "1Gi")] {
             let answer = stored.clone();
             let (client, sent) = fake_api(move |method, path, _| match (method, path) {
@@ -470,16 +476,7 @@ mod tests {
     /// webhook; a mark for another revision changes nothing.
     #[tokio::test]
     async fn a_statefulset_marked_for_this_revision_is_sent_through_the_webhook() {
-        let (_, _, report) = app();
-        let mut stored = statefulset(1);
-        crate::mutation::apply(
-            &mut stored["spec"]["template"],
-            report.spec.as_ref(),
-            &AppRef::new("apps", "demo"),
-            "spec.template.spec",
-            &rendering("a", "512Mi"),
-        )
-        .expect("inject");
+        let stored = injected_by_revision_a();
         for (target, patched) in [("b", true), ("c", false)] {
             let mut answer = stored.clone();
             answer["metadata"]["annotations"] = json!({names::MARK_ANNOTATION: target});
@@ -513,16 +510,7 @@ mod tests {
     /// grace period; past it, a Warning naming the revision that answered.
     #[tokio::test]
     async fn a_marked_statefulset_answered_by_another_revision_waits_before_warning() {
-        let (_, _, report) = app();
-        let mut stored = statefulset(1);
-        crate::mutation::apply(
-            &mut stored["spec"]["template"],
-            report.spec.as_ref(),
-            &AppRef::new("apps", "demo"),
-            "spec.template.spec",
-            &rendering("a", "512Mi"),
-        )
-        .expect("inject");
+        let mut stored = injected_by_revision_a();
         stored["metadata"]["annotations"] = json!({names::MARK_ANNOTATION: "b"});
         let answer = stored.clone();
         let (client, sent) = fake_api(move |method, path, _| match (method, path) {
